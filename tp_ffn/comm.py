@@ -1,0 +1,236 @@
+"""Collectives as autograd functions, each named by what it does forward / backward.
+
+Every function takes the process group explicitly and returns its input untouched when the group
+has one rank (or is ``None``), so a single process pays nothing.
+
+In-place use: the all-reduces and reduce-scatters write into fresh buffers or into tensors this
+package produced itself just before (a GEMM's output, a gradient handed over by autograd); callers
+must use the returned tensor.
+
+============================  ====================  ====================
+function                      forward               backward
+============================  ====================  ====================
+``copy_to_parallel``          identity              all-reduce
+``reduce_from_parallel``      all-reduce            identity
+``gather_from_parallel``      all-gather            split
+``scatter_to_parallel``       split                 all-gather
+``gather_from_sequence``      all-gather            reduce-scatter
+``reduce_scatter_to_sequence`` reduce-scatter       all-gather
+============================  ====================  ====================
+
+``split_sequence`` / ``gather_sequence`` are ``scatter_to_parallel`` / ``gather_from_parallel``
+along the sequence dimension with the even-split check that sequence parallelism needs: they shard a
+full batch for a sequence-parallel block and put its output back together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from .groups import shard_sizes
+
+__all__ = [
+    "all_gather_along",
+    "copy_to_parallel",
+    "reduce_from_parallel",
+    "gather_from_parallel",
+    "scatter_to_parallel",
+    "gather_from_sequence",
+    "reduce_scatter_to_sequence",
+    "split_sequence",
+    "gather_sequence",
+]
+
+
+def _size(group: ProcessGroup | None) -> int:
+    return 1 if group is None else group.size()
+
+
+def _all_reduce(x: Tensor, group: ProcessGroup) -> Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_along(x: Tensor, group: ProcessGroup | None, dim: int, sizes: Sequence[int] | None = None) -> Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` (no autograd).
+
+    ``sizes[r]`` is rank r's extent along ``dim``; ``None`` means all equal. Uneven extents are
+    padded to the largest for the one all-gather (gloo and NCCL both need equal buffers) and trimmed.
+    """
+    world = _size(group)
+    if world == 1:
+        return x
+    local = x.movedim(dim, 0)
+    width = local.shape[0] if sizes is None else max(sizes)
+    if local.shape[0] < width:
+        padded = local.new_zeros((width, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        local = padded
+    out = local.new_empty((world * width, *local.shape[1:]))
+    dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+    if sizes is not None and any(s != width for s in sizes):
+        out = torch.cat([out[r * width : r * width + s] for r, s in enumerate(sizes)])
+    return out.movedim(0, dim)
+
+
+def _split(x: Tensor, group: ProcessGroup, dim: int, sizes: Sequence[int]) -> Tensor:
+    rank = group.rank()
+    return x.narrow(dim, sum(sizes[:rank]), sizes[rank]).contiguous()
+
+
+def _reduce_scatter_along(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
+    world = group.size()
+    full = x.movedim(dim, 0).contiguous()
+    out = full.new_empty((full.shape[0] // world, *full.shape[1:]))
+    dist.reduce_scatter_tensor(out, full, group=group)
+    return out.movedim(0, dim)
+
+
+class _IdentityAllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> Tensor:
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _all_reduce(grad, ctx.group), None
+
+
+class _AllReduceIdentity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> Tensor:
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class _AllGatherSplit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup, dim: int, sizes: Sequence[int] | None) -> Tensor:
+        if sizes is None:
+            sizes = [x.shape[dim]] * group.size()
+        ctx.group, ctx.dim, ctx.sizes = group, dim, sizes
+        return all_gather_along(x, group, dim, sizes)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        return _split(grad, ctx.group, ctx.dim, ctx.sizes), None, None, None
+
+
+class _SplitAllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup, dim: int, sizes: Sequence[int] | None) -> Tensor:
+        if sizes is None:
+            sizes = shard_sizes(x.shape[dim], group.size())
+        ctx.group, ctx.dim, ctx.sizes = group, dim, sizes
+        return _split(x, group, dim, sizes)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        return all_gather_along(grad, ctx.group, ctx.dim, ctx.sizes), None, None, None
+
+
+class _AllGatherReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        return all_gather_along(x, group, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _reduce_scatter_along(grad, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterAllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter_along(x, group, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return all_gather_along(grad, ctx.group, ctx.dim), None, None
+
+
+def copy_to_parallel(x: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Enter a tensor-parallel region. Forward: identity; backward: all-reduce (Megatron's ``f``)."""
+    return x if _size(group) == 1 else _IdentityAllReduce.apply(x, group)
+
+
+def reduce_from_parallel(x: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Leave a tensor-parallel region. Forward: all-reduce; backward: identity (Megatron's ``g``)."""
+    return x if _size(group) == 1 else _AllReduceIdentity.apply(x, group)
+
+
+def gather_from_parallel(
+    x: Tensor, group: ProcessGroup | None, dim: int = -1, sizes: Sequence[int] | None = None
+) -> Tensor:
+    """Forward: all-gather along ``dim`` (uneven ``sizes`` allowed); backward: keep this rank's slice."""
+    return x if _size(group) == 1 else _AllGatherSplit.apply(x, group, dim, sizes)
+
+
+def scatter_to_parallel(
+    x: Tensor, group: ProcessGroup | None, dim: int = -1, sizes: Sequence[int] | None = None
+) -> Tensor:
+    """Forward: keep this rank's slice along ``dim`` (``torch.tensor_split`` sizes unless ``sizes``);
+    backward: all-gather."""
+    return x if _size(group) == 1 else _SplitAllGather.apply(x, group, dim, sizes)
+
+
+def gather_from_sequence(x: Tensor, group: ProcessGroup | None, dim: int = 1) -> Tensor:
+    """Enter a tensor-parallel region from sequence-parallel shards.
+
+    Forward: all-gather along the sequence ``dim``; backward: reduce-scatter along it.
+    ``x [b, s/W, h] -> [b, s, h]`` for ``dim=1``.
+    """
+    return x if _size(group) == 1 else _AllGatherReduceScatter.apply(x, group, dim)
+
+
+def reduce_scatter_to_sequence(x: Tensor, group: ProcessGroup | None, dim: int = 1) -> Tensor:
+    """Leave a tensor-parallel region into sequence-parallel shards.
+
+    Forward: reduce-scatter along the sequence ``dim``; backward: all-gather along it.
+    ``x [b, s, h] (partial sums) -> [b, s/W, h]`` for ``dim=1``.
+    """
+    world = _size(group)
+    if world == 1:
+        return x
+    _check_divisible(x, world, dim, "x")
+    return _ReduceScatterAllGather.apply(x, group, dim)
+
+
+def _check_divisible(x: Tensor, world: int, dim: int, name: str) -> None:
+    if x.dim() == 0 or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{name}: expected a tensor with a sequence dimension {dim}, got shape {tuple(x.shape)}")
+    if x.shape[dim] % world:
+        raise ValueError(
+            f"{name}: sequence parallelism needs the sequence length (dim {dim}) to be divisible by the "
+            f"tensor-parallel size {world}, got length {x.shape[dim]} (shape {tuple(x.shape)})"
+        )
+
+
+def split_sequence(x: Tensor, group: ProcessGroup | None, dim: int = 1) -> Tensor:
+    """This rank's equal block of the full sequence ``x`` along ``dim``, for a sequence-parallel block.
+
+    Forward: split; backward: all-gather. Raises ``ValueError`` when the length is not divisible by
+    the group size.
+    """
+    world = _size(group)
+    if world == 1:
+        return x
+    _check_divisible(x, world, dim, "x")
+    return _SplitAllGather.apply(x, group, dim, None)
+
+
+def gather_sequence(x: Tensor, group: ProcessGroup | None, dim: int = 1) -> Tensor:
+    """Reassemble the full sequence from every rank's block. Forward: all-gather; backward: split."""
+    return x if _size(group) == 1 else _AllGatherSplit.apply(x, group, dim, None)

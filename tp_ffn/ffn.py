@@ -1,0 +1,240 @@
+"""The SwiGLU feed-forward block, dense and tensor-parallel, and Meta's hidden-size rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import canonical_ffn_state_dict, check_ffn_state_dict, ffn_shapes, infer_ffn_dims
+from .comm import all_gather_along, copy_to_parallel, gather_from_sequence
+from .groups import GroupLike
+from .layers import ColumnParallelLinear, RowParallelLinear, check_features, check_input
+
+__all__ = ["ACTIVATIONS", "FeedForward", "ParallelFeedForward", "get_activation", "llama_ffn_hidden_dim"]
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The activation called ``name``; ``ValueError`` listing the choices otherwise."""
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {name!r}") from None
+
+
+def llama_ffn_hidden_dim(
+    dim: int, *, hidden_dim: int | None = None, multiple_of: int = 256, ffn_dim_multiplier: float | None = None
+) -> int:
+    """Meta's Llama rule for the intermediate size, with both ``int()`` truncations of Meta's code.
+
+    ``h = int(2 * hidden_dim / 3)`` (``hidden_dim`` defaults to ``4 * dim``), then
+    ``h = int(ffn_dim_multiplier * h)`` if given, then ``h`` rounded up to a multiple of ``multiple_of``.
+    Llama-2-7B: ``llama_ffn_hidden_dim(4096) == 11008``; Llama-3-8B:
+    ``llama_ffn_hidden_dim(4096, ffn_dim_multiplier=1.3, multiple_of=1024) == 14336``.
+    """
+    check_features("dim", dim)
+    check_features("multiple_of", multiple_of)
+    h = 4 * dim if hidden_dim is None else check_features("hidden_dim", hidden_dim)
+    h = int(2 * h / 3)
+    if ffn_dim_multiplier is not None:
+        if isinstance(ffn_dim_multiplier, bool) or not isinstance(ffn_dim_multiplier, (int, float)) or ffn_dim_multiplier <= 0:
+            raise ValueError(f"ffn_dim_multiplier: expected a positive number or None, got {ffn_dim_multiplier!r}")
+        h = int(ffn_dim_multiplier * h)
+    return multiple_of * ((h + multiple_of - 1) // multiple_of)
+
+
+class FeedForward(nn.Module):
+    """Dense SwiGLU block ``w2(act(w1 x) * w3 x)``; no parallel code.
+
+    ``w1, w3: [hidden_dim, dim]``, ``w2: [dim, hidden_dim]``; ``x [*, dim] -> [*, dim]``.
+    ``hidden_dim`` is the final intermediate size (HF's ``intermediate_size``; see
+    :func:`llama_ffn_hidden_dim` for Meta's rule).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        bias: bool = False,
+        activation: str = "silu",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim = check_features("dim", dim)
+        self.hidden_dim = check_features("hidden_dim", hidden_dim)
+        self.act = get_activation(activation)
+        self.activation = activation
+        kw = {"bias": bias, "dtype": dtype, "device": device}
+        self.w1 = nn.Linear(dim, hidden_dim, **kw)
+        self.w2 = nn.Linear(hidden_dim, dim, **kw)
+        self.w3 = nn.Linear(dim, hidden_dim, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.w1.weight, self.dim, what="dim")
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Tensor], *, activation: str = "silu") -> FeedForward:
+        """Build from a full state dict with Meta (``w1/w2/w3``) or HF (``gate/up/down_proj``) keys.
+
+        ``dim``, ``hidden_dim``, bias, dtype and device come from the tensors, which are copied.
+        """
+        canonical, original = canonical_ffn_state_dict(sd, "sd")
+        dim, hidden_dim, bias = infer_ffn_dims(canonical, original, "sd")
+        ffn = cls(dim, hidden_dim, bias=bias, activation=activation, dtype=canonical["w1.weight"].dtype, device="meta")
+        ffn.load_state_dict({k: v.detach().clone() for k, v in canonical.items()}, assign=True)
+        return ffn
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+class ParallelFeedForward(nn.Module):
+    """The SwiGLU block split over a tensor-parallel group as in Meta's Llama code.
+
+    Rank r of W holds rows ``[start_r, end_r)`` of w1/w3 and the same columns of w2
+    (``n_r = end_r - start_r``, ``torch.tensor_split`` sizes; first ``hidden % W`` ranks hold one more)::
+
+        x [*, dim] --copy--+--> w1 [n_r, dim] --act--+
+                           |                          *--> h [*, n_r] --> w2 [dim, n_r] --all-reduce--> [*, dim]
+                           +--> w3 [n_r, dim] -------+
+
+    Forward: one all-reduce. Backward: one all-reduce of the input gradient (w1 and w3 share one
+    copy-to-parallel region). With ``sequence_parallel`` the input and output are ``[b, s/W, dim]``
+    shards along ``sequence_dim``: one all-gather on entry and one reduce-scatter on exit, and in
+    backward one reduce-scatter, one all-gather and (with bias) one all-reduce of w2's bias gradient.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        bias: bool = False,
+        activation: str = "silu",
+        group: GroupLike = None,
+        sequence_parallel: bool = False,
+        sequence_dim: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim = check_features("dim", dim)
+        self.hidden_dim = check_features("hidden_dim", hidden_dim)
+        self.act = get_activation(activation)
+        self.activation = activation
+        kw = {"group": group, "sequence_parallel": sequence_parallel, "sequence_dim": sequence_dim, "dtype": dtype, "device": device}
+        # Built in the dense block's order (w1, w2, w3) so that both draw the same random stream.
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias, gather_output=False, **kw)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias, input_is_parallel=True, **kw)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias, gather_output=False, **kw)
+        self.tp = self.w1.tp
+        self.sequence_parallel = self.w1.sequence_parallel
+        self.sequence_dim = sequence_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.w1.weight, self.dim, what="dim")
+        group = self.tp.group
+        # One region for both column-parallel GEMMs: a single all-reduce of the input gradient.
+        x = gather_from_sequence(x, group, self.sequence_dim) if self.sequence_parallel else copy_to_parallel(x, group)
+        h = self.act(F.linear(x, self.w1.weight, self.w1.bias)) * F.linear(x, self.w3.weight, self.w3.bias)
+        return self.w2.forward_parallel(h)
+
+    @classmethod
+    def from_dense(
+        cls,
+        ffn_or_state_dict: FeedForward | Mapping[str, Tensor],
+        *,
+        group: GroupLike = None,
+        sequence_parallel: bool = False,
+        sequence_dim: int = 1,
+        activation: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> ParallelFeedForward:
+        """Shard a dense :class:`FeedForward` (its activation is kept unless ``activation`` is given)
+        or a full state dict (Meta or HF keys; activation ``silu`` unless given).
+
+        Each rank copies only its slices; ``device`` defaults to the tensors' device. The global RNG is
+        not touched.
+        """
+        if isinstance(ffn_or_state_dict, FeedForward):
+            sd: Mapping[str, Tensor] = ffn_or_state_dict.state_dict()
+            activation = activation or ffn_or_state_dict.activation
+        elif isinstance(ffn_or_state_dict, Mapping):
+            sd = ffn_or_state_dict
+            activation = activation or "silu"
+        else:
+            raise TypeError(f"ffn_or_state_dict: expected a FeedForward or a state dict, got {type(ffn_or_state_dict).__name__}")
+        canonical, original = canonical_ffn_state_dict(sd, "ffn_or_state_dict")
+        dim, hidden_dim, bias = infer_ffn_dims(canonical, original, "ffn_or_state_dict")
+        w1 = canonical["w1.weight"]
+        module = cls(
+            dim, hidden_dim, bias=bias, activation=activation, group=group,
+            sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, dtype=w1.dtype, device="meta",
+        )  # fmt: skip
+        module.load_dense_state_dict(sd, device=w1.device if device is None else device)
+        return module
+
+    @torch.no_grad()
+    def load_dense_state_dict(self, sd: Mapping[str, Tensor], *, device: torch.device | str | None = None) -> None:
+        """Load this rank's slices of a full state dict (Meta or HF keys, ``.weight`` / ``.bias``).
+
+        Every key and shape is checked before anything is written, so a bad state dict leaves the
+        module as it was. Parameters on the ``meta`` device are replaced by the slices (on ``device``,
+        default the tensors' device); others are copied into.
+        """
+        canonical, original = canonical_ffn_state_dict(sd, "sd")
+        check_ffn_state_dict(canonical, original, ffn_shapes(self.dim, self.hidden_dim, self.w1.bias is not None), "sd")
+        s, e = self.w1.start, self.w1.end
+        slices = {
+            (self.w1, "weight"): canonical["w1.weight"][s:e],
+            (self.w2, "weight"): canonical["w2.weight"][:, s:e],
+            (self.w3, "weight"): canonical["w3.weight"][s:e],
+        }
+        if self.w1.bias is not None:
+            slices.update({
+                (self.w1, "bias"): canonical["w1.bias"][s:e],
+                (self.w2, "bias"): canonical["w2.bias"],
+                (self.w3, "bias"): canonical["w3.bias"][s:e],
+            })  # fmt: skip
+        for (layer, attr), value in slices.items():
+            param: nn.Parameter = getattr(layer, attr)
+            if param.device.type == "meta":
+                target = value.device if device is None else torch.device(device)
+                setattr(layer, attr, nn.Parameter(value.to(device=target, dtype=param.dtype, copy=True)))
+            else:
+                param.copy_(value)
+
+    @torch.no_grad()
+    def dense_state_dict(self) -> dict[str, Tensor]:
+        """The full weights gathered from every rank, Meta keys, identical on every rank.
+
+        Collective: every rank of the group must call it.
+        """
+        group, sizes = self.tp.group, self.w1.shard_sizes
+        out = {
+            "w1.weight": all_gather_along(self.w1.weight.detach(), group, 0, sizes),
+            "w2.weight": all_gather_along(self.w2.weight.detach(), group, 1, sizes),
+            "w3.weight": all_gather_along(self.w3.weight.detach(), group, 0, sizes),
+        }
+        if self.w1.bias is not None:
+            out["w1.bias"] = all_gather_along(self.w1.bias.detach(), group, 0, sizes)
+            out["w2.bias"] = self.w2.bias.detach()
+            out["w3.bias"] = all_gather_along(self.w3.bias.detach(), group, 0, sizes)
+        ordered = {k: out[k] for k in ffn_shapes(self.dim, self.hidden_dim, self.w1.bias is not None)}
+        return {k: v.clone() for k, v in ordered.items()}
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"

@@ -1,0 +1,90 @@
+"""Resolve the tensor-parallel group argument and compute shard bounds.
+
+Every layer takes ``group`` as a ``ProcessGroup``, a 1-D ``DeviceMesh`` or ``None``; this module
+turns that into a :class:`TPGroup` once, at construction, so that no layer consults global state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+try:  # DeviceMesh lives in torch.distributed.device_mesh from torch 2.2 on.
+    from torch.distributed.device_mesh import DeviceMesh
+except ImportError:  # pragma: no cover - very old torch
+    DeviceMesh = ()  # type: ignore[assignment,misc]
+
+__all__ = ["GroupLike", "TPGroup", "resolve_group", "shard_bounds", "shard_sizes"]
+
+GroupLike = Union[ProcessGroup, "DeviceMesh", None]
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """A resolved tensor-parallel group.
+
+    ``group`` is ``None`` only when no process group is initialised (a single process, e.g. a
+    notebook); then ``rank == 0`` and ``size == 1`` and every collective is skipped.
+    """
+
+    group: ProcessGroup | None
+    rank: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"TPGroup: expected 0 <= rank < size, got rank={self.rank}, size={self.size}")
+
+
+def resolve_group(group: GroupLike) -> TPGroup:
+    """Turn ``group`` (ProcessGroup, 1-D DeviceMesh or None) into a :class:`TPGroup`.
+
+    ``None`` means the default (world) group when one is initialised, else a world of one.
+    Raises ``ValueError`` when this rank is not a member of the group, ``TypeError`` for other
+    kinds of argument.
+    """
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(
+                f"group: expected a 1-D DeviceMesh (e.g. mesh['tp']), got a {group.ndim}-D mesh "
+                f"with dims {group.mesh_dim_names} and shape {tuple(group.shape)}"
+            )
+        group = group.get_group()
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return TPGroup(None, 0, 1)
+        group = dist.group.WORLD
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        # dist.new_group hands this sentinel to ranks outside the group.
+        raise ValueError(
+            f"group: expected a process group that contains this rank, but global rank "
+            f"{dist.get_rank()} is not a member of it"
+        )
+    if not isinstance(group, ProcessGroup):
+        raise TypeError(f"group: expected a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"group: expected a process group that contains this rank, but global rank "
+            f"{dist.get_rank()} is not a member of it"
+        )
+    return TPGroup(group, rank, dist.get_world_size(group))
+
+
+def shard_sizes(n: int, world_size: int) -> list[int]:
+    """Sizes of ``n`` split over ``world_size`` ranks as ``torch.tensor_split`` does it.
+
+    The first ``n % world_size`` ranks hold one more element: 11008 over 3 -> [3670, 3669, 3669].
+    """
+    base, extra = divmod(n, world_size)
+    return [base + (r < extra) for r in range(world_size)]
+
+
+def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``[start, end)`` of rank ``rank``'s contiguous block of ``n`` (see :func:`shard_sizes`)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)

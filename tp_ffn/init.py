@@ -1,0 +1,85 @@
+"""Initialisation of weight shards that does not depend on the tensor-parallel size.
+
+``nn.Linear(in, out)`` draws its weight with ``kaiming_uniform_(a=sqrt(5))`` (uniform in
+±1/sqrt(in)) and then its bias (uniform in ±1/sqrt(in)) from the default CPU generator, one draw
+per element in row-major order. That stream can be cut anywhere: drawing rows ``[start, end)``
+after skipping the ``start * in`` draws before them gives exactly those rows of the full matrix.
+Each rank therefore draws only its own block (plus a bounded scratch buffer to skip the others'),
+and every rank advances the generator by the whole layer, so random numbers drawn afterwards agree
+across ranks whatever the shard sizes.
+
+On devices other than the CPU the shard is drawn on the CPU and copied, so the full weights are the
+same on every device and every tensor-parallel size. On the ``meta`` device nothing is drawn,
+exactly as ``nn.Linear`` on ``meta`` draws nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["init_linear_shard_"]
+
+# Elements per scratch draw; bounds the extra memory to a few MiB whatever the layer size.
+_CHUNK = 1 << 20
+
+
+def _skip(count: int, dtype: torch.dtype) -> None:
+    """Advance the default CPU generator by ``count`` draws of ``dtype`` elements."""
+    if count <= 0:
+        return
+    scratch = torch.empty(min(count, _CHUNK), dtype=dtype)
+    while count > 0:
+        n = min(count, scratch.numel())
+        scratch[:n].uniform_()
+        count -= n
+
+
+def _draw_rows_(dest: Tensor, in_features: int, cols: slice) -> None:
+    """Fill ``dest [rows, len(cols)]`` with the next ``rows`` full rows of a Linear weight whose
+    fan-in is ``in_features``, keeping columns ``cols``."""
+    rows_per_chunk = max(1, _CHUNK // in_features)
+    full_width = cols == slice(0, in_features)
+    for r in range(0, dest.shape[0], rows_per_chunk):
+        block = dest[r : r + rows_per_chunk]
+        if full_width and block.device.type == "cpu":
+            # Row blocks of a contiguous CPU shard are contiguous: draw into them directly.
+            nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+            continue
+        rows = torch.empty(block.shape[0], in_features, dtype=dest.dtype)
+        nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
+        block.copy_(rows[:, cols])
+
+
+@torch.no_grad()
+def init_linear_shard_(
+    weight: Tensor, bias: Tensor | None, in_features: int, out_features: int, *, dim: int, start: int, end: int
+) -> None:
+    """Fill a shard with what ``nn.Linear(in_features, out_features)`` would draw now.
+
+    ``dim=0``: ``weight [end-start, in]`` holds rows ``[start, end)``, ``bias [end-start]`` likewise
+    (column-parallel). ``dim=1``: ``weight [out, end-start]`` holds columns ``[start, end)`` and
+    ``bias [out]`` is whole (row-parallel). The default CPU generator advances by
+    ``out*in + out`` draws (``out*in`` without bias), as for the dense layer.
+    """
+    if weight.device.type == "meta":
+        return
+    dtype = weight.dtype
+    if dim == 0:
+        _skip(start * in_features, dtype)
+        _draw_rows_(weight, in_features, slice(0, in_features))
+        _skip((out_features - end) * in_features, dtype)
+    elif dim == 1:
+        _draw_rows_(weight, in_features, slice(start, end))
+    else:
+        raise ValueError(f"dim: expected 0 (rows) or 1 (columns), got {dim}")
+    if bias is None:
+        return
+    bound = 1 / math.sqrt(in_features)
+    lo, hi = (start, end) if dim == 0 else (0, out_features)
+    _skip(lo, dtype)
+    drawn = torch.empty(hi - lo, dtype=dtype).uniform_(-bound, bound)
+    bias.copy_(drawn)
+    _skip(out_features - hi, dtype)

@@ -1,0 +1,225 @@
+"""Column- and row-parallel linear layers (Megatron / fairscale layout) on an explicit group."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .comm import (
+    copy_to_parallel,
+    gather_from_parallel,
+    gather_from_sequence,
+    reduce_from_parallel,
+    reduce_scatter_to_sequence,
+    scatter_to_parallel,
+)
+from .groups import GroupLike, TPGroup, resolve_group, shard_bounds, shard_sizes
+from .init import init_linear_shard_
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "check_input", "check_features"]
+
+
+def check_features(name: str, value: int, *, at_least: int = 1) -> int:
+    """Validate a size argument: a plain int >= ``at_least``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < at_least:
+        raise ValueError(f"{name}: expected an int >= {at_least}, got {value}")
+    return value
+
+
+def check_input(x: Tensor, weight: Tensor, features: int, *, what: str, name: str = "x") -> None:
+    """Raise a clear error when ``x`` cannot be multiplied by ``weight``.
+
+    ``features`` is the expected last dimension (``what`` says what it is). The dtype must match the
+    weights' unless autocast is on for ``x``'s device.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != features:
+        raise ValueError(f"{name}: expected last dimension {features} ({what}), got shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"{name}: expected a tensor on {weight.device} (the weights' device), got one on {x.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name}: expected dtype {weight.dtype} (the weights' dtype; or run under torch.autocast), got {x.dtype}"
+        )
+
+
+class _ParallelLinear(nn.Module):
+    """What both layers share: the resolved group, the shard bounds, the parameters and their init."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        *,
+        shard_dim: int,
+        group: GroupLike,
+        sequence_parallel: bool,
+        sequence_dim: int,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_features("in_features", in_features)
+        self.out_features = check_features("out_features", out_features)
+        self.tp: TPGroup = resolve_group(group)
+        self.sequence_parallel = bool(sequence_parallel)
+        self.sequence_dim = sequence_dim
+        sharded = out_features if shard_dim == 0 else in_features
+        if sharded < self.tp.size:
+            side = "out_features" if shard_dim == 0 else "in_features"
+            raise ValueError(
+                f"{side}: expected at least one row per rank, got {sharded} for a tensor-parallel size of {self.tp.size}"
+            )
+        self.shard_dim = shard_dim
+        self.shard_sizes = shard_sizes(sharded, self.tp.size)
+        self.start, self.end = shard_bounds(sharded, self.tp.size, self.tp.rank)
+        n = self.end - self.start
+        shape = (n, in_features) if shard_dim == 0 else (out_features, n)
+        kw = {"dtype": dtype, "device": device}
+        self.weight = nn.Parameter(torch.empty(shape, **kw))
+        bias_len = n if shard_dim == 0 else out_features
+        self.bias = nn.Parameter(torch.empty(bias_len, **kw)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def group(self):  # noqa: ANN201 - ProcessGroup | None
+        return self.tp.group
+
+    def reset_parameters(self) -> None:
+        """Draw this rank's shard of what ``nn.Linear(in, out)`` would draw (see ``tp_ffn.init``)."""
+        init_linear_shard_(
+            self.weight, self.bias, self.in_features, self.out_features,
+            dim=self.shard_dim, start=self.start, end=self.end,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"shard=[{self.start}, {self.end}) rank={self.tp.rank}/{self.tp.size}, "
+            f"sequence_parallel={self.sequence_parallel}"
+        )
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """``y = x A^T + b`` with ``A`` split by rows (output features) over the group.
+
+    Rank r of W holds rows ``[start_r, end_r)`` (``torch.tensor_split`` sizes, ``n_r = end_r - start_r``):
+
+    ==========================  ==========================================
+    ``weight``                  ``[n_r, in]``
+    ``bias``                    ``[n_r]``
+    ``x``                       ``[*, in]``; sequence parallel: ``[b, s/W, in]`` (along ``sequence_dim``)
+    ``y`` (``gather_output``)   ``[*, out]``
+    ``y`` (otherwise)           ``[*, n_r]``; sequence parallel: ``[b, s, n_r]``
+    ==========================  ==========================================
+
+    Forward communication: none, or one all-gather of the sequence shards with
+    ``sequence_parallel``, plus one all-gather of the outputs with ``gather_output``. Backward: one
+    all-reduce (reduce-scatter with sequence parallelism) of the input gradient.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        gather_output: bool = True,
+        group: GroupLike = None,
+        sequence_parallel: bool = False,
+        sequence_dim: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if gather_output and sequence_parallel:
+            raise ValueError(
+                "gather_output: expected False with sequence_parallel=True (the output stays sharded by "
+                "features and feeds a row-parallel layer), got True"
+            )
+        super().__init__(
+            in_features, out_features, bias, shard_dim=0, group=group,
+            sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, dtype=dtype, device=device,
+        )  # fmt: skip
+        self.gather_output = bool(gather_output)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.weight, self.in_features, what="in_features")
+        group = self.tp.group
+        if self.sequence_parallel:
+            x = gather_from_sequence(x, group, self.sequence_dim)
+        else:
+            x = copy_to_parallel(x, group)
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output:
+            y = gather_from_parallel(y, group, -1, self.shard_sizes)
+        return y
+
+
+class RowParallelLinear(_ParallelLinear):
+    """``y = x A^T + b`` with ``A`` split by columns (input features) over the group.
+
+    Rank r of W holds columns ``[start_r, end_r)`` (``torch.tensor_split`` sizes, ``n_r = end_r - start_r``):
+
+    ==============================  ==========================================
+    ``weight``                      ``[out, n_r]``
+    ``bias``                        ``[out]``, whole, added once after the reduction
+    ``x`` (``input_is_parallel``)   ``[*, n_r]``
+    ``x`` (otherwise)               ``[*, in]``, this rank's columns are taken
+    ``y``                           ``[*, out]``; sequence parallel: ``[b, s/W, out]``
+    ==============================  ==========================================
+
+    Forward communication: one all-reduce of the partial products, or one reduce-scatter along
+    ``sequence_dim`` with ``sequence_parallel``. Backward: none, or one all-gather with sequence
+    parallelism plus one all-reduce of the bias gradient (each rank's bias sees only its own tokens).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        input_is_parallel: bool = False,
+        group: GroupLike = None,
+        sequence_parallel: bool = False,
+        sequence_dim: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError(
+                "input_is_parallel: expected True with sequence_parallel=True (the input comes from a "
+                "column-parallel layer), got False"
+            )
+        super().__init__(
+            in_features, out_features, bias, shard_dim=1, group=group,
+            sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, dtype=dtype, device=device,
+        )  # fmt: skip
+        self.input_is_parallel = bool(input_is_parallel)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_is_parallel:
+            check_input(x, self.weight, self.end - self.start, what=f"this rank's in_features shard [{self.start}, {self.end})")
+        else:
+            check_input(x, self.weight, self.in_features, what="in_features")
+        return self.forward_parallel(x if self.input_is_parallel else scatter_to_parallel(x, self.tp.group, -1, self.shard_sizes))
+
+    def forward_parallel(self, x: Tensor) -> Tensor:
+        """The product of an input already split by features ``[*, n_r]`` (no checks)."""
+        group = self.tp.group
+        if self.tp.size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence(y, group, self.sequence_dim)
+            # Each rank's tokens see the whole bias: all-reduce its gradient in backward.
+            bias = None if self.bias is None else copy_to_parallel(self.bias, group)
+        else:
+            y = reduce_from_parallel(y, group)
+            bias = self.bias
+        return y if bias is None else y + bias
