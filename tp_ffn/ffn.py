@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .checkpoint import canonical_ffn_state_dict, check_ffn_state_dict, ffn_shapes, infer_ffn_dims
 from .comm import all_gather_along, copy_to_parallel, gather_from_sequence
-from .groups import GroupLike
+from .groups import GroupLike, resolve_group
 from .layers import ColumnParallelLinear, RowParallelLinear, check_features, check_input
 
 __all__ = ["ACTIVATIONS", "FeedForward", "ParallelFeedForward", "get_activation", "llama_ffn_hidden_dim"]
@@ -135,6 +135,9 @@ class ParallelFeedForward(nn.Module):
         self.hidden_dim = check_features("hidden_dim", hidden_dim)
         self.act = get_activation(activation)
         self.activation = activation
+        world = resolve_group(group).size
+        if hidden_dim < world:
+            raise ValueError(f"hidden_dim: expected at least one row per rank (>= the tensor-parallel size {world}), got {hidden_dim}")
         kw = {"group": group, "sequence_parallel": sequence_parallel, "sequence_dim": sequence_dim, "dtype": dtype, "device": device}
         # Built in the dense block's order (w1, w2, w3) so that both draw the same random stream.
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias, gather_output=False, **kw)

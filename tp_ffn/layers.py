@@ -73,7 +73,7 @@ class _ParallelLinear(nn.Module):
         if sharded < self.tp.size:
             side = "out_features" if shard_dim == 0 else "in_features"
             raise ValueError(
-                f"{side}: expected at least one row per rank, got {sharded} for a tensor-parallel size of {self.tp.size}"
+                f"{side}: expected at least one per rank (>= the tensor-parallel size {self.tp.size}), got {sharded}"
             )
         self.shard_dim = shard_dim
         self.shard_sizes = shard_sizes(sharded, self.tp.size)
