@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from collectives import count_collectives
+from tp_ffn.diagnostics import count_collectives
 from rankpool import run_ranks
 from reference import rel_err
 from tp_ffn import (

@@ -14,6 +14,8 @@ from typing import Iterator
 
 from torch.profiler import ProfilerActivity, profile
 
+__all__ = ["count_collectives"]
+
 _KINDS = {
     "c10d::allreduce_": "all_reduce",
     "c10d::allreduce_coalesced_": "all_reduce",
