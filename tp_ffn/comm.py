@@ -47,6 +47,11 @@ __all__ = [
 ]
 
 
+# torch 2.13 renamed the tensor-in / tensor-out collectives; older releases have only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _size(group: ProcessGroup | None) -> int:
     return 1 if group is None else group.size()
 
@@ -73,7 +78,7 @@ def all_gather_along(x: Tensor, group: ProcessGroup | None, dim: int, sizes: Seq
         padded[: local.shape[0]] = local
         local = padded
     out = local.new_empty((world * width, *local.shape[1:]))
-    dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+    _all_gather_single(out, local.contiguous(), group=group)
     if sizes is not None and any(s != width for s in sizes):
         out = torch.cat([out[r * width : r * width + s] for r, s in enumerate(sizes)])
     return out.movedim(0, dim)
@@ -88,7 +93,7 @@ def _reduce_scatter_along(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
     world = group.size()
     full = x.movedim(dim, 0).contiguous()
     out = full.new_empty((full.shape[0] // world, *full.shape[1:]))
-    dist.reduce_scatter_tensor(out, full, group=group)
+    _reduce_scatter_single(out, full, group=group)
     return out.movedim(0, dim)
 
 
