@@ -108,8 +108,6 @@ def test_gather_output_with_uneven_shards():
 
 
 def test_invalid_combinations():
-    with pytest.raises(ValueError, match="gather_output"):
-        ColumnParallelLinear(4, 4, gather_output=True, sequence_parallel=True)
     with pytest.raises(ValueError, match="input_is_parallel"):
         RowParallelLinear(4, 4, input_is_parallel=False, sequence_parallel=True)
     with pytest.raises(ValueError, match="in_features"):

@@ -114,7 +114,7 @@ class ColumnParallelLinear(_ParallelLinear):
     ``weight``                  ``[n_r, in]``
     ``bias``                    ``[n_r]``
     ``x``                       ``[*, in]``; sequence parallel: ``[b, s/W, in]`` (along ``sequence_dim``)
-    ``y`` (``gather_output``)   ``[*, out]``
+    ``y`` (``gather_output``)   ``[*, out]``; sequence parallel: ``[b, s, out]`` (e.g. an output head)
     ``y`` (otherwise)           ``[*, n_r]``; sequence parallel: ``[b, s, n_r]``
     ==========================  ==========================================
 
@@ -136,11 +136,6 @@ class ColumnParallelLinear(_ParallelLinear):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if gather_output and sequence_parallel:
-            raise ValueError(
-                "gather_output: expected False with sequence_parallel=True (the output stays sharded by "
-                "features and feeds a row-parallel layer), got True"
-            )
         super().__init__(
             in_features, out_features, bias, shard_dim=0, group=group,
             sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, dtype=dtype, device=device,
