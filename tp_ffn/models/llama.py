@@ -1,0 +1,241 @@
+"""A compact Llama-style decoder whose attention and feed-forward blocks are tensor-parallel.
+
+Heads are split over the TP group the way Meta's code does it: wq, wk, wv column-parallel (each rank
+holds ``n_heads / W`` query heads and ``n_kv_heads / W`` key/value heads), wo row-parallel; the
+feed-forward block is :class:`~tp_ffn.ParallelFeedForward`. Token embeddings, norms and the
+rotary tables are replicated; the output head is column-parallel over the vocabulary and gathers
+the logits, so every TP rank sees the full ``[batch, seq, vocab]`` logits.
+
+Rotary embeddings use Meta's convention (adjacent pairs of each head's channels rotate together);
+Hugging Face checkpoints store wq/wk permuted for their half-split convention, which the loaders
+in :mod:`tp_ffn.models` undo.
+
+With ``sequence_parallel`` the residual stream between blocks is ``[b, s/W, dim]``: each block
+all-gathers on entry and reduce-scatters on exit, and the replicated norm weights have their
+gradients all-reduced over the group (each rank's norm sees only its own tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..comm import copy_to_parallel, gather_from_sequence, split_sequence
+from ..ffn import ParallelFeedForward, llama_ffn_hidden_dim
+from ..groups import GroupLike, TPGroup, resolve_group
+from ..layers import ColumnParallelLinear, RowParallelLinear
+
+__all__ = ["PRESETS", "LlamaConfig", "Transformer", "precompute_rope"]
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Shapes of a Llama model; validated here, once. ``hidden_dim`` follows Meta's rule."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+
+    def __post_init__(self) -> None:
+        for f in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"LlamaConfig.{f}: expected a positive int, got {v!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"LlamaConfig: dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim = dim / n_heads = {self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"LlamaConfig: n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return llama_ffn_hidden_dim(self.dim, multiple_of=self.multiple_of, ffn_dim_multiplier=self.ffn_dim_multiplier)
+
+    def check_tp(self, tp: int) -> None:
+        """Raise ``ValueError`` unless the heads split evenly over ``tp`` ranks."""
+        if self.n_heads % tp or self.kv_heads % tp:
+            raise ValueError(
+                f"tp: n_heads ({self.n_heads}) and n_kv_heads ({self.kv_heads}) must both be divisible by the "
+                f"tensor-parallel size, got tp={tp}"
+            )
+
+    def num_params(self) -> int:
+        d, h, v = self.dim, self.hidden_dim, self.vocab_size
+        attn = d * d * 2 + 2 * d * self.kv_heads * self.head_dim
+        return v * d * 2 + self.n_layers * (attn + 3 * d * h + 2 * d) + d
+
+    def updated(self, **changes: object) -> LlamaConfig:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"LlamaConfig: unknown fields {unknown}; known: {sorted(known)}")
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    # Byte-level, trains in minutes on 2 CPU cores.
+    "tiny": LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=256),
+    "small": LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=64, max_seq_len=512),
+    "llama2-7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096),
+    "llama3-8b": LlamaConfig(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+        ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192,
+    ),  # fmt: skip
+}
+
+
+def precompute_rope(head_dim: int, seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """``cos, sin [seq_len, head_dim / 2]`` of Meta's rotary embedding, in float32."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs of ``x [b, s, heads, head_dim]`` by the position angles."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a replicated weight; under sequence parallelism its gradient is all-reduced."""
+
+    def __init__(self, dim: int, eps: float, tp: TPGroup, sequence_parallel: bool, dtype=None, device=None) -> None:  # noqa: ANN001
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.tp, self.sequence_parallel = tp, sequence_parallel
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = copy_to_parallel(self.weight, self.tp.group) if self.sequence_parallel else self.weight
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * weight
+
+
+class Attention(nn.Module):
+    """Causal self-attention with this rank's heads. ``x [b, s(/W), dim] -> [b, s(/W), dim]``."""
+
+    def __init__(self, cfg: LlamaConfig, group: GroupLike, sequence_parallel: bool, dtype=None, device=None) -> None:  # noqa: ANN001
+        super().__init__()
+        kw = {"bias": False, "group": group, "sequence_parallel": sequence_parallel, "dtype": dtype, "device": device}
+        hd = cfg.head_dim
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, gather_output=False, **kw)
+        self.wk = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, gather_output=False, **kw)
+        self.wv = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, gather_output=False, **kw)
+        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, input_is_parallel=True, **kw)
+        self.tp = self.wq.tp
+        self.sequence_parallel = sequence_parallel
+        self.head_dim = hd
+        self.n_local_heads = cfg.n_heads // self.tp.size
+        self.n_local_kv_heads = cfg.kv_heads // self.tp.size
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        group = self.tp.group
+        # One region for q, k and v: a single all-reduce (reduce-scatter with SP) of the input gradient.
+        x = gather_from_sequence(x, group) if self.sequence_parallel else copy_to_parallel(x, group)
+        b, s, _ = x.shape
+        q = F.linear(x, self.wq.weight).view(b, s, self.n_local_heads, self.head_dim)
+        k = F.linear(x, self.wk.weight).view(b, s, self.n_local_kv_heads, self.head_dim)
+        v = F.linear(x, self.wv.weight).view(b, s, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, head_dim]
+        if self.n_local_kv_heads != self.n_local_heads:
+            rep = self.n_local_heads // self.n_local_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo.forward_parallel(o.transpose(1, 2).reshape(b, s, -1))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig, group: GroupLike, sequence_parallel: bool, dtype=None, device=None) -> None:  # noqa: ANN001
+        super().__init__()
+        tp = resolve_group(group)
+        self.attention = Attention(cfg, group, sequence_parallel, dtype, device)
+        self.feed_forward = ParallelFeedForward(
+            cfg.dim, cfg.hidden_dim, group=group, sequence_parallel=sequence_parallel, dtype=dtype, device=device
+        )
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp, sequence_parallel, dtype, device)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp, sequence_parallel, dtype, device)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama decoder on a TP group. ``tokens [b, s] (int64) -> logits [b, s, vocab]`` on every TP rank.
+
+    Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.N.attention.wq``, ...,
+    ``layers.N.feed_forward.w1``, ``norm``, ``output``); each TP-sharded weight holds this rank's
+    block. After the same seed every rank builds the same full weights at any TP size.
+    """
+
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        *,
+        group: GroupLike = None,
+        sequence_parallel: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tp = resolve_group(group)
+        cfg.check_tp(self.tp.size)
+        self.sequence_parallel = bool(sequence_parallel) and self.tp.size > 1
+        kw = {"dtype": dtype, "device": device}
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, **kw)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, group, self.sequence_parallel, **kw) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.tp, self.sequence_parallel, **kw)
+        self.output = ColumnParallelLinear(
+            cfg.dim, cfg.vocab_size, bias=False, gather_output=True, group=group, sequence_parallel=self.sequence_parallel, **kw
+        )
+        cos, sin = precompute_rope(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        rope_device = None if device is None or torch.device(device).type == "meta" else device
+        self.register_buffer("rope_cos", cos.to(rope_device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(rope_device), persistent=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens: expected an integer tensor [batch, seq], got {tokens.dtype} of shape {tuple(tokens.shape)}")
+        s = tokens.shape[1]
+        if s > self.cfg.max_seq_len:
+            raise ValueError(f"tokens: expected at most max_seq_len={self.cfg.max_seq_len} positions, got {s}")
+        if self.sequence_parallel and s % self.tp.size:
+            raise ValueError(
+                f"tokens: sequence parallelism needs the sequence length to be divisible by the tensor-parallel "
+                f"size {self.tp.size}, got {s}"
+            )
+        h = self.tok_embeddings(tokens)
+        if self.sequence_parallel:
+            h = split_sequence(h, self.tp.group)
+        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
