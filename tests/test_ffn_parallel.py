@@ -21,6 +21,13 @@ from tp_ffn.comm import all_gather_along
 DIM, HIDDEN, BATCH, SEQ = 24, 101, 2, 12  # 101 is uneven over 2, 3 and 4 ranks; 12 divides by 1-4
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 TOL = 1e-5
+# Execution modes of ParallelFeedForward; comm_chunks does not combine with sequence parallelism.
+MODES = {
+    "plain": {"fuse_gate_up": False, "overlap_comm": False},
+    "overlap": {"fuse_gate_up": False, "overlap_comm": True},
+    "fused": {"fuse_gate_up": True, "overlap_comm": False},
+    "fused+overlap+chunks": {"fuse_gate_up": True, "overlap_comm": True, "comm_chunks": 3},
+}
 
 
 def _full_grads(par: ParallelFeedForward) -> dict[str, torch.Tensor]:
@@ -38,7 +45,7 @@ def _full_grads(par: ParallelFeedForward) -> dict[str, torch.Tensor]:
     return out
 
 
-def _one_case(world: int, activation: str, bias: bool, sp: bool) -> dict[str, float]:
+def _one_case(world: int, mode: str, activation: str, bias: bool, sp: bool) -> dict[str, float]:
     torch.manual_seed(1000 + 7 * bias + 3 * sp)
     dense = FeedForward(DIM, HIDDEN, bias=bias, activation=activation)
     x = torch.randn(BATCH, SEQ, DIM)
@@ -51,7 +58,10 @@ def _one_case(world: int, activation: str, bias: bool, sp: bool) -> dict[str, fl
     ref_grads = {k: p.grad.clone() for k, p in ref.named_parameters()}
     torch.optim.SGD(ref.parameters(), lr=0.1).step()
 
-    par = ParallelFeedForward.from_dense(dense, sequence_parallel=sp)
+    options = dict(MODES[mode])
+    if sp:
+        options.pop("comm_chunks", None)
+    par = ParallelFeedForward.from_dense(dense, sequence_parallel=sp, **options)
     group = par.tp.group
     xl = (split_sequence(x, group) if sp else x).detach().requires_grad_()
     y = par(xl)
@@ -84,14 +94,16 @@ def _one_case(world: int, activation: str, bias: bool, sp: bool) -> dict[str, fl
     return m
 
 
-def _equivalence(rank: int, world: int) -> dict[tuple, dict]:
-    return {case: _one_case(world, *case) for case in itertools.product(ACTIVATIONS, (False, True), (False, True))}
+def _equivalence(rank: int, world: int, mode: str) -> dict[tuple, dict]:
+    cases = itertools.product(ACTIVATIONS, (False, True), (False, True))
+    return {case: _one_case(world, mode, *case) for case in cases}
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_matches_dense_float64(world):
-    per_rank = run_ranks(world, _equivalence)
+def test_matches_dense_float64(world, mode):
+    per_rank = run_ranks(world, _equivalence, mode)
     failures = []
     for case in per_rank[0]:
         ranks = [r[case] for r in per_rank]

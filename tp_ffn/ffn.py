@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .checkpoint import canonical_ffn_state_dict, check_ffn_state_dict, ffn_shapes, infer_ffn_dims
 from .comm import all_gather_along, copy_to_parallel, gather_from_sequence
+from .fused import gate_up_projection, row_parallel_chunked
 from .groups import GroupLike, resolve_group
 from .layers import ColumnParallelLinear, RowParallelLinear, check_features, check_input
 
@@ -115,6 +116,13 @@ class ParallelFeedForward(nn.Module):
     copy-to-parallel region). With ``sequence_parallel`` the input and output are ``[b, s/W, dim]``
     shards along ``sequence_dim``: one all-gather on entry and one reduce-scatter on exit, and in
     backward one reduce-scatter, one all-gather and (with bias) one all-reduce of w2's bias gradient.
+
+    Execution modes (numerically equivalent; the weights and state-dict layout do not change):
+    ``fuse_gate_up`` computes w1 and w3 as one GEMM on their concatenated shards (and one GEMM each
+    for their input and weight gradients); ``overlap_comm`` runs the input-gradient collective
+    during the weight-gradient GEMMs; ``comm_chunks > 1`` (not with sequence parallelism) splits the
+    down projection into token chunks whose all-reduces overlap the next chunk's GEMM, so the
+    forward issues ``comm_chunks`` all-reduces carrying the bytes of one.
     """
 
     def __init__(
@@ -127,6 +135,9 @@ class ParallelFeedForward(nn.Module):
         group: GroupLike = None,
         sequence_parallel: bool = False,
         sequence_dim: int = 1,
+        fuse_gate_up: bool = False,
+        overlap_comm: bool = True,
+        comm_chunks: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -135,6 +146,10 @@ class ParallelFeedForward(nn.Module):
         self.hidden_dim = check_features("hidden_dim", hidden_dim)
         self.act = get_activation(activation)
         self.activation = activation
+        self.fuse_gate_up, self.overlap_comm = bool(fuse_gate_up), bool(overlap_comm)
+        self.comm_chunks = check_features("comm_chunks", comm_chunks)
+        if comm_chunks > 1 and sequence_parallel:
+            raise ValueError(f"comm_chunks: expected 1 with sequence_parallel=True (chunking splits the all-reduce), got {comm_chunks}")
         world = resolve_group(group).size
         if hidden_dim < world:
             raise ValueError(f"hidden_dim: expected at least one row per rank (>= the tensor-parallel size {world}), got {hidden_dim}")
@@ -150,9 +165,22 @@ class ParallelFeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.w1.weight, self.dim, what="dim")
         group = self.tp.group
-        # One region for both column-parallel GEMMs: a single all-reduce of the input gradient.
-        x = gather_from_sequence(x, group, self.sequence_dim) if self.sequence_parallel else copy_to_parallel(x, group)
-        h = self.act(F.linear(x, self.w1.weight, self.w1.bias)) * F.linear(x, self.w3.weight, self.w3.bias)
+        w1, w3 = self.w1, self.w3
+        if self.fuse_gate_up or self.overlap_comm:
+            seq_dim = self.sequence_dim if self.sequence_parallel else None
+            g, u = gate_up_projection(
+                x, w1.weight, w3.weight, w1.bias, w3.bias, group,
+                sequence_dim=seq_dim, fused=self.fuse_gate_up, overlap=self.overlap_comm,
+            )  # fmt: skip
+        else:
+            # The reference path: one region for both column-parallel GEMMs, so a single
+            # all-reduce (SP: reduce-scatter) of the input gradient.
+            x = gather_from_sequence(x, group, self.sequence_dim) if self.sequence_parallel else copy_to_parallel(x, group)
+            g, u = F.linear(x, w1.weight, w1.bias), F.linear(x, w3.weight, w3.bias)
+        h = self.act(g) * u
+        if self.comm_chunks > 1 and self.tp.size > 1:
+            y = row_parallel_chunked(h, self.w2.weight, group, self.comm_chunks)
+            return y if self.w2.bias is None else y + self.w2.bias
         return self.w2.forward_parallel(h)
 
     @classmethod
@@ -165,6 +193,9 @@ class ParallelFeedForward(nn.Module):
         sequence_dim: int = 1,
         activation: str | None = None,
         device: torch.device | str | None = None,
+        fuse_gate_up: bool = False,
+        overlap_comm: bool = True,
+        comm_chunks: int = 1,
     ) -> ParallelFeedForward:
         """Shard a dense :class:`FeedForward` (its activation is kept unless ``activation`` is given)
         or a full state dict (Meta or HF keys; activation ``silu`` unless given).
@@ -185,7 +216,8 @@ class ParallelFeedForward(nn.Module):
         w1 = canonical["w1.weight"]
         module = cls(
             dim, hidden_dim, bias=bias, activation=activation, group=group,
-            sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, dtype=w1.dtype, device="meta",
+            sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, fuse_gate_up=fuse_gate_up,
+            overlap_comm=overlap_comm, comm_chunks=comm_chunks, dtype=w1.dtype, device="meta",
         )  # fmt: skip
         module.load_dense_state_dict(sd, device=w1.device if device is None else device)
         return module

@@ -1,0 +1,159 @@
+"""GEMMs fused with their communication: the fast paths of :class:`~tp_ffn.ParallelFeedForward`.
+
+``gate_up_projection`` computes both column-parallel projections of the block (w1 and w3) behind
+one entry region, optionally as one GEMM on the concatenated shards, and in backward starts the
+input-gradient all-reduce (reduce-scatter under sequence parallelism) before computing the
+weight gradients, so the collective runs while they compute (Megatron's async input-gradient
+all-reduce). ``row_parallel_chunked`` splits the down projection's tokens into chunks and starts
+each chunk's all-reduce while the next chunk's GEMM runs.
+
+The collectives are the functional ones (``torch.distributed._functional_collectives``): they
+start at once and are waited for where the result is needed, in eager mode and under
+``torch.compile`` alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from .comm import all_gather_along
+
+__all__ = ["gate_up_projection", "row_parallel_chunked"]
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+class _GateUp(torch.autograd.Function):
+    """Forward: (SP: all-gather) then ``g = x w1^T + b1``, ``u = x w3^T + b3``.
+    Backward: input-gradient GEMM, then all-reduce (SP: reduce-scatter) started, then weight GEMMs."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, w1: Tensor, w3: Tensor, b1: Tensor | None, b3: Tensor | None,
+        group: ProcessGroup | None, sequence_dim: int | None, fused: bool, overlap: bool,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        # Autocast does not reach inside a custom Function's backward: cast once here, by hand.
+        dtype = _compute_dtype(x)
+        x, w1, w3, b1, b3 = (_cast(t, dtype) for t in (x, w1, w3, b1, b3))
+        if sequence_dim is not None:
+            x = all_gather_along(x, group, sequence_dim)
+        if fused:
+            w = torch.cat((w1, w3))
+            b = None if b1 is None else torch.cat((b1, b3))
+            g, u = F.linear(x, w, b).split((w1.shape[0], w3.shape[0]), dim=-1)
+            ctx.save_for_backward(x, w)
+        else:
+            g, u = F.linear(x, w1, b1), F.linear(x, w3, b3)
+            ctx.save_for_backward(x, w1, w3)
+        ctx.group, ctx.sequence_dim, ctx.fused, ctx.overlap = group, sequence_dim, fused, overlap
+        ctx.has_bias, ctx.n1 = b1 is not None, w1.shape[0]
+        return g, u
+
+    @staticmethod
+    def backward(ctx: Any, dg: Tensor, du: Tensor) -> tuple[Tensor | None, ...]:
+        group, seq_dim = ctx.group, ctx.sequence_dim
+        if ctx.fused:
+            x, w = ctx.saved_tensors
+            d = torch.cat((dg, du), dim=-1).reshape(-1, w.shape[0])
+        else:
+            x, w1, w3 = ctx.saved_tensors
+            dg, du = dg.reshape(-1, w1.shape[0]), du.reshape(-1, w3.shape[0])
+        x2 = x.reshape(-1, x.shape[-1])
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (d @ w if ctx.fused else torch.addmm(dg @ w1, du, w3)).view(x.shape)
+            if group is not None and group.size() > 1:
+                if seq_dim is None:
+                    dx = funcol.all_reduce(dx, "sum", group)
+                else:
+                    full = dx.movedim(seq_dim, 0).contiguous()
+                    dx = funcol.reduce_scatter_tensor(full, "sum", 0, group)
+                if not ctx.overlap:
+                    dx = funcol.wait_tensor(dx)
+
+        # Weight gradients: computed while the collective above is in flight.
+        dw1 = dw3 = db1 = db3 = None
+        if ctx.fused:
+            dw = d.t() @ x2
+            dw1, dw3 = dw[: ctx.n1], dw[ctx.n1 :]
+            if ctx.has_bias:
+                db = d.sum(0)
+                db1, db3 = db[: ctx.n1], db[ctx.n1 :]
+        else:
+            dw1, dw3 = dg.t() @ x2, du.t() @ x2
+            if ctx.has_bias:
+                db1, db3 = dg.sum(0), du.sum(0)
+
+        if dx is not None and group is not None and group.size() > 1:
+            dx = funcol.wait_tensor(dx)
+            if seq_dim is not None:
+                dx = dx.movedim(0, seq_dim)
+        return dx, dw1, dw3, db1, db3, None, None, None, None
+
+
+def gate_up_projection(
+    x: Tensor,
+    w1: Tensor,
+    w3: Tensor,
+    b1: Tensor | None,
+    b3: Tensor | None,
+    group: ProcessGroup | None,
+    *,
+    sequence_dim: int | None = None,
+    fused: bool = False,
+    overlap: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Both column-parallel projections of the block behind one copy-to-parallel region.
+
+    ``x [*, dim]`` (sequence parallel, ``sequence_dim`` given: ``[b, s/W, dim]``) ->
+    ``g, u [*, n_r]`` (sequence parallel: ``[b, s, n_r]``). ``fused``: one GEMM on ``[w1; w3]``
+    forward and one each for the input and weight gradients. ``overlap``: the input-gradient
+    collective runs during the weight-gradient GEMMs. Communication is that of
+    ``copy_to_parallel`` (one all-reduce in backward) or, with ``sequence_dim``, of
+    ``gather_from_sequence`` (all-gather forward, reduce-scatter backward).
+    """
+    return _GateUp.apply(x, w1, w3, b1, b3, group, sequence_dim, fused, overlap)
+
+
+class _RowParallelChunked(torch.autograd.Function):
+    """Forward: per token chunk, GEMM then all-reduce started. Backward: GEMMs, no communication."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, w: Tensor, group: ProcessGroup, chunks: int) -> Tensor:
+        dtype = _compute_dtype(h)
+        h, w = h.to(dtype), w.to(dtype)
+        ctx.save_for_backward(h, w)
+        h2 = h.reshape(-1, h.shape[-1])
+        pending = [funcol.all_reduce(c @ w.t(), "sum", group) for c in h2.tensor_split(chunks)]
+        y = torch.cat([funcol.wait_tensor(p) for p in pending])
+        return y.view(*h.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        h, w = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dh = (dy2 @ w).view(h.shape) if ctx.needs_input_grad[0] else None
+        dw = dy2.t() @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None
+
+
+def row_parallel_chunked(h: Tensor, w: Tensor, group: ProcessGroup, chunks: int) -> Tensor:
+    """``all_reduce(h w^T)`` computed in ``chunks`` token chunks whose all-reduces overlap the next
+    chunk's GEMM. ``h [*, n_r]``, ``w [out, n_r]`` -> ``[*, out]``. Forward: ``chunks`` all-reduces
+    (the bytes of one); backward: identity, as for ``reduce_from_parallel``."""
+    return _RowParallelChunked.apply(h, w, group, chunks)
