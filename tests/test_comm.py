@@ -23,12 +23,19 @@ from tp_ffn import (
 )
 
 
-def _ffn_counts(rank: int, world: int) -> dict:
+MODES = {
+    "plain": {"fuse_gate_up": False, "overlap_comm": False},
+    "overlap": {"overlap_comm": True},
+    "fused+overlap": {"fuse_gate_up": True, "overlap_comm": True},
+}
+
+
+def _ffn_counts(rank: int, world: int, mode: str) -> dict:
     out = {}
     for sp in (False, True):
         for bias in (False, True):
             torch.manual_seed(0)
-            par = ParallelFeedForward(16, 40, bias=bias, sequence_parallel=sp)
+            par = ParallelFeedForward(16, 40, bias=bias, sequence_parallel=sp, **MODES[mode])
             x = torch.randn(2, 4 if sp else 4 * world, 16, requires_grad=True)
             with count_collectives() as fwd:
                 y = par(x)
@@ -48,9 +55,10 @@ def _expected(world: int, sp: bool, bias: bool) -> tuple[Counter, Counter]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_ffn_collective_counts(world):
-    for rank, got in enumerate(run_ranks(world, _ffn_counts)):
+def test_ffn_collective_counts(world, mode):
+    for rank, got in enumerate(run_ranks(world, _ffn_counts, mode)):
         for (sp, bias), (fwd, bwd) in got.items():
             want_fwd, want_bwd = _expected(world, sp, bias)
             assert fwd == want_fwd, f"W={world} rank {rank} sp={sp} bias={bias}: forward {dict(fwd)} != {dict(want_fwd)}"
@@ -163,3 +171,21 @@ def test_single_process_needs_no_group():
         par(x).sum().backward()
     assert n == Counter() and par.tp.size == 1
     assert rel_err(par(x), dense(x)) == 0
+
+
+def _chunked_counts(rank: int, world: int) -> tuple[Counter, Counter]:
+    torch.manual_seed(0)
+    par = ParallelFeedForward(16, 40, bias=True, comm_chunks=4)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    with count_collectives() as fwd:
+        y = par(x)
+    with count_collectives() as bwd:
+        y.sum().backward()
+    return fwd, bwd
+
+
+@pytest.mark.timeout(60)
+def test_chunked_forward_counts():
+    # Chunking splits the forward all-reduce (same bytes) and leaves backward at one all-reduce.
+    for fwd, bwd in run_ranks(2, _chunked_counts):
+        assert fwd == Counter(all_reduce=4) and bwd == Counter(all_reduce=1)

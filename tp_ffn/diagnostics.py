@@ -32,6 +32,10 @@ _KINDS = {
 }
 
 
+# Bookkeeping ops of the functional collectives, not communication.
+_NOT_COLLECTIVES = ("wait_tensor", "_wrap_tensor_autograd")
+
+
 @contextmanager
 def count_collectives() -> Iterator[Counter]:
     """``with count_collectives() as n: ...`` then ``n == Counter({'all_reduce': 1})``.
@@ -43,5 +47,11 @@ def count_collectives() -> Iterator[Counter]:
         yield counts
     for event in prof.events():
         name = event.name
-        if name.startswith(("c10d::", "_c10d_functional::")) and not name.endswith("wait_tensor"):
+        if not name.startswith(("c10d::", "_c10d_functional::")) or name.endswith(_NOT_COLLECTIVES):
+            continue
+        # A functional collective calls the c10d op underneath: count the outermost one only.
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in _KINDS:
+            parent = parent.cpu_parent
+        if parent is None:
             counts[_KINDS.get(name, name)] += 1
