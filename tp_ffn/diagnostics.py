@@ -8,13 +8,16 @@ collectives).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["count_collectives"]
+__all__ = ["StepProfile", "count_collectives", "profile_step"]
 
 _KINDS = {
     "c10d::allreduce_": "all_reduce",
@@ -45,13 +48,65 @@ def count_collectives() -> Iterator[Counter]:
     counts: Counter = Counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         yield counts
-    for event in prof.events():
+    for kind, _ in _collectives(prof.events()):
+        counts[kind] += 1
+
+
+def _collectives(events: Iterable) -> Iterator[tuple[str, object]]:
+    """``(kind, event)`` for each collective the profiler saw, outermost op only (a functional
+    collective calls the c10d op underneath)."""
+    for event in events:
         name = event.name
         if not name.startswith(("c10d::", "_c10d_functional::")) or name.endswith(_NOT_COLLECTIVES):
             continue
-        # A functional collective calls the c10d op underneath: count the outermost one only.
         parent = event.cpu_parent
         while parent is not None and parent.name not in _KINDS:
             parent = parent.cpu_parent
         if parent is None:
-            counts[_KINDS.get(name, name)] += 1
+            yield _KINDS.get(name, name), event
+
+
+@dataclass
+class StepProfile:
+    """What one call of a step function did: collectives by kind, bytes they carried, peak memory.
+
+    ``nbytes`` counts, per collective, its largest tensor argument (the full buffer an all-reduce
+    reduces, the gathered output of an all-gather, the input of a reduce-scatter).
+    ``peak_bytes`` is the peak of memory allocated during the call on top of what was live before
+    (CPU: from the profiler's allocation records; CUDA: ``torch.cuda.max_memory_allocated``).
+    """
+
+    collectives: Counter
+    nbytes: int
+    peak_bytes: int
+
+
+def profile_step(step: Callable[[], object], device: torch.device | None = None) -> StepProfile:
+    """Run ``step()`` once under the profiler and report its collectives, their bytes and peak memory."""
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=not cuda) as prof:
+        step()
+    counts: Counter = Counter()
+    nbytes = 0
+    events = prof.events()
+    for kind, event in _collectives(events):
+        counts[kind] += 1
+        sizes = [math.prod(s) for s in event.input_shapes if isinstance(s, list) and s]
+        dtypes = [d for d in event.input_dtypes if d]
+        nbytes += max(sizes, default=0) * (_ITEMSIZE.get(dtypes[0], 4) if dtypes else 4)
+    timeline = [(e.time_range.start, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage]
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        live = peak = 0
+        for _, delta in sorted(timeline):
+            live += delta
+            peak = max(peak, live)
+    return StepProfile(counts, nbytes, peak)
+
+
+_ITEMSIZE = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8}
