@@ -190,8 +190,10 @@ def config_from_hf(path: PathLike, *, max_seq_len: int | None = None) -> LlamaCo
         raise ValueError(
             f"{source}: head_dim: expected hidden_size / num_attention_heads = {dim} / {n_heads}, got {head_dim}"
         )
-    hidden = _int_field(data, "intermediate_size", source)
-    multiple_of, mult = ffn_rule_for(dim, hidden)
+    try:
+        multiple_of, mult = ffn_rule_for(dim, _int_field(data, "intermediate_size", source))
+    except ValueError as e:
+        raise ValueError(f"{source}: intermediate_size: {e}") from None
     n_kv = data.get("num_key_value_heads")
     return LlamaConfig(
         dim=dim,

@@ -1,0 +1,83 @@
+"""Convert Llama checkpoints between Hugging Face and Meta layouts, in one process.
+
+    python scripts/convert_checkpoint.py --from hf --to meta --num-shards 2 SRC DST   # HF -> consolidated.00/01.pth
+    python scripts/convert_checkpoint.py --from meta --to hf SRC DST                  # Meta (any shard count) -> HF
+    python scripts/convert_checkpoint.py --from meta --to meta --num-shards 8 SRC DST # reshard a Meta checkpoint
+    python scripts/convert_checkpoint.py --from hf --to meta SRC DST --force          # replace a non-empty DST
+
+SRC is a Hugging Face directory (config.json + model.safetensors, or sharded safetensors with
+model.safetensors.index.json) or a Meta one (params.json + consolidated.XX.pth). Tensors keep
+their dtype and values bit for bit; only the q/k rows are permuted between the two rotary
+conventions. DST is written into a hidden sibling directory and renamed into place at the end, so
+an interrupted run never leaves a DST that looks complete; a non-empty DST is refused without
+--force. The whole model is held in memory once. Loading a checkpoint straight into a
+tensor-parallel model needs no conversion: see tp_ffn.models.load_pretrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ConvertArgs:
+    src: Path
+    dst: Path
+    source_format: str
+    target_format: str
+    num_shards: int = 1
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1:
+            raise ValueError(f"--num-shards: expected >= 1, got {self.num_shards}")
+        if self.num_shards != 1 and self.target_format != "meta":
+            raise ValueError(f"--num-shards: only meaningful with --to meta, got --to {self.target_format}")
+        if not self.src.is_dir():
+            raise ValueError(f"SRC: expected a checkpoint directory, got {self.src}")
+        if self.dst.exists() and not self.force and (not self.dst.is_dir() or any(self.dst.iterdir())):
+            raise ValueError(f"DST: {self.dst} exists and is not empty; pass --force to replace it")
+
+
+def parse_args(argv: list[str] | None = None) -> ConvertArgs:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--from", dest="source_format", choices=("hf", "meta"), required=True, help="layout of SRC")
+    parser.add_argument("--to", dest="target_format", choices=("hf", "meta"), required=True, help="layout to write")
+    parser.add_argument("--num-shards", type=int, default=1, help="consolidated.XX.pth files to write (--to meta)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty DST")
+    parser.add_argument("src", type=Path, metavar="SRC")
+    parser.add_argument("dst", type=Path, metavar="DST")
+    ns = parser.parse_args(argv)
+    try:
+        return ConvertArgs(**vars(ns))
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Imported after the argument checks, so a refused command answers without loading torch.
+    from tqdm import tqdm
+
+    from tp_ffn.models import convert_checkpoint, detect_format
+
+    try:
+        found = detect_format(args.src)
+        if found != args.source_format:
+            raise ValueError(f"--from {args.source_format}: but {args.src} holds a {found} checkpoint")
+        convert_checkpoint(
+            args.src, args.dst, to=args.target_format, num_shards=args.num_shards, overwrite=args.force, progress=tqdm
+        )
+    except (ValueError, FileExistsError) as e:
+        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
+        return 1
+    shards = f" in {args.num_shards} shard(s)" if args.target_format == "meta" else ""
+    print(f"wrote {args.target_format} checkpoint{shards} to {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
