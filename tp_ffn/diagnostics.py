@@ -8,14 +8,15 @@ collectives).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
+import torch.utils._pytree as pytree
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["StepProfile", "count_collectives", "profile_step"]
 
@@ -71,7 +72,8 @@ class StepProfile:
     """What one call of a step function did: collectives by kind, bytes they carried, peak memory.
 
     ``nbytes`` counts, per collective, its largest tensor argument (the full buffer an all-reduce
-    reduces, the gathered output of an all-gather, the input of a reduce-scatter).
+    reduces, the gathered output of an all-gather, the input of a reduce-scatter), as seen by a
+    dispatch mode.
     ``peak_bytes`` is the peak of memory allocated during the call on top of what was live before
     (CPU: from the profiler's allocation records; CUDA: ``torch.cuda.max_memory_allocated``).
     """
@@ -88,16 +90,13 @@ def profile_step(step: Callable[[], object], device: torch.device | None = None)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=not cuda) as prof:
+    moved = _CollectiveBytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=not cuda) as prof, moved:
         step()
     counts: Counter = Counter()
-    nbytes = 0
     events = prof.events()
-    for kind, event in _collectives(events):
+    for kind, _ in _collectives(events):
         counts[kind] += 1
-        sizes = [math.prod(s) for s in event.input_shapes if isinstance(s, list) and s]
-        dtypes = [d for d in event.input_dtypes if d]
-        nbytes += max(sizes, default=0) * (_ITEMSIZE.get(dtypes[0], 4) if dtypes else 4)
     timeline = [(e.time_range.start, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage]
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - base
@@ -106,7 +105,19 @@ def profile_step(step: Callable[[], object], device: torch.device | None = None)
         for _, delta in sorted(timeline):
             live += delta
             peak = max(peak, live)
-    return StepProfile(counts, nbytes, peak)
+    return StepProfile(counts, moved.nbytes, peak)
 
 
-_ITEMSIZE = {"float": 4, "c10::BFloat16": 2, "c10::Half": 2, "double": 8}
+class _CollectiveBytes(TorchDispatchMode):
+    """Adds up the largest tensor argument of every collective op that reaches the dispatcher (the
+    profiler does not record the shapes of the tensor lists that c10d ops take)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func.namespace in ("c10d", "_c10d_functional") and not func.__name__.startswith(_NOT_COLLECTIVES):
+            tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            self.nbytes += max((t.numel() * t.element_size() for t in tensors), default=0)
+        return func(*args, **(kwargs or {}))

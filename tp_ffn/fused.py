@@ -7,9 +7,8 @@ weight gradients, so the collective runs while they compute (Megatron's async in
 all-reduce). ``row_parallel_chunked`` splits the down projection's tokens into chunks and starts
 each chunk's all-reduce while the next chunk's GEMM runs.
 
-The collectives are the functional ones (``torch.distributed._functional_collectives``): they
-start at once and are waited for where the result is needed, in eager mode and under
-``torch.compile`` alike.
+The collectives are the functional ops (``torch.ops._c10d_functional``): they start at once and
+are waited for where the result is needed, in eager mode and under ``torch.compile`` alike.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
@@ -25,6 +23,22 @@ from torch.distributed import ProcessGroup
 from .comm import all_gather_along
 
 __all__ = ["gate_up_projection", "row_parallel_chunked"]
+
+
+_c10d = torch.ops._c10d_functional
+
+
+def _all_reduce_start(x: Tensor, group: ProcessGroup) -> Tensor:
+    return _c10d.all_reduce(x.contiguous(), "sum", group.group_name)
+
+
+def _reduce_scatter_start(x: Tensor, group: ProcessGroup) -> Tensor:
+    """Starts the reduce-scatter of ``x`` along dim 0."""
+    return _c10d.reduce_scatter_tensor(x.contiguous(), "sum", group.size(), group.group_name)
+
+
+def _wait(x: Tensor) -> Tensor:
+    return _c10d.wait_tensor(x)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -79,12 +93,11 @@ class _GateUp(torch.autograd.Function):
             dx = (d @ w if ctx.fused else torch.addmm(dg @ w1, du, w3)).view(x.shape)
             if group is not None and group.size() > 1:
                 if seq_dim is None:
-                    dx = funcol.all_reduce(dx, "sum", group)
+                    dx = _all_reduce_start(dx, group)
                 else:
-                    full = dx.movedim(seq_dim, 0).contiguous()
-                    dx = funcol.reduce_scatter_tensor(full, "sum", 0, group)
+                    dx = _reduce_scatter_start(dx.movedim(seq_dim, 0), group)
                 if not ctx.overlap:
-                    dx = funcol.wait_tensor(dx)
+                    dx = _wait(dx)
 
         # Weight gradients: computed while the collective above is in flight.
         dw1 = dw3 = db1 = db3 = None
@@ -100,7 +113,7 @@ class _GateUp(torch.autograd.Function):
                 db1, db3 = dg.sum(0), du.sum(0)
 
         if dx is not None and group is not None and group.size() > 1:
-            dx = funcol.wait_tensor(dx)
+            dx = _wait(dx)
             if seq_dim is not None:
                 dx = dx.movedim(0, seq_dim)
         return dx, dw1, dw3, db1, db3, None, None, None, None
@@ -139,8 +152,8 @@ class _RowParallelChunked(torch.autograd.Function):
         h, w = h.to(dtype), w.to(dtype)
         ctx.save_for_backward(h, w)
         h2 = h.reshape(-1, h.shape[-1])
-        pending = [funcol.all_reduce(c @ w.t(), "sum", group) for c in h2.tensor_split(chunks)]
-        y = torch.cat([funcol.wait_tensor(p) for p in pending])
+        pending = [_all_reduce_start(c @ w.t(), group) for c in h2.tensor_split(chunks)]
+        y = torch.cat([_wait(p) for p in pending])
         return y.view(*h.shape[:-1], w.shape[0])
 
     @staticmethod

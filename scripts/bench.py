@@ -1,0 +1,381 @@
+"""Forward+backward step time of the feed-forward block: tp_ffn's modes against the peers.
+
+    # the CPU target shape: 2 gloo ranks, 1 thread each, fp32 and bf16 autocast
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 scripts/bench.py --preset cpu --dtype both
+    # a GPU node (NCCL), Llama-2-7B / Llama-3-8B FFN shapes, bf16
+    torchrun --standalone --nproc_per_node 8 scripts/bench.py --preset llama2-7b --dtype bfloat16
+
+Candidates, each timed on the same weights and inputs (``--candidates`` picks a subset):
+
+==================  ==========================================================================
+dense               tp_ffn.FeedForward in one process (rank 0) with the threads of all ranks
+tp-plain            ParallelFeedForward, reference path: no fusion, no overlap
+tp-fused            w1/w3 as one GEMM
+tp-overlap          input-gradient all-reduce during the weight-gradient GEMMs
+tp-fused-overlap    both
+tp-chunked          overlap + forward all-reduce in 4 token chunks overlapping the w2 GEMM
+tp-sp               sequence parallel (all-gather / reduce-scatter), overlap
+fairscale           Meta's FeedForward on fairscale's Column/RowParallelLinear
+torch-tp            parallelize_module(ColwiseParallel on w1/w3, RowwiseParallel on w2), DTensor
+local               the communication-free compute of this rank's (unfused) shard: the floor
+==================  ==========================================================================
+
+After warm-up the candidates run interleaved (A B C ... A B C ...) for ``--reps`` rounds, each
+step between barriers; a step's time is the slowest rank's. Reported per candidate: median step
+time and its p10-p90 spread, tokens/s, achieved GFLOP/s and its fraction of the GEMM rate measured
+in the same run, collectives per step and their bytes, peak memory per rank. A table is printed
+and JSON plus a PNG chart are written (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tp_ffn import FeedForward, ParallelFeedForward, split_sequence
+from tp_ffn.diagnostics import profile_step
+
+PRESETS = {
+    "cpu": (1024, 2816, 2048),
+    "tiny": (256, 704, 512),
+    "llama2-7b": (4096, 11008, 8192),
+    "llama3-8b": (4096, 14336, 8192),
+}
+ALL = ["dense", "tp-plain", "tp-fused", "tp-overlap", "tp-fused-overlap", "tp-chunked", "tp-sp", "fairscale", "torch-tp", "local"]
+TP_MODES = {
+    "tp-plain": {"fuse_gate_up": False, "overlap_comm": False},
+    "tp-fused": {"fuse_gate_up": True, "overlap_comm": False},
+    "tp-overlap": {"fuse_gate_up": False, "overlap_comm": True},
+    "tp-fused-overlap": {"fuse_gate_up": True, "overlap_comm": True},
+    "tp-chunked": {"fuse_gate_up": False, "overlap_comm": True, "comm_chunks": 4},
+    "tp-sp": {"fuse_gate_up": False, "overlap_comm": True, "sequence_parallel": True},
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    dim: int
+    hidden_dim: int
+    tokens: int
+    dtypes: tuple[str, ...]
+    candidates: tuple[str, ...]
+    reps: int
+    warmup: int
+    out: str
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "hidden_dim", "tokens", "reps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
+        unknown = sorted(set(self.candidates) - set(ALL))
+        if unknown:
+            raise ValueError(f"--candidates: unknown {unknown}; choose from {ALL}")
+
+
+@dataclass
+class Result:
+    name: str
+    dtype: str
+    times: list[float] = field(default_factory=list)
+    collectives: dict[str, int] = field(default_factory=dict)
+    comm_bytes: int = 0
+    peak_bytes: int = 0
+    flops_per_step: float = 0.0
+    note: str = ""
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="dim, hidden dim and tokens (cpu: 1024, 2816, 2048)")
+    p.add_argument("--dim", type=int)
+    p.add_argument("--hidden-dim", type=int)
+    p.add_argument("--tokens", type=int, help="tokens per step (one sequence)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="float32", help="bfloat16 = autocast over fp32 weights")
+    p.add_argument("--candidates", default=",".join(ALL), help="comma-separated subset of " + ",".join(ALL))
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default="bench_out", help="directory for bench.json and bench.png")
+    a = p.parse_args(argv)
+    dim, hidden, tokens = PRESETS[a.preset]
+    dtypes = ("float32", "bfloat16") if a.dtype == "both" else (a.dtype,)
+    return BenchConfig(
+        a.dim or dim, a.hidden_dim or hidden, a.tokens or tokens, dtypes,
+        tuple(c for c in a.candidates.split(",") if c), a.reps, a.warmup, a.out,
+    )  # fmt: skip
+
+
+def build(name: str, dense: FeedForward, cfg: BenchConfig, device: torch.device, mesh) -> tuple[torch.nn.Module | None, str]:  # noqa: ANN001
+    """The module of candidate ``name`` on this rank (None where this rank sits the step out)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if name == "dense":
+        return (dense if rank == 0 else None), ""
+    if name in TP_MODES:
+        return ParallelFeedForward.from_dense(dense, device=device, **TP_MODES[name]), ""
+    if name == "local":
+        from tp_ffn import shard_bounds
+
+        s, e = shard_bounds(cfg.hidden_dim, world, rank)
+        local = FeedForward(cfg.dim, e - s, device="meta")
+        sd = dense.state_dict()
+        local.load_state_dict({"w1.weight": sd["w1.weight"][s:e], "w2.weight": sd["w2.weight"][:, s:e], "w3.weight": sd["w3.weight"][s:e]}, assign=True)
+        return local.to(device), ""
+    if name == "fairscale":
+        if cfg.hidden_dim % world:
+            return None, f"fairscale needs hidden % world == 0 ({cfg.hidden_dim} % {world})"
+        return FairscaleFFN(dense, world, rank).to(device), ""
+    if name == "torch-tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        clone = FeedForward(cfg.dim, cfg.hidden_dim, device="meta")
+        clone.load_state_dict({k: v.clone() for k, v in dense.state_dict().items()}, assign=True)
+        clone = clone.to(device)
+        plan = {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()}
+        return parallelize_module(clone, mesh, plan), ""
+    raise ValueError(name)
+
+
+class FairscaleFFN(torch.nn.Module):
+    """Meta's Llama FeedForward on fairscale's layers (each column-parallel layer copies the input)."""
+
+    def __init__(self, dense: FeedForward, world: int, rank: int) -> None:
+        super().__init__()
+        from fairscale.nn.model_parallel.initialize import initialize_model_parallel, model_parallel_is_initialized
+        from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        if not model_parallel_is_initialized():
+            initialize_model_parallel(world)
+        keep = lambda w: w  # noqa: E731 - weights are copied in below
+        d, h = dense.dim, dense.hidden_dim
+        self.w1 = ColumnParallelLinear(d, h, bias=False, gather_output=False, init_method=keep)
+        self.w2 = RowParallelLinear(h, d, bias=False, input_is_parallel=True, init_method=keep)
+        self.w3 = ColumnParallelLinear(d, h, bias=False, gather_output=False, init_method=keep)
+        n = h // world
+        with torch.no_grad():
+            self.w1.weight.copy_(dense.w1.weight[rank * n : (rank + 1) * n])
+            self.w3.weight.copy_(dense.w3.weight[rank * n : (rank + 1) * n])
+            self.w2.weight.copy_(dense.w2.weight[:, rank * n : (rank + 1) * n])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def gemm_rate(cfg: BenchConfig, dtype: torch.dtype, device: torch.device) -> float:
+    """GFLOP/s of the whole machine: every rank runs a shard-sized GEMM at once; rates summed."""
+    world = dist.get_world_size()
+    a = torch.randn(cfg.tokens, cfg.dim, device=device, dtype=dtype)
+    b = torch.randn(cfg.dim, cfg.hidden_dim // world, device=device, dtype=dtype)
+    times = []
+    for i in range(7):
+        sync(device)
+        dist.barrier()
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    rate = torch.tensor(2 * cfg.tokens * cfg.dim * (cfg.hidden_dim // world) / statistics.median(times[2:]) / 1e9)
+    dist.all_reduce(rate)
+    return rate.item()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(name: str, module: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor, autocast: torch.dtype | None) -> Callable[[], None]:
+    group = dist.group.WORLD
+    sp = name == "tp-sp"
+    xl = (split_sequence(x, group) if sp else x).detach().requires_grad_()
+    gyl = split_sequence(gy, group) if sp else gy
+    if name == "torch-tp":
+        xl = x.detach().requires_grad_()
+
+    def step() -> None:
+        xl.grad = None
+        for p in module.parameters():
+            p.grad = None
+        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            y = module(xl)
+        y = y.full_tensor() if hasattr(y, "full_tensor") else y
+        y.backward(gyl.to(y.dtype))
+
+    return step
+
+
+def run(cfg: BenchConfig) -> list[Result]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    threads = torch.get_num_threads()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world,))
+    torch.manual_seed(0)
+    dense = FeedForward(cfg.dim, cfg.hidden_dim).to(device)
+    x = torch.randn(1, cfg.tokens, cfg.dim, device=device)
+    gy = torch.randn(1, cfg.tokens, cfg.dim, device=device)
+    flops = 18.0 * cfg.tokens * cfg.dim * cfg.hidden_dim  # 3 GEMMs x (forward + 2 backward) x 2 flops
+
+    results: list[Result] = []
+    for dtype_name in cfg.dtypes:
+        autocast = torch.bfloat16 if dtype_name == "bfloat16" else None
+        rate = gemm_rate(cfg, autocast or torch.float32, device)
+        steps: dict[str, Callable[[], None] | None] = {}
+        res: dict[str, Result] = {}
+        for name in cfg.candidates:
+            module, note = build(name, dense, cfg, device, mesh)
+            res[name] = Result(name, dtype_name, note=note, flops_per_step=flops / (world if name == "local" else 1))
+            if module is None and name != "dense":
+                steps[name] = None
+                continue
+            steps[name] = None if module is None else make_step(name, module, x, gy, autocast)
+        # One profiled step per candidate: collectives, bytes, peak memory.
+        for name, step in steps.items():
+            if step is None and res[name].note:
+                continue
+            if name == "dense":
+                torch.set_num_threads(threads * world)
+            prof = profile_step(step, device) if step is not None else None
+            torch.set_num_threads(threads)
+            dist.barrier()
+            if prof is not None:
+                res[name].collectives, res[name].comm_bytes, res[name].peak_bytes = dict(prof.collectives), prof.nbytes, prof.peak_bytes
+        for i in range(cfg.warmup + cfg.reps):
+            for name, step in steps.items():  # interleaved: A B C ... A B C ...
+                if step is None and res[name].note:
+                    continue
+                if name == "dense":
+                    torch.set_num_threads(threads * world)
+                sync(device)
+                dist.barrier()
+                t = time.perf_counter()
+                if step is not None:
+                    step()
+                sync(device)
+                elapsed = time.perf_counter() - t
+                torch.set_num_threads(threads)
+                if name == "dense":
+                    elapsed = elapsed if rank == 0 else 0.0
+                slowest = torch.tensor(elapsed)
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                if i >= cfg.warmup:
+                    res[name].times.append(slowest.item())
+        for r in res.values():
+            r.gemm_rate = rate  # type: ignore[attr-defined]
+        results.extend(res.values())
+    return results
+
+
+def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) -> dict:
+    rows = []
+    for r in results:
+        if not r.times:
+            rows.append({"name": r.name, "dtype": r.dtype, "note": r.note})
+            continue
+        q = statistics.quantiles(r.times, n=10) if len(r.times) >= 2 else [r.times[0]] * 9
+        med = statistics.median(r.times)
+        achieved = r.flops_per_step / med / 1e9
+        machine = r.gemm_rate / (world if r.name == "local" else 1)  # type: ignore[attr-defined]
+        rows.append({
+            "name": r.name, "dtype": r.dtype, "median_ms": med * 1e3, "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3,
+            "tokens_per_s": cfg.tokens / med, "gflops": achieved, "gemm_fraction": achieved / machine,
+            "collectives": r.collectives, "comm_mib": r.comm_bytes / 2**20, "peak_mib": r.peak_bytes / 2**20,
+            "reps": len(r.times), "times_ms": [t * 1e3 for t in r.times], "note": r.note,
+        })  # fmt: skip
+    for dtype in cfg.dtypes:
+        base = {r["name"]: r for r in rows if r["dtype"] == dtype and "median_ms" in r}
+        for r in rows:
+            if r["dtype"] == dtype and "median_ms" in r:
+                for ref in ("local", "fairscale", "torch-tp", "dense"):
+                    if ref in base:
+                        r[f"vs_{ref}"] = r["median_ms"] / base[ref]["median_ms"]
+    return {"config": asdict(cfg), "world_size": world, "device": device, "threads_per_rank": torch.get_num_threads(),
+            "gemm_rate_gflops": {r.dtype: r.gemm_rate for r in results}, "rows": rows}  # type: ignore[attr-defined]  # fmt: skip
+
+
+def print_table(summary: dict) -> None:
+    cfg = summary["config"]
+    print(
+        f"\nFFN dim {cfg['dim']}, hidden {cfg['hidden_dim']}, {cfg['tokens']} tokens, forward+backward; "
+        f"world size {summary['world_size']} on {summary['device']}, {summary['threads_per_rank']} thread(s) per rank; "
+        f"machine GEMM rate {', '.join(f'{k} {v:.0f}' for k, v in summary['gemm_rate_gflops'].items())} GFLOP/s"
+    )
+    head = f"{'candidate':<17} {'dtype':<9} {'median ms':>9} {'p10-p90 ms':>14} {'tokens/s':>9} {'GFLOP/s':>8} {'of GEMM':>7} {'vs local':>8} {'vs fairsc':>9} {'vs torch':>8} {'collectives/step':<28} {'MiB moved':>9} {'peak MiB':>8}"
+    print(head)
+    for r in summary["rows"]:
+        if "median_ms" not in r:
+            print(f"{r['name']:<17} {r['dtype']:<9} skipped: {r['note']}")
+            continue
+        coll = ", ".join(f"{k} {v}" for k, v in sorted(r["collectives"].items())) or "none"
+        rel = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+        print(
+            f"{r['name']:<17} {r['dtype']:<9} {r['median_ms']:>9.1f} {r['p10_ms']:>6.1f}-{r['p90_ms']:<7.1f} {r['tokens_per_s']:>9.0f} "
+            f"{r['gflops']:>8.1f} {r['gemm_fraction']:>7.2f} {rel('vs_local'):>8} {rel('vs_fairscale'):>9} {rel('vs_torch-tp'):>8} "
+            f"{coll:<28} {r['comm_mib']:>9.1f} {r['peak_mib']:>8.1f}"
+        )
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = summary["config"]["dtypes"]
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 4.5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        rows = [r for r in summary["rows"] if r["dtype"] == dtype and "median_ms" in r]
+        names = [r["name"] for r in rows]
+        med = [r["median_ms"] for r in rows]
+        err = [[m - r["p10_ms"] for m, r in zip(med, rows)], [r["p90_ms"] - m for m, r in zip(med, rows)]]
+        colors = ["tab:green" if n.startswith("tp-") else "tab:gray" if n in ("local", "dense") else "tab:red" for n in names]
+        ax.barh(names, med, xerr=err, color=colors)
+        ax.invert_yaxis()
+        ax.set_xlabel("step time, ms (median, p10-p90)")
+        ax.set_title(f"{dtype}: dim {summary['config']['dim']}, hidden {summary['config']['hidden_dim']}, {summary['config']['tokens']} tokens, W={summary['world_size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+    except ValueError as e:
+        print(f"bench.py: {e}", file=sys.stderr)
+        return 2
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0"))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        results = run(cfg)
+        world = dist.get_world_size()
+        device = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
+        if dist.get_rank() == 0:
+            summary = summarize(cfg, results, world, device)
+            print_table(summary)
+            out = Path(cfg.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "bench.json").write_text(json.dumps(summary, indent=1))
+            plot(summary, out / "bench.png")
+            print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
