@@ -1,0 +1,67 @@
+"""Train a Llama-style model with tensor parallelism (TP) x data parallelism (FSDP2) under torchrun.
+
+CPU, one machine, 2 processes (gloo), the tiny preset on the Python standard library's sources:
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 scripts/train.py \
+        --preset tiny --tp 2 --steps 300 --seed 0 --ckpt-dir runs/tiny --ckpt-every 100 \
+        --metrics runs/tiny/metrics.jsonl
+
+Continue it (same or other --tp / --dp: checkpoints reshard), here at tp 1 x dp 2 up to step 600:
+
+    torchrun --standalone --nproc_per_node 2 scripts/train.py --preset tiny --tp 1 --dp 2 \
+        --steps 600 --ckpt-dir runs/tiny --resume
+
+Survive lost ranks: restart the whole group from the newest complete checkpoint, up to 3 times:
+
+    torchrun --standalone --nproc_per_node 2 --max-restarts 3 scripts/train.py --tp 2 \
+        --steps 1000 --ckpt-dir runs/ft --ckpt-every 50 --resume
+
+GPUs, one node of 8 (NCCL), tp 4 x dp 2, sequence parallel, bf16, from Hugging Face weights:
+
+    torchrun --standalone --nproc_per_node 8 scripts/train.py --init-from /models/Llama-2-7b-hf \
+        --tp 4 --dp 2 --sequence-parallel --dtype bfloat16 --activation-checkpointing \
+        --seq-len 2048 --batch-size 64 --micro-batch-size 4 --lr 3e-5 --data corpus.txt \
+        --ckpt-dir /ckpt/run1 --ckpt-every 500 --resume
+
+Several nodes (run on each; NODE_RANK 0..N-1, HEAD the address of node 0; checkpoints on a shared
+file system):
+
+    torchrun --nnodes 2 --node-rank $NODE_RANK --nproc_per_node 8 \
+        --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 --rdzv-id run1 \
+        scripts/train.py --tp 8 --dp 2 --ckpt-dir /shared/ckpt/run1 --resume
+
+Plain ``python scripts/train.py ...`` is a world of one. ``--help`` lists every flag. Bad
+arguments, files or checkpoints end with one line on rank 0 (``train.py: error: ...``) and exit
+status 2; nothing already saved is overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tp_ffn.train import UsageError, parse_args, train
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(parse_args(argv))
+    except UsageError as e:
+        if _rank() == 0:
+            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""Training checkpoints with ``torch.distributed.checkpoint`` (DCP): atomic, and reshardable over TP and dp.
+
+Layout of ``--ckpt-dir``::
+
+    DIR/
+      step_00000100/              one complete checkpoint (the name is the number of optimizer steps)
+        .metadata                 DCP's index: every tensor's global shape and the chunks on disk
+        __0_0.distcp ...          one file per rank (replicated tensors written once)
+        meta.json                 written last: format, step, model config, tp/dp, data, file sizes
+      step_00000200/
+      .tmp-step_00000300-1a2b3c/  a save in progress (or one that crashed): never read, removed at start
+      metrics.jsonl, metrics.png  (default place of the metrics)
+
+A save writes into ``.tmp-step_N-<random>/``, then rank 0 writes ``meta.json`` (with every file's
+size), fsyncs, and renames the directory to ``step_N`` in one ``rename(2)``. A crash at any moment
+leaves either no ``step_N`` or a complete one, and never touches older checkpoints. An existing
+``step_N`` is never overwritten.
+
+What is saved (flat keys; every tensor with its *global* shape)::
+
+    model.<fqn>                       parameters
+    optim.<fqn>.exp_avg / .exp_avg_sq AdamW moments (same blocks as the parameter)
+    optim.<fqn>.step                  AdamW step counter (replicated)
+    scheduler.last_epoch              LR schedule position (replicated)
+    data.position, train.step         sequences consumed, optimizer steps done (replicated)
+    rng.cpu [world, L], rng.cuda      each rank's RNG state, one row per rank
+
+Each rank hands DCP its own block of every parameter and AdamW moment, with the block's true global
+offsets (:mod:`tp_ffn.train.layout`: ``tensor_split`` over TP, ``torch.chunk`` over FSDP), through
+:class:`BlockSavePlanner` / :class:`BlockLoadPlanner` (DCP's default planners, extended at their
+documented hooks). DCP writes those chunks and, on load, reads whatever overlaps the blocks the
+*loading* ranks hold. So a checkpoint written at tp=2, dp=2 loads at tp=1, dp=4 or at tp=4, and an
+uneven hidden size is no special case. (A DTensor ``Shard`` placement could not describe the TP
+blocks: it assumes ``torch.chunk`` sizes.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    DefaultSavePlanner,
+    create_default_local_load_plan,
+)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from .config import UsageError
+from .layout import Block, local_tensor, param_blocks
+
+__all__ = [
+    "FORMAT",
+    "CheckpointInfo",
+    "BlockLoadPlanner",
+    "BlockSavePlanner",
+    "TrainingState",
+    "check_ckpt_dir",
+    "find_latest",
+    "load_full_tensors",
+    "remove_stale_tmp",
+    "save_atomic",
+    "step_dir",
+]
+
+FORMAT = "tp_ffn.train.checkpoint/1"
+META = "meta.json"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+_TMP_PREFIX = ".tmp-step_"
+
+
+def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"checkpoint {path} is damaged: {META} cannot be read ({e}); move it out of the way") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UsageError(f"{path} is not a tp_ffn training checkpoint (format {found!r}, expected {FORMAT!r})")
+    return meta
+
+
+def check_ckpt_dir(ckpt_dir: str | os.PathLike) -> None:
+    """Refuse a directory that holds another kind of checkpoint (Hugging Face, Meta, bare DCP)."""
+    root = Path(ckpt_dir)
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise UsageError(f"--ckpt-dir {root}: exists and is not a directory")
+    names = {p.name for p in root.iterdir()}
+    hints = {
+        "config.json": "a Hugging Face model", "params.json": "a Meta checkpoint", ".metadata": "a bare DCP checkpoint",
+    }  # fmt: skip
+    for name, what in hints.items():
+        if name in names:
+            raise UsageError(
+                f"--ckpt-dir {root}: holds {what} ({name}), not tp_ffn training checkpoints; "
+                f"to start from weights use --init-from, and give --ckpt-dir a directory of its own"
+            )
+
+
+def find_latest(ckpt_dir: str | os.PathLike) -> tuple[CheckpointInfo | None, list[Path]]:
+    """The newest complete checkpoint in ``ckpt_dir`` and the ``step_*`` directories skipped.
+
+    A ``step_N`` directory without ``meta.json`` is not one of ours (ours get it before the rename)
+    and is skipped. The newest one that has it must be valid: a damaged or foreign one raises
+    :class:`UsageError` rather than silently falling back to an older step.
+    """
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return None, []
+    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()), reverse=True)
+    skipped: list[Path] = []
+    for step, path in found:
+        if not (path / META).exists():
+            skipped.append(path)
+            continue
+        meta = _read_meta(path)
+        if meta.get("step") != step:
+            raise UsageError(f"checkpoint {path} is damaged: {META} says step {meta.get('step')!r}")
+        return CheckpointInfo(path, step, meta), skipped
+    return None, skipped
+
+
+def verify_files(info: CheckpointInfo) -> None:
+    """Check that every file listed in ``meta.json`` is there with its size (truncation, deletion)."""
+    files = info.meta.get("files")
+    if not isinstance(files, dict) or ".metadata" not in files:
+        raise UsageError(f"checkpoint {info.path} is damaged: {META} lists no files")
+    for name, size in sorted(files.items()):
+        f = info.path / name
+        actual = f.stat().st_size if f.is_file() else None
+        if actual != size:
+            got = "missing" if actual is None else f"{actual} bytes"
+            raise UsageError(f"checkpoint {info.path} is damaged: {name} is {got}, expected {size} bytes")
+
+
+def remove_stale_tmp(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Delete ``.tmp-step_*`` directories left by interrupted saves (rank 0, before training)."""
+    root = Path(ckpt_dir)
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(_TMP_PREFIX) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# What a checkpoint holds
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class BlockSavePlanner(DefaultSavePlanner):
+    """DCP's default save planner, except that the tensors named in ``blocks`` are this rank's
+    block of a larger tensor: each is written as one chunk at the block's global offsets.
+
+    Ranks holding the same block (replicas over TP) produce the same chunk index, which DCP's
+    de-duplication writes once; DCP's global-plan validation then checks that the chunks of every
+    tensor do not overlap and cover it exactly.
+    """
+
+    def __init__(self, blocks: dict[str, Block]) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        items = [item for item in plan.items if item.index.fqn not in self.blocks]
+        for fqn, b in self.blocks.items():
+            if fqn not in self.state_dict or not b.numel:
+                continue
+            offsets = torch.Size(b.offsets)
+            items.append(
+                WriteItem(
+                    index=MetadataIndex(fqn, offsets),
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(b.sizes)),
+                        properties=TensorProperties.create_from_tensor(self.state_dict[fqn]),
+                        size=torch.Size(b.global_shape),
+                    ),
+                )
+            )
+        self.plan = dataclasses.replace(plan, items=items)
+        return self.plan
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        if index.fqn in self.blocks:
+            return self.state_dict[index.fqn]
+        return super().lookup_object(index)
+
+
+class BlockLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that the tensors named in ``blocks`` receive this rank's
+    block: it reads every saved chunk that overlaps the block, whatever layout wrote them."""
+
+    def __init__(self, blocks: dict[str, Block]) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def create_local_plan(self) -> LoadPlan:
+        md = self.metadata
+        plain = {k: v for k, v in self.state_dict.items() if k not in self.blocks}
+        requests = list(create_default_local_load_plan(plain, md, not self.allow_partial_load).items)
+        for fqn, b in self.blocks.items():
+            if fqn not in self.state_dict:
+                continue
+            saved = md.state_dict_metadata.get(fqn)
+            if not isinstance(saved, TensorStorageMetadata):
+                raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
+            if tuple(saved.size) != b.global_shape:
+                raise ValueError(f"Size mismatch between saved {tuple(saved.size)} and current: {b.global_shape} for {fqn}")
+            if b.numel:
+                chunk = ChunkStorageMetadata(offsets=torch.Size(b.offsets), sizes=torch.Size(b.sizes))
+                requests.extend(create_read_items_for_chunk_list(fqn, saved, [chunk]))
+        self.plan = LoadPlan(requests)
+        return self.plan
+
+    def lookup_tensor(self, index: MetadataIndex) -> Tensor:
+        if index.fqn in self.blocks:
+            return self.state_dict[index.fqn]
+        return super().lookup_tensor(index)
+
+
+class TrainingState:
+    """This rank's DCP state dict for a model (and optionally its optimizer and scheduler).
+
+    Sharded tensors appear as the local tensors themselves (aliasing the live parameters and
+    optimizer moments, so a load writes into them in place); :attr:`blocks` says where each sits in
+    the full tensor, for :class:`BlockSavePlanner` / :class:`BlockLoadPlanner`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.param_blocks = param_blocks(model)
+        self.params = dict(model.named_parameters())
+        self.distributed = _is_dist()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.blocks: dict[str, Block] = {}
+        for key, b in self.param_blocks.items():
+            self.blocks[f"model.{key}"] = b
+            if optimizer is not None:
+                self.blocks[f"optim.{key}.exp_avg"] = b
+                self.blocks[f"optim.{key}.exp_avg_sq"] = b
+
+    def _rng_rows(self, key: str, state: Tensor) -> Tensor:
+        """Rank r's RNG state as row r of a ``[world, L]`` tensor."""
+        rows = state.reshape(1, -1)
+        self.blocks[key] = Block((self.world, rows.shape[1]), (self.rank, 0), tuple(rows.shape), True)
+        return rows
+
+    @torch.no_grad()
+    def state_dict(self, *, step: int = 0, position: int = 0, rng: bool = True, model_only: bool = False) -> dict[str, Any]:
+        """Tensors that alias the live model / optimizer, and the scalars."""
+        sd: dict[str, Any] = {}
+        for key, p in self.params.items():
+            sd[f"model.{key}"] = local_tensor(p.detach())
+        if model_only:
+            return sd
+        if self.optimizer is not None:
+            for key, p in self.params.items():
+                state = self.optimizer.state[p]
+                for name in ("exp_avg", "exp_avg_sq"):
+                    sd[f"optim.{key}.{name}"] = local_tensor(state[name])
+                sd[f"optim.{key}.step"] = state["step"]
+        if self.scheduler is not None:
+            sd["scheduler.last_epoch"] = torch.tensor(self.scheduler.last_epoch, dtype=torch.int64)
+        sd["train.step"] = torch.tensor(step, dtype=torch.int64)
+        sd["data.position"] = torch.tensor(position, dtype=torch.int64)
+        if rng:
+            sd["rng.cpu"] = self._rng_rows("rng.cpu", torch.get_rng_state())
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                sd["rng.cuda"] = self._rng_rows("rng.cuda", torch.cuda.get_rng_state())
+        return sd
+
+    def save(self, ckpt_dir: str | os.PathLike, step: int, position: int, meta: dict[str, Any], *, keep_last: int = 0) -> Path | None:
+        """:func:`save_atomic` of the whole training state."""
+        sd = self.state_dict(step=step, position=position)
+        return save_atomic(ckpt_dir, step, sd, meta, planner=BlockSavePlanner(self.blocks), keep_last=keep_last)
+
+    def load(self, info: CheckpointInfo, *, model_only: bool = False) -> tuple[int, int]:
+        """Load ``info`` into the model (and optimizer, scheduler, RNG); return ``(step, position)``.
+
+        The RNG states are restored only when the world size is the one that saved them (they are
+        per rank); a resharded run keeps the freshly seeded generators.
+        """
+        verify_files(info)
+        same_world = info.meta.get("world") == self.world
+        rng_keys = sorted(set(info.meta.get("rng", [])) & {"rng.cpu", "rng.cuda"}) if same_world and not model_only else []
+        if "rng.cuda" in rng_keys and not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            rng_keys.remove("rng.cuda")
+        sd = self.state_dict(rng=False, model_only=model_only)
+        for key in rng_keys:
+            sd[key] = self._rng_rows(key, _rng_buffer(key))
+        try:
+            dcp.load(sd, storage_reader=dcp.FileSystemReader(str(info.path)), planner=BlockLoadPlanner(self.blocks), no_dist=not self.distributed)
+        except Exception as e:  # DCP gathers every rank's failure into one CheckpointException
+            raise UsageError(f"checkpoint {info.path} could not be loaded: {_last_line(e)}") from None
+        for key in rng_keys:
+            (torch.set_rng_state if key == "rng.cpu" else torch.cuda.set_rng_state)(sd[key].reshape(-1).clone())
+        if self.scheduler is not None and not model_only:
+            _restore_scheduler(self.scheduler, int(sd["scheduler.last_epoch"]))
+        if model_only:
+            return 0, 0
+        return int(sd["train.step"]), int(sd["data.position"])
+
+
+def _last_line(e: BaseException) -> str:
+    """The innermost error message of an exception (DCP's carry every rank's traceback)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
+
+
+def _rng_buffer(key: str) -> Tensor:
+    return (torch.get_rng_state() if key == "rng.cpu" else torch.cuda.get_rng_state()).clone()
+
+
+def _restore_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, last_epoch: int) -> None:
+    """Put a LambdaLR at ``last_epoch`` and set each group's lr as its ``step()`` would have."""
+    scheduler.last_epoch = last_epoch
+    scheduler._step_count = last_epoch + 1  # noqa: SLF001 - keeps LambdaLR's "step before optimizer" check quiet
+    lrs = [base * fn(last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # noqa: SLF001
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _broadcast(value: Any) -> Any:
+    if not _is_dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if _is_dist():
+        dist.barrier()
+
+
+def save_atomic(
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    planner: DefaultSavePlanner | None = None,
+    keep_last: int = 0,
+) -> Path | None:
+    """Save ``state`` as ``ckpt_dir/step_<step>`` (collective); ``None`` when it already exists.
+
+    ``meta`` goes to ``meta.json`` with the format, step, world size and file sizes added;
+    ``planner`` is DCP's (a :class:`BlockSavePlanner` for sharded state).
+    ``keep_last > 0`` then deletes all but the newest ``keep_last`` complete checkpoints.
+    """
+    root = Path(ckpt_dir)
+    final = step_dir(root, step)
+    rank = dist.get_rank() if _is_dist() else 0
+    tmp_name = None
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if not final.exists():
+            tmp_name = f"{_TMP_PREFIX}{step:08d}-{secrets.token_hex(4)}"
+            (root / tmp_name).mkdir()
+    tmp_name = _broadcast(tmp_name)
+    if tmp_name is None:
+        return None
+    tmp = root / tmp_name
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), planner=planner, no_dist=not _is_dist())
+    if rank == 0:
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        full_meta = {
+            "format": FORMAT, "step": step, "world": dist.get_world_size() if _is_dist() else 1,
+            "rng": sorted(k for k in state if k.startswith("rng.")), **meta, "files": files,
+        }  # fmt: skip
+        with open(tmp / META, "w") as f:
+            json.dump(full_meta, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        if keep_last > 0:
+            _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / META).exists())
+    for old in complete[:-keep_last]:
+        doomed = root / f"{_TMP_PREFIX}deleted-{old.name}-{secrets.token_hex(4)}"
+        os.rename(old, doomed)  # gone from view in one step, then removed
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def load_full_tensors(path: str | os.PathLike, prefix: str = "model.") -> dict[str, Tensor]:
+    """Every tensor under ``prefix`` in a checkpoint directory, whole, in this one process (no
+    process group needed): for tests, export and inspection."""
+    reader = dcp.FileSystemReader(str(path))
+    md = reader.read_metadata()
+    sd = {
+        k: torch.empty(v.size, dtype=v.properties.dtype)
+        for k, v in md.state_dict_metadata.items()
+        if k.startswith(prefix) and hasattr(v, "size")
+    }
+    dcp.load(sd, storage_reader=reader, no_dist=True)
+    return {k[len(prefix) :]: v for k, v in sd.items()}

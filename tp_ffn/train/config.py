@@ -1,0 +1,260 @@
+"""The training job's arguments: one dataclass, parsed from the command line and validated here.
+
+Everything that can be checked without the process group is checked in
+``TrainConfig.__post_init__``; what needs the world size (``--tp`` x ``--dp``, the batch split) in
+:meth:`TrainConfig.plan`, which returns a :class:`ParallelPlan`. Every error is a
+:class:`UsageError` whose message names the flag and the numbers, so that ``scripts/train.py`` can
+print it as one line on rank 0 and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..models.llama import PRESETS, LlamaConfig
+
+__all__ = ["DTYPES", "ParallelPlan", "TrainConfig", "UsageError", "build_parser", "parse_args", "parse_model_args"]
+
+DTYPES = ("float32", "bfloat16")
+
+
+class UsageError(Exception):
+    """A bad argument, file or checkpoint: reported as one line, without a traceback."""
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """How the world is split and how a global batch is cut into micro-batches.
+
+    ``world = dp * tp``; a global batch of ``batch_size`` sequences is
+    ``grad_accum`` micro-steps x ``dp`` ranks x ``micro_batch`` sequences.
+    """
+
+    world: int
+    tp: int
+    dp: int
+    batch_size: int
+    micro_batch: int
+    grad_accum: int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Arguments of ``scripts/train.py`` (see ``--help`` for each one's meaning)."""
+
+    preset: str = "tiny"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    tp: int = 1
+    dp: int | None = None
+    sequence_parallel: bool = False
+    dtype: str = "float32"
+    device: str = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    steps: int = 200
+    seed: int = 0
+    seq_len: int = 128
+    batch_size: int = 16
+    micro_batch_size: int | None = None
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    data: str | None = None
+    corpus_bytes: int = 4_000_000
+    val_fraction: float = 0.05
+    val_every: int = 50
+    val_sequences: int = 32
+    ckpt_dir: str | None = None
+    ckpt_every: int = 0
+    keep_last: int = 0
+    resume: bool = False
+    metrics: str | None = None
+    progress: bool = True
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise UsageError(f"--preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("tp", "steps", "seq_len", "batch_size", "val_sequences", "corpus_bytes"):
+            _positive(name, getattr(self, name))
+        for name in ("dp", "micro_batch_size"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        for name in ("warmup_steps", "val_every", "ckpt_every", "keep_last", "seed"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{_flag(name)}: expected an int >= 0, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype: expected one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"--device: expected auto, cpu or cuda, got {self.device!r}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr: expected a learning rate > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UsageError(f"--min-lr-ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"--val-fraction: expected a value in (0, 1), got {self.val_fraction}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise UsageError(f"--grad-clip / --weight-decay: expected values >= 0, got {self.grad_clip} / {self.weight_decay}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UsageError(f"--beta1 / --beta2: expected values in [0, 1), got {self.beta1} / {self.beta2}")
+        if self.resume and self.ckpt_dir is None:
+            raise UsageError("--resume: needs --ckpt-dir (the directory to resume from)")
+        if self.ckpt_every and self.ckpt_dir is None:
+            raise UsageError(f"--ckpt-every {self.ckpt_every}: needs --ckpt-dir (where to write the checkpoints)")
+        if self.metrics is not None and not self.metrics.endswith(".jsonl"):
+            raise UsageError(f"--metrics: expected a path ending in .jsonl (the plot goes next to it as .png), got {self.metrics!r}")
+
+    @property
+    def metrics_path(self) -> Path | None:
+        """``--metrics``, else ``<ckpt-dir>/metrics.jsonl``, else ``None`` (no metrics file)."""
+        if self.metrics is not None:
+            return Path(self.metrics)
+        return None if self.ckpt_dir is None else Path(self.ckpt_dir) / "metrics.jsonl"
+
+    def model_config(self, base: LlamaConfig | None = None) -> LlamaConfig:
+        """The preset (or ``base``, e.g. read from ``--init-from``) with ``--model-args`` applied."""
+        cfg = PRESETS[self.preset] if base is None else base
+        try:
+            return cfg.updated(**self.model_args) if self.model_args else cfg
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--model-args: {e}") from None
+
+    def plan(self, world: int) -> ParallelPlan:
+        """Split ``world`` ranks into ``dp x tp`` and the global batch into micro-batches."""
+        tp = self.tp
+        if self.dp is None:
+            if world % tp:
+                raise UsageError(f"--tp ({tp}) must divide the world size ({world})")
+            dp = world // tp
+        elif tp * self.dp != world:
+            raise UsageError(f"--tp ({tp}) x --dp ({self.dp}) = {tp * self.dp} must equal the world size ({world})")
+        else:
+            dp = self.dp
+        if self.batch_size % dp:
+            raise UsageError(f"--batch-size ({self.batch_size}) must be divisible by dp ({dp})")
+        micro = self.micro_batch_size if self.micro_batch_size is not None else self.batch_size // dp
+        if self.batch_size % (micro * dp):
+            raise UsageError(
+                f"--batch-size ({self.batch_size}) must be divisible by --micro-batch-size ({micro}) x dp ({dp})"
+            )
+        return ParallelPlan(world, tp, dp, self.batch_size, micro, self.batch_size // (micro * dp))
+
+    def check_model(self, cfg: LlamaConfig) -> None:
+        """Raise :class:`UsageError` unless ``cfg`` can be trained with these arguments."""
+        if cfg.vocab_size < 256:
+            raise UsageError(f"model: vocab_size ({cfg.vocab_size}) must be >= 256 for byte-level data")
+        if self.seq_len > cfg.max_seq_len:
+            raise UsageError(f"--seq-len ({self.seq_len}) must be <= the model's max_seq_len ({cfg.max_seq_len})")
+        try:
+            cfg.check_tp(self.tp)
+        except ValueError as e:
+            raise UsageError(str(e).replace("tp:", "--tp:", 1)) from None
+        if self.sequence_parallel and self.seq_len % self.tp:
+            raise UsageError(f"--sequence-parallel: --seq-len ({self.seq_len}) must be divisible by --tp ({self.tp})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{_flag(name)}: expected an int >= 1, got {value!r}")
+
+
+def parse_model_args(text: str) -> dict[str, Any]:
+    """``"dim=96,multiple_of=1,ffn_dim_multiplier=1.3"`` -> typed fields of :class:`LlamaConfig`."""
+    hints = typing.get_type_hints(LlamaConfig)
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in hints:
+            raise UsageError(f"--model-args: expected KEY=VALUE with KEY one of {sorted(hints)}, got {item!r}")
+        kind = hints[key]
+        try:
+            if value.strip().lower() == "none":
+                out[key] = None
+            elif kind in (int, int | None):
+                out[key] = int(value)
+            else:
+                out[key] = float(value)
+        except ValueError:
+            raise UsageError(f"--model-args: {key} expects a number, got {value!r}") from None
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting on every rank."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = _Parser(
+        prog="train.py",
+        description="Train a Llama-style model with tensor x data parallelism (launch with torchrun).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default=d.preset, help=f"model shape: one of {sorted(PRESETS)}")
+    m.add_argument("--model-args", default="", metavar="K=V,...", help="override LlamaConfig fields, e.g. n_layers=4,multiple_of=1")
+    m.add_argument("--init-from", default=None, metavar="PATH", help="start from a Hugging Face or Meta checkpoint directory (its config replaces --preset)")
+    par = p.add_argument_group("parallelism and precision")
+    par.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel size (ranks that share one model replica)")
+    par.add_argument("--dp", type=int, default=None, help="data-parallel size (FSDP2 over this many replicas); default world size / tp")
+    par.add_argument("--sequence-parallel", action="store_true", help="shard activations between blocks along the sequence over the TP group")
+    par.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="bfloat16: bf16 compute and parameters in the forward, fp32 master weights and gradient reduction")
+    par.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="auto: cuda (NCCL) when available, else cpu (gloo)")
+    par.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    par.add_argument("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
+    par.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (GPU runs)")
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total (a resumed run stops at the same step)")
+    t.add_argument("--seed", type=int, default=d.seed, help="seeds the weights and the data order")
+    t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens (bytes) per sequence")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch: sequences per optimizer step, over all dp ranks")
+    t.add_argument("--micro-batch-size", type=int, default=None, help="sequences per rank per forward; gradient accumulation = batch / (micro x dp); default batch / dp")
+    t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    t.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine decays to lr x this")
+    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay of matrices (not norms)")
+    t.add_argument("--beta1", type=float, default=d.beta1)
+    t.add_argument("--beta2", type=float, default=d.beta2)
+    t.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm to this (0: off)")
+    dat = p.add_argument_group("data")
+    dat.add_argument("--data", default=None, metavar="FILE", help="UTF-8 text to train on (byte level); default: the Python standard library's sources")
+    dat.add_argument("--corpus-bytes", type=int, default=d.corpus_bytes, help="size of the default corpus")
+    dat.add_argument("--val-fraction", type=float, default=d.val_fraction, help="tail of the data held out for validation")
+    dat.add_argument("--val-every", type=int, default=d.val_every, help="validation loss every N steps (and at the end; 0: only at the end)")
+    dat.add_argument("--val-sequences", type=int, default=d.val_sequences, help="sequences in each validation pass")
+    c = p.add_argument_group("checkpoints and metrics")
+    c.add_argument("--ckpt-dir", default=None, metavar="DIR", help="checkpoint directory (step_XXXXXXXX/ subdirectories)")
+    c.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="save every N steps (0: only at the end); needs --ckpt-dir")
+    c.add_argument("--keep-last", type=int, default=d.keep_last, help="keep only the newest N checkpoints (0: keep all)")
+    c.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --ckpt-dir, if any (any --tp / --dp)")
+    c.add_argument("--metrics", default=None, metavar="FILE.jsonl", help="metrics file (default <ckpt-dir>/metrics.jsonl); the loss plot is written next to it as .png")
+    c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on rank 0")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parse ``argv`` into a validated :class:`TrainConfig` (raises :class:`UsageError`)."""
+    ns = vars(build_parser().parse_args(argv))
+    ns["model_args"] = parse_model_args(ns["model_args"])
+    return TrainConfig(**ns)

@@ -1,0 +1,122 @@
+"""Metrics on rank 0: a JSONL file (one object per line), a progress bar, and the loss plot.
+
+Lines of the metrics file::
+
+    {"step": 12, "loss": 2.91, "lr": 0.0029, "tokens_per_s": 8123.4, "grad_norm": 0.83, "time_s": 0.126}
+    {"step": 50, "val_loss": 2.74}
+
+``step`` counts optimizer steps done (the first line is step 1). A resumed run first drops the
+lines past the checkpoint's step (they belong to the interrupted attempt), so the file reads as one
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["MetricsLog", "Progress", "plot_metrics", "read_metrics"]
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete JSON line of ``path`` (a torn last line, from a crash, is skipped)."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+class MetricsLog:
+    """Appends JSON lines to ``path`` (flushed per line). Inactive when ``path`` is ``None``.
+
+    ``resume_step=None`` starts the file afresh; otherwise lines with ``step > resume_step`` are
+    dropped first (written to a temporary file and renamed over, so a crash leaves either file).
+    """
+
+    def __init__(self, path: str | os.PathLike | None, *, resume_step: int | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self._f: TextIO | None = None
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
+            self._f = open(self.path, "a")
+        else:
+            self._f = open(self.path, "w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class Progress:
+    """A tqdm bar (step, loss, tokens/s, ETA) on rank 0; nothing elsewhere."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, desc="train")
+
+    def update(self, loss: float, tokens_per_s: float, val_loss: float | None = None) -> None:
+        if self._bar is not None:
+            post = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if val_loss is not None:
+                post["val"] = f"{val_loss:.4f}"
+            self._bar.set_postfix(post, refresh=False)
+            self._bar.update(1)
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def plot_metrics(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Plot train and validation loss against step from a metrics file; returns the PNG's path
+    (default: the metrics file with ``.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    png = Path(out) if out is not None else Path(path).with_suffix(".png")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.set_title(Path(path).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png

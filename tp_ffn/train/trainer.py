@@ -1,0 +1,295 @@
+"""The training loop: build, (re)load, step, validate, log, checkpoint.
+
+:func:`train` runs on every rank of the current process group (it creates one from torchrun's
+environment when none exists) and returns the same :class:`TrainResult` on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.llama import LlamaConfig, Transformer
+from . import checkpoint as ckpt
+from .config import ParallelPlan, TrainConfig, UsageError
+from .data import Corpus, Windows, load_corpus, validation_batch, validation_count
+from .layout import param_blocks
+from .metrics import MetricsLog, Progress, plot_metrics
+from .optim import WarmupCosine, build_optimizer, build_scheduler, clip_grad_norm_, init_adamw_state
+from .parallelize import Runtime, build_mesh, init_runtime, parallelize
+
+__all__ = ["TrainResult", "train"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-step train losses (index 0 = step ``start_step + 1``), validation losses."""
+
+    start_step: int
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    final_step: int = 0
+    resumed_from: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    plot: str | None = None
+
+
+def agree(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it raises :class:`UsageError` anywhere, raise it everywhere.
+
+    Checks that touch the file system can fail on one node only; this turns that into one error on
+    all ranks instead of a hang in the next collective.
+    """
+    value, error = None, None
+    try:
+        value = fn()
+    except UsageError as e:
+        error = str(e)
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        raise UsageError(first)
+    return value  # type: ignore[return-value]
+
+
+def _model_config(cfg: TrainConfig) -> LlamaConfig:
+    if cfg.init_from is None:
+        return cfg.model_config()
+    from ..models.weights import config_from_pretrained
+
+    try:
+        base = config_from_pretrained(cfg.init_from)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--init-from {cfg.init_from}: {e}") from None
+    return cfg.model_config(base)
+
+
+def _config_diff(saved: dict[str, Any], current: LlamaConfig) -> list[str]:
+    now = dataclasses.asdict(current)
+    return [f"{k} {saved.get(k)!r} vs {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
+def _check_resumable(info: ckpt.CheckpointInfo, mcfg: LlamaConfig, cfg: TrainConfig, corpus: Corpus) -> None:
+    diff = _config_diff(info.meta.get("model", {}), mcfg)
+    if diff:
+        raise UsageError(f"checkpoint {info.path} is for another model ({'; '.join(diff)}); use the same --preset / --model-args")
+    if info.meta.get("seq_len") != cfg.seq_len:
+        raise UsageError(f"checkpoint {info.path} was trained with --seq-len {info.meta.get('seq_len')}, not {cfg.seq_len}")
+    data = info.meta.get("data", {})
+    if data.get("fingerprint") != corpus.fingerprint:
+        raise UsageError(
+            f"checkpoint {info.path} was trained on other data ({data.get('source')}, sha256 {data.get('fingerprint')}); "
+            f"this run reads {corpus.source}, sha256 {corpus.fingerprint}"
+        )
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, rt: Runtime, plan: ParallelPlan, mcfg: LlamaConfig, corpus: Corpus) -> None:
+        self.cfg, self.rt, self.plan, self.mcfg, self.corpus = cfg, rt, plan, mcfg, corpus
+        self.mesh = build_mesh(rt.device, plan.dp, plan.tp)
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.tp_rank = self.mesh["tp"].get_local_rank()
+        self.dp_group = self.mesh["dp"].get_group()
+        self.is_main = rt.rank == 0
+        self.windows = Windows(corpus.train, cfg.seq_len, cfg.seed)
+        self.n_val = validation_count(corpus.val, cfg.seq_len, cfg.val_sequences)
+
+    def log(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def build(self, init_from: str | None) -> None:
+        cfg, rt = self.cfg, self.rt
+        torch.manual_seed(cfg.seed)
+        model = Transformer(self.mcfg, group=self.mesh["tp"], sequence_parallel=cfg.sequence_parallel, device=rt.device)
+        if init_from is not None:
+            from ..models.weights import load_pretrained
+
+            agree(lambda: _load_pretrained(load_pretrained, model, init_from))
+            self.log(f"initialised from {init_from}")
+        self.model = parallelize(
+            model, self.mesh, dtype=cfg.dtype, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing
+        )
+        self.blocks = param_blocks(self.model)
+        self.opt = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+        init_adamw_state(self.opt)
+        self.sched = build_scheduler(self.opt, WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        self.state = ckpt.TrainingState(self.model, self.opt, self.sched)
+
+    def loss(self, tokens: Tensor, reduction: str = "mean") -> Tensor:
+        tokens = tokens.to(self.rt.device, non_blocking=True)
+        logits = self.model(tokens[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction=reduction)
+
+    def train_step(self, position: int) -> tuple[float, float]:
+        plan = self.plan
+        self.model.train()
+        total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        for a in range(plan.grad_accum):
+            first = position + (a * plan.dp + self.dp_rank) * plan.micro_batch
+            self.model.set_requires_gradient_sync(a == plan.grad_accum - 1)
+            loss = self.loss(self.windows.batch(first, plan.micro_batch))
+            (loss / plan.grad_accum).backward()
+            total += loss.detach().double()
+        norm = clip_grad_norm_(self.model, self.cfg.grad_clip, tp_rank=self.tp_rank, blocks=self.blocks)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        dist.all_reduce(total, group=self.dp_group)
+        return (total / (plan.grad_accum * plan.dp)).item(), norm.item()
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean loss per token over the first ``n_val`` validation sequences, split over dp.
+
+        Every dp rank runs the same number of forwards (FSDP2 gathers parameters collectively);
+        a rank with fewer sequences repeats one and ignores its loss.
+        """
+        self.model.eval()
+        sizes = [len(c) for c in torch.arange(self.n_val).tensor_split(self.plan.dp)]
+        first = sum(sizes[: self.dp_rank])
+        mine = sizes[self.dp_rank]
+        mb = self.plan.micro_batch
+        sums = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        for i in range(math.ceil(max(sizes) / mb)):
+            n = min(mb, mine - i * mb)
+            batch = validation_batch(self.corpus.val, self.cfg.seq_len, first + i * mb if n > 0 else 0, max(n, 1))
+            loss = self.loss(batch, reduction="sum")
+            if n > 0:
+                sums += torch.stack([loss.double(), torch.tensor(n * self.cfg.seq_len, dtype=torch.float64, device=self.rt.device)])
+        dist.all_reduce(sums, group=self.dp_group)
+        return (sums[0] / sums[1]).item()
+
+    def meta(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "model": dataclasses.asdict(self.mcfg), "tp": self.plan.tp, "dp": self.plan.dp, "seq_len": cfg.seq_len,
+            "batch_size": cfg.batch_size, "data": {"source": self.corpus.source, "fingerprint": self.corpus.fingerprint},
+            "torch": torch.__version__, "args": cfg.to_dict(),
+        }  # fmt: skip
+
+
+def _load_pretrained(load: Callable[..., None], model: nn.Module, path: str) -> None:
+    try:
+        load(model, path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--init-from {path}: {e}") from None
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the job described by ``cfg`` on every rank; see ``scripts/train.py`` for the commands."""
+    rt = init_runtime(cfg.device)
+    try:
+        return _train(cfg, rt)
+    finally:
+        rt.shutdown()
+
+
+def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    plan = cfg.plan(rt.world)
+    mcfg = agree(lambda: _model_config(cfg))
+    cfg.check_model(mcfg)
+    corpus = agree(lambda: load_corpus(cfg.data, corpus_bytes=cfg.corpus_bytes, val_fraction=cfg.val_fraction, seq_len=cfg.seq_len))
+    fingerprints: list[Any] = [None] * rt.world
+    dist.all_gather_object(fingerprints, corpus.fingerprint)
+    if len(set(fingerprints)) > 1:
+        raise UsageError(f"the ranks read different data (sha256 {sorted(set(fingerprints))}); every node needs the same --data file / Python version")
+
+    resume_info: ckpt.CheckpointInfo | None = None
+    if cfg.ckpt_dir is not None:
+        def discover() -> ckpt.CheckpointInfo | None:
+            ckpt.check_ckpt_dir(cfg.ckpt_dir)
+            info, _ = ckpt.find_latest(cfg.ckpt_dir)
+            if info is not None and not cfg.resume:
+                raise UsageError(
+                    f"--ckpt-dir {cfg.ckpt_dir} already holds checkpoints (newest: {info.path.name}); "
+                    f"pass --resume to continue from it, or choose another directory (nothing was overwritten)"
+                )
+            if info is not None:
+                _check_resumable(info, mcfg, cfg, corpus)
+                ckpt.verify_files(info)
+            return info
+
+        resume_info = agree(discover)
+        if rt.rank == 0:
+            ckpt.remove_stale_tmp(cfg.ckpt_dir)
+
+    t = _Trainer(cfg, rt, plan, mcfg, corpus)
+    t.log(
+        f"tp_ffn train: world {rt.world} = dp {plan.dp} x tp {plan.tp} ({'nccl' if rt.device.type == 'cuda' else 'gloo'} on {rt.device.type}), "
+        f"model {cfg.preset if cfg.init_from is None else cfg.init_from} ({mcfg.num_params() / 1e6:.2f} M params, hidden {mcfg.hidden_dim}), "
+        f"batch {plan.batch_size} x {cfg.seq_len} = {plan.batch_size * cfg.seq_len} tokens "
+        f"(micro {plan.micro_batch} x grad accum {plan.grad_accum} x dp {plan.dp}), sequence parallel {cfg.sequence_parallel}, "
+        f"dtype {cfg.dtype}\ndata: {corpus.describe()}"
+    )
+    t.build(None if resume_info is not None else cfg.init_from)
+
+    step, position = 0, 0
+    result = TrainResult(start_step=0)
+    if resume_info is not None:
+        step, position = t.state.load(resume_info)
+        result = TrainResult(start_step=step, resumed_from=str(resume_info.path))
+        t.log(
+            f"resumed from {resume_info.path} (step {step}, saved at tp {resume_info.meta.get('tp')} x dp {resume_info.meta.get('dp')}, "
+            f"now tp {plan.tp} x dp {plan.dp})"
+        )
+    metrics_path = cfg.metrics_path
+    log = MetricsLog(metrics_path if t.is_main else None, resume_step=step if resume_info is not None else None)
+    bar = Progress(cfg.steps, step, enabled=t.is_main and cfg.progress)
+    tokens_per_step = plan.batch_size * cfg.seq_len
+    try:
+        while step < cfg.steps:
+            lr = t.opt.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            loss, norm = t.train_step(position)
+            dt = time.perf_counter() - t0
+            step += 1
+            position += plan.batch_size
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or enable --grad-clip")
+            result.losses.append(loss)
+            log.write({"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / dt, "grad_norm": norm, "time_s": dt})
+            val = None
+            if (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps:
+                val = t.validate()
+                result.val_losses.append((step, val))
+                log.write({"step": step, "val_loss": val})
+            bar.update(loss, tokens_per_step / dt, val)
+            if cfg.ckpt_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
+                path = t.state.save(cfg.ckpt_dir, step, position, t.meta(), keep_last=cfg.keep_last)
+                if path is not None:
+                    result.checkpoints.append(str(path))
+                else:
+                    bar.write(f"{ckpt.step_dir(cfg.ckpt_dir, step)} exists; not overwritten")
+    finally:
+        bar.close()
+        log.close()
+    result.final_step = step
+    if t.is_main and metrics_path is not None and metrics_path.exists():
+        try:
+            result.plot = str(plot_metrics(metrics_path))
+        except ImportError:
+            t.log("matplotlib is not installed: no loss plot")
+    if result.losses:
+        t.log(f"done: step {step}, loss {result.losses[-1]:.4f}" + (f", val_loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""))
+    if result.checkpoints:
+        t.log(f"checkpoint: {result.checkpoints[-1]}")
+    if result.plot:
+        t.log(f"metrics: {metrics_path}\nloss curve: {result.plot}")
+    plots: list[Any] = [result.plot]
+    dist.broadcast_object_list(plots, src=0)
+    result.plot = plots[0]
+    return result
