@@ -225,7 +225,9 @@ def run(cfg: BenchConfig) -> list[Result]:
     dense = FeedForward(cfg.dim, cfg.hidden_dim).to(device)
     x = torch.randn(1, cfg.tokens, cfg.dim, device=device)
     gy = torch.randn(1, cfg.tokens, cfg.dim, device=device)
-    flops = 18.0 * cfg.tokens * cfg.dim * cfg.hidden_dim  # 3 GEMMs x (forward + 2 backward) x 2 flops
+    # 3 GEMMs x (forward + 2 backward) x 2 flops, for the whole machine: every candidate does the
+    # full block's work in total ("local" too: each rank computes its own shard).
+    flops = 18.0 * cfg.tokens * cfg.dim * cfg.hidden_dim
 
     results: list[Result] = []
     for dtype_name in cfg.dtypes:
@@ -235,7 +237,7 @@ def run(cfg: BenchConfig) -> list[Result]:
         res: dict[str, Result] = {}
         for name in cfg.candidates:
             module, note = build(name, dense, cfg, device, mesh)
-            res[name] = Result(name, dtype_name, note=note, flops_per_step=flops / (world if name == "local" else 1))
+            res[name] = Result(name, dtype_name, note=note, flops_per_step=flops)
             if module is None and name != "dense":
                 steps[name] = None
                 continue
@@ -286,7 +288,7 @@ def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) 
         q = statistics.quantiles(r.times, n=10) if len(r.times) >= 2 else [r.times[0]] * 9
         med = statistics.median(r.times)
         achieved = r.flops_per_step / med / 1e9
-        machine = r.gemm_rate / (world if r.name == "local" else 1)  # type: ignore[attr-defined]
+        machine = r.gemm_rate  # type: ignore[attr-defined]
         rows.append({
             "name": r.name, "dtype": r.dtype, "median_ms": med * 1e3, "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3,
             "tokens_per_s": cfg.tokens / med, "gflops": achieved, "gemm_fraction": achieved / machine,
