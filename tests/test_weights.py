@@ -159,7 +159,8 @@ def test_config_from_meta(meta, tmp_path):
     assert config_from_meta(meta["root"] / "mp2", max_seq_len=32) == META_CFG
     params = json.loads((meta["root"] / "mp2" / "params.json").read_text())
     assert "max_seq_len" not in params  # Meta's code passes it besides **params
-    for change, match in (({"use_scaled_rope": True}, "use_scaled_rope: not supported"), ({"n_expert": 8}, r"unknown fields \['n_expert'\]")):
+    refusals = [({"use_scaled_rope": True}, "use_scaled_rope: not supported"), ({"n_expert": 8}, r"unknown fields \['n_expert'\]")]
+    for change, match in refusals:
         (tmp_path / "params.json").write_text(json.dumps({**params, **change}))
         with pytest.raises(ValueError, match=match):
             config_from_meta(tmp_path)
@@ -173,7 +174,8 @@ def test_hf_logits_tp1(hf):
     for path in (hf["single"], hf["sharded"]):
         for device in ("meta", None):  # new parameters, and copies into existing ones
             model = Transformer(config_from_pretrained(path), device=device)
-            load_pretrained(model, path)
+            load_pretrained(model, path, device="cpu" if device else None)
+            assert all(p.device.type == "cpu" for p in model.parameters())
             with torch.no_grad():
                 assert rel_err(model(hf["tokens"]), hf["logits"]) < 1e-5, (path.name, device)
     # Negative control: the same tensors without undoing HF's q/k permutation.
@@ -340,10 +342,12 @@ def test_convert_round_trips_bit_exact(hf, tmp_path):
     bf16 = tmp_path / "bf16"
     bf16.mkdir()
     shutil.copy(hf["single"] / "config.json", bf16)
-    save_file({k: v.bfloat16() for k, v in load_file(hf["single"] / "model.safetensors").items()}, bf16 / "model.safetensors", {"format": "pt"})
+    tensors = load_file(hf["single"] / "model.safetensors")
+    save_file({k: v.bfloat16() for k, v in tensors.items()}, bf16 / "model.safetensors", {"format": "pt"})
     for src in (hf["sharded"], bf16):
         seen = []
-        assert convert_checkpoint(src, tmp_path / "m2", to="meta", num_shards=2, overwrite=True, progress=lambda it, desc: seen.append(desc) or it) == "hf"
+        progress = lambda it, desc: seen.append(desc) or it  # noqa: E731
+        assert convert_checkpoint(src, tmp_path / "m2", to="meta", num_shards=2, overwrite=True, progress=progress) == "hf"
         assert seen == ["read hf", "meta shards"]
         convert_checkpoint(tmp_path / "m2", tmp_path / "m3", to="meta", num_shards=3, overwrite=True)  # reshard
         assert convert_checkpoint(tmp_path / "m3", tmp_path / "back", to="hf", overwrite=True) == "meta"
@@ -362,7 +366,8 @@ def test_convert_script(hf, tmp_path):
 
     r = script("--from", "hf", "--to", "meta", "--num-shards", "2", str(hf["sharded"]), str(tmp_path / "meta"))
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    written = sorted(p.name for p in (tmp_path / "meta").iterdir())
+    assert written == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
     assert "100%" in r.stderr  # the progress bar
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("x")
@@ -397,12 +402,31 @@ def _hf_variant(hf, tmp_path: Path, edit) -> Path:
         (lambda t: t.update({"model.norm.weight": torch.zeros(63)}), r"model.norm.weight: expected shape \(64,\), got \(63,\)"),
         (lambda t: t.update({"lm_head.weight": torch.zeros(256, 64, dtype=torch.int32)}), "lm_head.weight: expected a floating-point dtype"),
     ],
-)
+)  # fmt: skip
 def test_hf_bad_checkpoint_leaves_model_untouched(hf, tmp_path, edit, match):
     model = Transformer(config_from_hf(hf["single"]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=match):
         load_hf_checkpoint(model, _hf_variant(hf, tmp_path, edit))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_read_error_after_validation_leaves_model_untouched(hf, monkeypatch):
+    from tp_ffn.models import weights
+
+    model = Transformer(config_from_hf(hf["single"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real, calls = weights._HFReader.read, []
+
+    def flaky(self, *args):
+        calls.append(args[0].name)
+        if len(calls) == 10:
+            raise OSError("I/O error")
+        return real(self, *args)
+
+    monkeypatch.setattr(weights._HFReader, "read", flaky)
+    with pytest.raises(OSError, match="I/O error"):
+        load_hf_checkpoint(model, hf["single"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 

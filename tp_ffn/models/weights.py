@@ -178,7 +178,9 @@ def config_from_hf(path: PathLike, *, max_seq_len: int | None = None) -> LlamaCo
     if data.get("model_type", "llama") != "llama":
         raise ValueError(f"{source}: model_type: expected 'llama', got {data['model_type']!r}")
     if data.get("rope_scaling") is not None:
-        raise ValueError(f"{source}: rope_scaling: not supported (only plain rotary embeddings), got {data['rope_scaling']!r}")
+        raise ValueError(
+            f"{source}: rope_scaling: not supported (only plain rotary embeddings), got {data['rope_scaling']!r}"
+        )
     for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         if data.get(key, False):
             raise ValueError(f"{source}: {key}: not supported, expected false, got {data[key]!r}")
@@ -263,7 +265,9 @@ def _meta_vocab_from_shard(root: Path, dim: int) -> int:
     for file in files:
         emb = _torch_load(file).get("tok_embeddings.weight")
         if emb is None or emb.dim() != 2:
-            raise ValueError(f"{file}: vocab_size is -1 in params.json and there is no 2-D tok_embeddings.weight to read it from")
+            raise ValueError(
+                f"{file}: vocab_size is -1 in params.json and there is no 2-D tok_embeddings.weight to read it from"
+            )
         rows.append(emb.shape[0])
         # A dim-1 split (Llama 1/2) holds every row; a dim-0 split (Llama 3) holds all `dim` columns.
         if emb.shape[1] != dim or len(files) == 1:
@@ -283,7 +287,10 @@ def detect_format(path: PathLike) -> str:
     hf = HF_CONFIG in names and (HF_SINGLE in names or HF_INDEX in names)
     meta = META_PARAMS in names and any(_META_SHARD.fullmatch(n) for n in names)
     if hf and meta:
-        raise ValueError(f"{root}: holds both a Hugging Face and a Meta checkpoint; load one with load_hf_checkpoint / load_meta_checkpoint")
+        raise ValueError(
+            f"{root}: holds both a Hugging Face and a Meta checkpoint; "
+            f"load one with load_hf_checkpoint / load_meta_checkpoint"
+        )
     if hf:
         return "hf"
     if meta:
@@ -335,7 +342,10 @@ def _layout(cfg: LlamaConfig) -> list[_Entry]:
             _Entry(m + "attention_norm.weight", f + "input_layernorm.weight", (d,), None),
             _Entry(m + "ffn_norm.weight", f + "post_attention_layernorm.weight", (d,), None),
         ]
-    out += [_Entry("norm.weight", "model.norm.weight", (d,), None), _Entry("output.weight", "lm_head.weight", (v, d), 0)]
+    out += [
+        _Entry("norm.weight", "model.norm.weight", (d,), None),
+        _Entry("output.weight", "lm_head.weight", (v, d), 0),
+    ]
     return out
 
 
@@ -379,7 +389,8 @@ def _targets(model: nn.Module) -> list[_Target]:
         if dim is not None:
             local[dim] = end - start
         if tuple(params[e.name].shape) != tuple(local):
-            raise ValueError(f"model: {e.name} has shape {tuple(params[e.name].shape)}, expected {tuple(local)} for its config")
+            got = tuple(params[e.name].shape)
+            raise ValueError(f"model: {e.name} has shape {got}, expected {tuple(local)} for its config")
         if e.heads is not None and dim == 0 and (start % model.cfg.head_dim or end % model.cfg.head_dim):
             raise ValueError(f"model: {e.name} rows [{start}, {end}) do not hold whole heads of {model.cfg.head_dim}")
         out.append(_Target(e, module, attr, dim, start, end))
@@ -389,7 +400,11 @@ def _targets(model: nn.Module) -> list[_Target]:
 def _check_same_model(model_cfg: LlamaConfig, file_cfg: LlamaConfig, source: Path) -> None:
     """The checkpoint must describe the model's shapes and numerics (``max_seq_len`` may differ)."""
     fields = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta")
-    diff = [f"{f}: model {getattr(model_cfg, f)}, checkpoint {getattr(file_cfg, f)}" for f in fields if getattr(model_cfg, f) != getattr(file_cfg, f)]
+    diff = [
+        f"{f}: model {getattr(model_cfg, f)}, checkpoint {getattr(file_cfg, f)}"
+        for f in fields
+        if getattr(model_cfg, f) != getattr(file_cfg, f)
+    ]
     if diff:
         raise ValueError(f"{source}: the checkpoint's config does not match the model's: " + "; ".join(diff))
 
@@ -495,7 +510,9 @@ def _meta_shard_files(root: Path) -> list[Path]:
         raise ValueError(f"{root}: no consolidated.XX.pth files")
     if sorted(found) != list(range(len(found))):
         absent = sorted(set(range(max(found) + 1)) - set(found))
-        raise ValueError(f"{root}: model-parallel shards are missing: no consolidated.{absent[0]:02d}.pth (found {sorted(found)})")
+        raise ValueError(
+            f"{root}: model-parallel shards are missing: no consolidated.{absent[0]:02d}.pth (found {sorted(found)})"
+        )
     return [found[i] for i in range(len(found))]
 
 
@@ -635,7 +652,9 @@ def load_pretrained(model: Transformer, path: PathLike, *, device: torch.device 
 
 def _check_destination(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path}: exists and is not empty; pass overwrite=True (--force in the script) to replace it")
+        raise FileExistsError(
+            f"{path}: exists and is not empty; pass overwrite=True (--force in the script) to replace it"
+        )
 
 
 @contextmanager
