@@ -1,9 +1,9 @@
 """Convert Llama checkpoints between Hugging Face and Meta layouts, in one process.
 
-    python scripts/convert_checkpoint.py --from hf --to meta --num-shards 2 SRC DST   # HF -> consolidated.00/01.pth
-    python scripts/convert_checkpoint.py --from meta --to hf SRC DST                  # Meta (any shard count) -> HF
-    python scripts/convert_checkpoint.py --from meta --to meta --num-shards 8 SRC DST # reshard a Meta checkpoint
-    python scripts/convert_checkpoint.py --from hf --to meta SRC DST --force          # replace a non-empty DST
+    python scripts/convert_checkpoint.py --from hf --to meta --num-shards 2 SRC DST      # HF -> consolidated.00/01.pth
+    python scripts/convert_checkpoint.py --from meta --to hf --max-seq-len 4096 SRC DST  # Meta (any shard count) -> HF
+    python scripts/convert_checkpoint.py --from meta --to meta --num-shards 8 SRC DST    # reshard a Meta checkpoint
+    python scripts/convert_checkpoint.py --from hf --to meta --force SRC DST             # replace a non-empty DST
 
 SRC is a Hugging Face directory (config.json + model.safetensors, or sharded safetensors with
 model.safetensors.index.json) or a Meta one (params.json + consolidated.XX.pth). Tensors keep
@@ -29,6 +29,7 @@ class ConvertArgs:
     source_format: str
     target_format: str
     num_shards: int = 1
+    max_seq_len: int | None = None
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -36,6 +37,8 @@ class ConvertArgs:
             raise ValueError(f"--num-shards: expected >= 1, got {self.num_shards}")
         if self.num_shards != 1 and self.target_format != "meta":
             raise ValueError(f"--num-shards: only meaningful with --to meta, got --to {self.target_format}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ValueError(f"--max-seq-len: expected >= 1, got {self.max_seq_len}")
         if not self.src.is_dir():
             raise ValueError(f"SRC: expected a checkpoint directory, got {self.src}")
         if self.dst.exists() and not self.force and (not self.dst.is_dir() or any(self.dst.iterdir())):
@@ -47,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> ConvertArgs:
     parser.add_argument("--from", dest="source_format", choices=("hf", "meta"), required=True, help="layout of SRC")
     parser.add_argument("--to", dest="target_format", choices=("hf", "meta"), required=True, help="layout to write")
     parser.add_argument("--num-shards", type=int, default=1, help="consolidated.XX.pth files to write (--to meta)")
+    parser.add_argument(
+        "--max-seq-len", type=int, default=None,
+        help="context length to record (Meta's params.json has none; default: SRC's, else 4096)",
+    )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace a non-empty DST")
     parser.add_argument("src", type=Path, metavar="SRC")
     parser.add_argument("dst", type=Path, metavar="DST")
@@ -69,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         if found != args.source_format:
             raise ValueError(f"--from {args.source_format}: but {args.src} holds a {found} checkpoint")
         convert_checkpoint(
-            args.src, args.dst, to=args.target_format, num_shards=args.num_shards, overwrite=args.force, progress=tqdm
-        )
+            args.src, args.dst, to=args.target_format, num_shards=args.num_shards, overwrite=args.force,
+            max_seq_len=args.max_seq_len, progress=tqdm,
+        )  # fmt: skip
     except (ValueError, FileExistsError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         return 1

@@ -350,9 +350,13 @@ def test_convert_round_trips_bit_exact(hf, tmp_path):
         assert convert_checkpoint(src, tmp_path / "m2", to="meta", num_shards=2, overwrite=True, progress=progress) == "hf"
         assert seen == ["read hf", "meta shards"]
         convert_checkpoint(tmp_path / "m2", tmp_path / "m3", to="meta", num_shards=3, overwrite=True)  # reshard
-        assert convert_checkpoint(tmp_path / "m3", tmp_path / "back", to="hf", overwrite=True) == "meta"
+        assert convert_checkpoint(tmp_path / "m3", tmp_path / "back", to="hf", overwrite=True, max_seq_len=64) == "meta"
         want = hf["single"] if src == hf["sharded"] else bf16
         _same_files(want, tmp_path / "back")
+        assert config_from_hf(tmp_path / "back") == config_from_hf(want)
+        assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == str(
+            load_file(want / "model.safetensors")["lm_head.weight"].dtype
+        ).removeprefix("torch.")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -374,8 +378,9 @@ def test_convert_script(hf, tmp_path):
     r = script("--from", "meta", "--to", "hf", str(tmp_path / "meta"), str(tmp_path / "hf"))
     assert r.returncode != 0 and "exists and is not empty; pass --force" in r.stderr
     assert (tmp_path / "hf" / "keep.txt").exists()
-    r = script("--from", "meta", "--to", "hf", "--force", str(tmp_path / "meta"), str(tmp_path / "hf"))
+    r = script("--from", "meta", "--to", "hf", "--force", "--max-seq-len", "64", str(tmp_path / "meta"), str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
+    assert config_from_hf(tmp_path / "hf") == config_from_hf(hf["single"])
     assert not (tmp_path / "hf" / "keep.txt").exists()
     _same_files(hf["single"], tmp_path / "hf")
 

@@ -616,8 +616,9 @@ def load_hf_checkpoint(model: Transformer, path: PathLike, *, device: torch.devi
     Each rank reads only its slices of the sharded weights (``get_slice(name)[start:end]``), undoes
     HF's rotary permutation of q/k on its own heads, and casts to the model's dtype. The config must
     describe the model's shapes and numerics; every key and shape is checked and every slice read
-    before the first parameter is written. Parameters on the ``meta`` device are replaced by new
-    ones on ``device`` (default CPU); others are copied into. ``device`` also moves the buffers.
+    before the first parameter is written (a materialised model briefly holds its shard twice).
+    Parameters on the ``meta`` device are replaced by new ones on ``device`` (default CPU); others
+    are copied into. ``device`` also moves the buffers.
     Not a collective: ranks need not call it together. Raises ``ValueError`` naming missing /
     unexpected keys, wrong shapes or a config mismatch.
     """
@@ -824,7 +825,9 @@ def export_meta(model: Transformer, path: PathLike, num_shards: int = 1, *, over
 
     Shards are contiguous ``torch.tensor_split`` blocks on Meta's split dims (table above; the
     embedding on dim 1). They are even whenever the sizes divide, as Meta's own code requires;
-    otherwise :func:`load_meta_checkpoint` still reads them. Collective and atomic as :func:`export_hf`.
+    otherwise :func:`load_meta_checkpoint` still reads them. ``params.json`` always names
+    ``rope_theta`` (Llama 3's and Code Llama's ``ModelArgs`` take it; the original Llama 2 code does
+    not, and assumes 10000). Collective and atomic as :func:`export_hf`.
     """
     _check_num_shards(model.cfg, num_shards)
     dest = Path(path)
@@ -845,13 +848,16 @@ def convert_checkpoint(
     to: str,
     num_shards: int = 1,
     overwrite: bool = False,
+    max_seq_len: int | None = None,
     progress: Progress | None = None,
 ) -> str:
     """Convert a checkpoint directory to ``to`` (``"hf"`` or ``"meta"``) in one process; returns the source format.
 
     Tensors keep their dtype and values bit for bit (only q/k rows are permuted). Meta to Meta with
-    another ``num_shards`` reshards. ``progress`` wraps the loops, e.g. ``tqdm.tqdm`` (called as
-    ``progress(iterable, desc=...)``). The whole model is held in memory once.
+    another ``num_shards`` reshards. ``max_seq_len`` overrides the source's (Meta's params.json has
+    none: HF's ``max_position_embeddings`` then comes from ``LlamaConfig``'s default). ``progress``
+    wraps the loops, e.g. ``tqdm.tqdm`` (called as ``progress(iterable, desc=...)``). The whole
+    model is held in memory once.
     """
     if to not in ("hf", "meta"):
         raise ValueError(f"to: expected 'hf' or 'meta', got {to!r}")
@@ -860,7 +866,7 @@ def convert_checkpoint(
         raise ValueError(f"dst: expected a directory other than the source, got {dst_path}")
     _check_destination(dst_path, overwrite)
     fmt = detect_format(src_path)
-    cfg = config_from_pretrained(src_path)
+    cfg = config_from_pretrained(src_path, max_seq_len=max_seq_len)
     if to == "meta":
         _check_num_shards(cfg, num_shards)
     layout = _layout(cfg)
