@@ -397,8 +397,11 @@ def _targets(model: nn.Module) -> list[_Target]:
     return out
 
 
-def _check_same_model(model_cfg: LlamaConfig, file_cfg: LlamaConfig, source: Path) -> None:
+def _check_same_model(model: nn.Module, file_cfg: LlamaConfig, source: Path) -> None:
     """The checkpoint must describe the model's shapes and numerics (``max_seq_len`` may differ)."""
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model: expected a tp_ffn.models.Transformer, got {type(model).__name__}")
+    model_cfg = model.cfg
     fields = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta")
     diff = [
         f"{f}: model {getattr(model_cfg, f)}, checkpoint {getattr(file_cfg, f)}"
@@ -623,7 +626,7 @@ def load_hf_checkpoint(model: Transformer, path: PathLike, *, device: torch.devi
     unexpected keys, wrong shapes or a config mismatch.
     """
     root = Path(path)
-    _check_same_model(model.cfg, config_from_hf(root), root / HF_CONFIG)
+    _check_same_model(model, config_from_hf(root), root / HF_CONFIG)
     with ExitStack() as stack:
         _load(model, _HFReader(root, stack), device)
 
@@ -637,7 +640,7 @@ def load_meta_checkpoint(model: Transformer, path: PathLike, *, device: torch.de
     ``device`` and meta-device parameters as in :func:`load_hf_checkpoint`.
     """
     root = Path(path)
-    _check_same_model(model.cfg, config_from_meta(root), root / META_PARAMS)
+    _check_same_model(model, config_from_meta(root), root / META_PARAMS)
     _load(model, _MetaReader(root), device)
 
 
