@@ -42,6 +42,7 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,8 +338,11 @@ class TrainingState:
         for key in rng_keys:
             sd[key] = self._rng_rows(key, _rng_buffer(key))
         try:
-            dcp.load(sd, storage_reader=dcp.FileSystemReader(str(info.path)), planner=BlockLoadPlanner(self.blocks), no_dist=not self.distributed)
-        except Exception as e:  # DCP gathers every rank's failure into one CheckpointException
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # sample.py's one process
+                reader = dcp.FileSystemReader(str(info.path))
+                dcp.load(sd, storage_reader=reader, planner=BlockLoadPlanner(self.blocks), no_dist=not self.distributed)
+        except (Exception, dcp.CheckpointException) as e:  # a BaseException carrying every rank's failure
             raise UsageError(f"checkpoint {info.path} could not be loaded: {_last_line(e)}") from None
         for key in rng_keys:
             (torch.set_rng_state if key == "rng.cpu" else torch.cuda.set_rng_state)(sd[key].reshape(-1).clone())
@@ -460,5 +464,7 @@ def load_full_tensors(path: str | os.PathLike, prefix: str = "model.") -> dict[s
         for k, v in md.state_dict_metadata.items()
         if k.startswith(prefix) and hasattr(v, "size")
     }
-    dcp.load(sd, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # it is: one process
+        dcp.load(sd, storage_reader=reader, no_dist=True)
     return {k[len(prefix) :]: v for k, v in sd.items()}
