@@ -77,6 +77,7 @@ __all__ = [
     "check_ckpt_dir",
     "find_latest",
     "load_full_tensors",
+    "open_checkpoint",
     "remove_stale_tmp",
     "save_atomic",
     "step_dir",
@@ -154,6 +155,21 @@ def find_latest(ckpt_dir: str | os.PathLike) -> tuple[CheckpointInfo | None, lis
             raise UsageError(f"checkpoint {path} is damaged: {META} says step {meta.get('step')!r}")
         return CheckpointInfo(path, step, meta), skipped
     return None, skipped
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """One ``step_N`` directory, or the newest complete checkpoint of a ``--ckpt-dir``."""
+    p = Path(path)
+    m = _STEP_RE.match(p.name)
+    if m and (p / META).exists():
+        meta = _read_meta(p)
+        if meta.get("step") != int(m.group(1)):
+            raise UsageError(f"checkpoint {p} is damaged: {META} says step {meta.get('step')!r}")
+        return CheckpointInfo(p, int(m.group(1)), meta)
+    info, _ = find_latest(p)
+    if info is None:
+        raise UsageError(f"{path}: no complete checkpoint (step_*/{META}) found")
+    return info
 
 
 def verify_files(info: CheckpointInfo) -> None:
