@@ -56,6 +56,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "auto"
     compile: bool = False
+    compile_backend: str = "inductor"
     activation_checkpointing: bool = False
     steps: int = 200
     seed: int = 0
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="bfloat16: bf16 compute and parameters in the forward, fp32 master weights and gradient reduction")
     par.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="auto: cuda (NCCL) when available, else cpu (gloo)")
     par.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    par.add_argument("--compile-backend", default=d.compile_backend, help="torch.compile backend (inductor; aot_eager compiles fast, without code generation)")
     par.add_argument("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
     par.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (GPU runs)")
     t = p.add_argument_group("optimisation")

@@ -85,7 +85,15 @@ def apply_activation_checkpointing(model: Transformer) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def parallelize(model: Transformer, mesh: DeviceMesh, *, dtype: str, compile: bool, activation_checkpointing: bool) -> nn.Module:
+def parallelize(
+    model: Transformer,
+    mesh: DeviceMesh,
+    *,
+    dtype: str = "float32",
+    compile: bool = False,
+    compile_backend: str = "inductor",
+    activation_checkpointing: bool = False,
+) -> nn.Module:
     """Activation checkpointing, ``torch.compile`` and FSDP2 over ``mesh["dp"]``, in that order
     (torchtitan's order), per transformer block and then the root.
 
@@ -96,7 +104,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh, *, dtype: str, compile: bo
         apply_activation_checkpointing(model)
     if compile:
         for block in model.layers:
-            block.compile()
+            block.compile(backend=compile_backend)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" else MixedPrecisionPolicy()
     dp_mesh = mesh["dp"]
     for block in model.layers:

@@ -119,8 +119,9 @@ class _Trainer:
             agree(lambda: _load_pretrained(load_pretrained, model, init_from))
             self.log(f"initialised from {init_from}")
         self.model = parallelize(
-            model, self.mesh, dtype=cfg.dtype, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing
-        )
+            model, self.mesh, dtype=cfg.dtype, compile=cfg.compile, compile_backend=cfg.compile_backend,
+            activation_checkpointing=cfg.activation_checkpointing,
+        )  # fmt: skip
         self.blocks = param_blocks(self.model)
         self.opt = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
         init_adamw_state(self.opt)
