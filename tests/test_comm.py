@@ -189,3 +189,53 @@ def test_chunked_forward_counts():
     # Chunking splits the forward all-reduce (same bytes) and leaves backward at one all-reduce.
     for fwd, bwd in run_ranks(2, _chunked_counts):
         assert fwd == Counter(all_reduce=4) and bwd == Counter(all_reduce=1)
+
+
+def _buffers_untouched(rank: int, world: int) -> dict[str, bool]:
+    """The collectives must not write into their input or into the gradient they are handed."""
+    group = torch.distributed.group.WORLD
+    out = {}
+    x = torch.arange(6.0).exp().requires_grad_()
+    t = x * 1.0
+    before = t.detach().clone()
+    reduce_from_parallel(t, group).sum().backward()
+    out["reduce input untouched"] = torch.equal(t.detach(), before)
+    out["reduce grad through saved input"] = torch.equal(x.grad, torch.ones(6))
+
+    a = torch.ones(3, requires_grad=True)
+    x = torch.ones(3, requires_grad=True)
+    gy = torch.full((3,), 2.0)
+    z = copy_to_parallel(x, group) + a * 1.0  # the gradient of z feeds both branches
+    z.backward(gy)
+    out["shared gradient not reduced into the other branch"] = torch.equal(a.grad, gy)
+    out["caller's gradient untouched"] = torch.equal(gy, torch.full((3,), 2.0))
+    out["copy grad reduced"] = torch.equal(x.grad, gy * world)
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_collectives_own_their_buffers():
+    for rank, got in enumerate(run_ranks(2, _buffers_untouched)):
+        assert all(got.values()), f"rank {rank}: {got}"
+
+
+def _bad_sizes(rank: int, world: int) -> list[str]:
+    group = torch.distributed.group.WORLD
+    msgs = []
+    for fn, x, sizes in (
+        (gather_from_parallel, torch.ones(2, 3), [3]),  # one entry for two ranks
+        (gather_from_parallel, torch.ones(2, 3), [2, 2]),  # this rank's block is 3 wide
+        (scatter_to_parallel, torch.ones(2, 5), [2, 2]),  # sums to 4, x has 5
+    ):
+        try:
+            fn(x, group, -1, sizes)
+            msgs.append("NO ERROR")
+        except ValueError as e:
+            msgs.append(str(e))
+    return msgs
+
+
+@pytest.mark.timeout(60)
+def test_sizes_are_checked():
+    for msgs in run_ranks(2, _bad_sizes):
+        assert all(m.startswith("sizes: expected 2 entries") for m in msgs), msgs

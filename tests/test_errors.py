@@ -78,6 +78,9 @@ def _distributed_errors(rank: int, world: int) -> dict[str, str]:
     row = RowParallelLinear(6, 4, input_is_parallel=True, sequence_parallel=True)
     expect("sp row", ValueError, lambda: row(torch.randn(2, 3, row.weight.shape[1])))
     expect("hidden < world", ValueError, lambda: ParallelFeedForward(4, world - 1))
+    sp_ffn = ParallelFeedForward(4, 8, sequence_parallel=True)
+    expect("sp 2-D x", ValueError, lambda: sp_ffn(torch.randn(3, 4)))
+    expect("sp dim", TypeError, lambda: ParallelFeedForward(4, 8, sequence_parallel=True, sequence_dim=1.0))
     sub = dist.new_group([0])  # every rank must call new_group; rank 1 is outside
     if rank == 1:
         expect("non-member", ValueError, lambda: ParallelFeedForward(4, 8, group=sub))
@@ -100,6 +103,8 @@ def test_distributed_errors():
         assert "hidden_dim: expected at least one row per rank (>= the tensor-parallel size 2), got 1" in caught["hidden < world"]
         if rank == 1:
             assert "global rank 1 is not a member" in caught["non-member"]
+        assert "x: sequence parallelism needs a sequence dimension 1 other than the last" in caught["sp 2-D x"]
+        assert "sequence_dim: expected an int, got float" in caught["sp dim"]
         assert caught["mesh size"] == "2"
         assert "expected a 1-D DeviceMesh" in caught["2-D mesh"] and "('dp', 'tp')" in caught["2-D mesh"]
         assert caught["mesh2['tp'] size"] == "2"

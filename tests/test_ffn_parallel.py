@@ -176,3 +176,85 @@ def test_default_distribution_is_nn_linear():
             assert t.abs().max() > 0.95 * bound  # spans the range, not a narrower one
         # Uniform on [-b, b] has standard deviation b / sqrt(3).
         assert abs(layer.weight.std().item() / (bound / 3**0.5) - 1) < 0.02
+
+
+def _autocast_case(rank: int, world: int) -> dict[str, tuple]:
+    """bf16 autocast over fp32 weights, with bias: same output dtype as the dense block at every
+    world size and mode, values within bf16 rounding of the dense autocast result, fp32 gradients."""
+    out = {}
+    for mode, options in MODES.items():
+        torch.manual_seed(2)
+        dense = FeedForward(DIM, HIDDEN, bias=True)
+        x = torch.randn(BATCH, SEQ, DIM)
+        par = ParallelFeedForward.from_dense(dense, **options)
+        xd, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yd, yp = dense(xd), par(xp)
+        yd.float().sum().backward()
+        yp.float().sum().backward()
+        out[mode] = (yp.dtype, yd.dtype, rel_err(yp, yd), xp.grad.dtype, rel_err(xp.grad, xd.grad), par.w1.weight.grad.dtype)
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_autocast_bf16(world):
+    for rank, got in enumerate(run_ranks(world, _autocast_case)):
+        for mode, (ydt, want_dt, err, gdt, gerr, wdt) in got.items():
+            assert ydt == want_dt == torch.bfloat16, (world, rank, mode, ydt)
+            assert gdt == wdt == torch.float32, (world, rank, mode)
+            assert err < 2e-2 and gerr < 2e-2, (world, rank, mode, err, gerr)
+
+
+def _sequence_dim_zero(rank: int, world: int) -> dict[str, float]:
+    """Megatron's [seq, batch, dim] layout: sequence_dim=0, in every mode that allows SP."""
+    out = {}
+    for mode, options in MODES.items():
+        options = {k: v for k, v in options.items() if k != "comm_chunks"}
+        torch.manual_seed(4)
+        dense = FeedForward(DIM, HIDDEN, bias=True)
+        x = torch.randn(SEQ, BATCH, DIM)
+        ref = dense64(dense)
+        x64 = x.double().requires_grad_()
+        y64 = ref(x64)
+        y64.sum().backward()
+        par = ParallelFeedForward.from_dense(dense, sequence_parallel=True, sequence_dim=0, **options)
+        g = par.tp.group
+        xl = split_sequence(x, g, 0).requires_grad_()
+        y = par(xl)
+        y.sum().backward()
+        out[f"{mode} output"] = rel_err(gather_sequence(y.detach(), g, 0), y64)
+        out[f"{mode} input grad"] = rel_err(xl.grad, split_sequence(x64.grad, g, 0))
+        out[f"{mode} w2 bias grad"] = rel_err(par.w2.bias.grad, ref.w2.bias.grad)
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_dim_zero(world):
+    for rank, errs in enumerate(run_ranks(world, _sequence_dim_zero)):
+        bad = {k: v for k, v in errs.items() if v > TOL}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.float32])
+def test_init_crosses_scratch_chunks(monkeypatch, dtype):
+    """Shards drawn through many small scratch chunks, any dtype, under a non-CPU default device,
+    equal the rows/columns of nn.Linear; the generator ends where nn.Linear leaves it."""
+    import tp_ffn.init as init
+
+    monkeypatch.setattr(init, "_CHUNK", 37)
+    torch.manual_seed(7)
+    full = torch.nn.Linear(29, 23, dtype=dtype)
+    want_state = torch.get_rng_state()
+    for dim, (start, end) in ((0, (5, 17)), (1, (4, 21)), (0, (0, 23))):
+        shape = (end - start, 29) if dim == 0 else (23, end - start)
+        w = torch.empty(shape, dtype=dtype)
+        b = torch.empty(end - start if dim == 0 else 23, dtype=dtype)
+        torch.manual_seed(7)
+        with torch.device("meta"):  # scratch buffers must stay on the CPU regardless
+            init.init_linear_shard_(w, b, 29, 23, dim=dim, start=start, end=end)
+        assert torch.equal(torch.get_rng_state(), want_state)
+        want_w = full.weight[start:end] if dim == 0 else full.weight[:, start:end]
+        want_b = full.bias[start:end] if dim == 0 else full.bias
+        assert torch.equal(w, want_w) and torch.equal(b, want_b), (dim, start, end)

@@ -3,9 +3,10 @@
 Every function takes the process group explicitly and returns its input untouched when the group
 has one rank (or is ``None``), so a single process pays nothing.
 
-In-place use: the all-reduces and reduce-scatters write into fresh buffers or into tensors this
-package produced itself just before (a GEMM's output, a gradient handed over by autograd); callers
-must use the returned tensor.
+Buffers: every collective writes into a buffer of its own and never into its input or into the
+gradient autograd hands it (which the caller or another branch may still hold), except where the
+caller owns the input and says so (``reduce_from_parallel(..., inplace=True)`` on a GEMM output
+that nothing else references). Use the returned tensor.
 
 ============================  ====================  ====================
 function                      forward               backward
@@ -56,8 +57,8 @@ def _size(group: ProcessGroup | None) -> int:
     return 1 if group is None else group.size()
 
 
-def _all_reduce(x: Tensor, group: ProcessGroup) -> Tensor:
-    x = x.contiguous()
+def _all_reduce(x: Tensor, group: ProcessGroup, inplace: bool = False) -> Tensor:
+    x = x.contiguous() if inplace else x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, group=group)
     return x
 
@@ -110,12 +111,12 @@ class _IdentityAllReduce(torch.autograd.Function):
 
 class _AllReduceIdentity(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> Tensor:
-        return _all_reduce(x, group)
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup, inplace: bool) -> Tensor:
+        return _all_reduce(x, group, inplace)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None
 
 
 class _AllGatherSplit(torch.autograd.Function):
@@ -171,16 +172,34 @@ def copy_to_parallel(x: Tensor, group: ProcessGroup | None) -> Tensor:
     return x if _size(group) == 1 else _IdentityAllReduce.apply(x, group)
 
 
-def reduce_from_parallel(x: Tensor, group: ProcessGroup | None) -> Tensor:
-    """Leave a tensor-parallel region. Forward: all-reduce; backward: identity (Megatron's ``g``)."""
-    return x if _size(group) == 1 else _AllReduceIdentity.apply(x, group)
+def reduce_from_parallel(x: Tensor, group: ProcessGroup | None, *, inplace: bool = False) -> Tensor:
+    """Leave a tensor-parallel region. Forward: all-reduce; backward: identity (Megatron's ``g``).
+
+    ``inplace=True`` reduces into ``x`` itself (saving a copy): only for a tensor nothing else holds,
+    such as the output of the GEMM just before.
+    """
+    return x if _size(group) == 1 else _AllReduceIdentity.apply(x, group, inplace)
+
+
+def _check_sizes(x: Tensor, group: ProcessGroup, dim: int, sizes: Sequence[int], local: bool) -> None:
+    """``sizes`` must have one entry per rank and match ``x`` (its local block, or the whole)."""
+    got = x.shape[dim]
+    if len(sizes) != group.size() or (sizes[group.rank()] if local else sum(sizes)) != got:
+        what = f"this rank's block (rank {group.rank()})" if local else "the sum"
+        raise ValueError(
+            f"sizes: expected {group.size()} entries whose {what} equals x.shape[{dim}] = {got}, got {list(sizes)}"
+        )
 
 
 def gather_from_parallel(
     x: Tensor, group: ProcessGroup | None, dim: int = -1, sizes: Sequence[int] | None = None
 ) -> Tensor:
     """Forward: all-gather along ``dim`` (uneven ``sizes`` allowed); backward: keep this rank's slice."""
-    return x if _size(group) == 1 else _AllGatherSplit.apply(x, group, dim, sizes)
+    if _size(group) == 1:
+        return x
+    if sizes is not None:
+        _check_sizes(x, group, dim, sizes, local=True)
+    return _AllGatherSplit.apply(x, group, dim, sizes)
 
 
 def scatter_to_parallel(
@@ -188,7 +207,11 @@ def scatter_to_parallel(
 ) -> Tensor:
     """Forward: keep this rank's slice along ``dim`` (``torch.tensor_split`` sizes unless ``sizes``);
     backward: all-gather."""
-    return x if _size(group) == 1 else _SplitAllGather.apply(x, group, dim, sizes)
+    if _size(group) == 1:
+        return x
+    if sizes is not None:
+        _check_sizes(x, group, dim, sizes, local=False)
+    return _SplitAllGather.apply(x, group, dim, sizes)
 
 
 def gather_from_sequence(x: Tensor, group: ProcessGroup | None, dim: int = 1) -> Tensor:

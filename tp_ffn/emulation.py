@@ -39,4 +39,4 @@ def emulate_pretraining_tp(ffn: FeedForward, x: Tensor, pretraining_tp: int) -> 
 
     h = ffn.act(per_slice(ffn.w1)) * per_slice(ffn.w3)
     out = sum(F.linear(h[..., s:e], ffn.w2.weight[:, s:e]) for s, e in bounds)
-    return out if ffn.w2.bias is None else out + ffn.w2.bias
+    return out if ffn.w2.bias is None else out + ffn.w2.bias.to(out.dtype)

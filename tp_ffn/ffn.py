@@ -95,7 +95,9 @@ class FeedForward(nn.Module):
         canonical, original = canonical_ffn_state_dict(sd, "sd")
         dim, hidden_dim, bias = infer_ffn_dims(canonical, original, "sd")
         ffn = cls(dim, hidden_dim, bias=bias, activation=activation, dtype=canonical["w1.weight"].dtype, device="meta")
-        ffn.load_state_dict({k: v.detach().clone() for k, v in canonical.items()}, assign=True)
+        # One dtype for the module, w1's (as from_dense does): mixed dtypes would fail in F.linear.
+        dtype = canonical["w1.weight"].dtype
+        ffn.load_state_dict({k: v.detach().to(dtype, copy=True) for k, v in canonical.items()}, assign=True)
         return ffn
 
     def extra_repr(self) -> str:
@@ -163,7 +165,7 @@ class ParallelFeedForward(nn.Module):
         self.sequence_dim = sequence_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.w1.weight, self.dim, what="dim")
+        check_input(x, self.w1.weight, self.dim, what="dim", sequence_dim=self.w1.active_sequence_dim)
         group = self.tp.group
         w1, w3 = self.w1, self.w3
         if self.fuse_gate_up or self.overlap_comm:
@@ -180,7 +182,7 @@ class ParallelFeedForward(nn.Module):
         h = self.act(g) * u
         if self.comm_chunks > 1 and self.tp.size > 1:
             y = row_parallel_chunked(h, self.w2.weight, group, self.comm_chunks)
-            return y if self.w2.bias is None else y + self.w2.bias
+            return y if self.w2.bias is None else y + self.w2.bias.to(y.dtype)
         return self.w2.forward_parallel(h)
 
     @classmethod
@@ -228,7 +230,7 @@ class ParallelFeedForward(nn.Module):
 
         Every key and shape is checked before anything is written, so a bad state dict leaves the
         module as it was. Parameters on the ``meta`` device are replaced by the slices (on ``device``,
-        default the tensors' device); others are copied into.
+        default the tensors' device); others are copied into, on their own device.
         """
         canonical, original = canonical_ffn_state_dict(sd, "sd")
         check_ffn_state_dict(canonical, original, ffn_shapes(self.dim, self.hidden_dim, self.w1.bias is not None), "sd")
@@ -248,7 +250,8 @@ class ParallelFeedForward(nn.Module):
             param: nn.Parameter = getattr(layer, attr)
             if param.device.type == "meta":
                 target = value.device if device is None else torch.device(device)
-                setattr(layer, attr, nn.Parameter(value.to(device=target, dtype=param.dtype, copy=True)))
+                value = value.to(device=target, dtype=param.dtype, copy=True)
+                setattr(layer, attr, nn.Parameter(value, requires_grad=param.requires_grad))
             else:
                 param.copy_(value)
 

@@ -61,6 +61,7 @@ class _GateUp(torch.autograd.Function):
         group: ProcessGroup | None, sequence_dim: int | None, fused: bool, overlap: bool,
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
         # Autocast does not reach inside a custom Function's backward: cast once here, by hand.
+        ctx.input_dtype = x.dtype
         dtype = _compute_dtype(x)
         x, w1, w3, b1, b3 = (_cast(t, dtype) for t in (x, w1, w3, b1, b3))
         if sequence_dim is not None:
@@ -91,6 +92,8 @@ class _GateUp(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = (d @ w if ctx.fused else torch.addmm(dg @ w1, du, w3)).view(x.shape)
+            # Reduce in the input's dtype (fp32 under autocast), as the reference path does.
+            dx = dx.to(ctx.input_dtype)
             if group is not None and group.size() > 1:
                 if seq_dim is None:
                     dx = _all_reduce_start(dx, group)

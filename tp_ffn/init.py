@@ -8,7 +8,8 @@ Each rank therefore draws only its own block (plus a bounded scratch buffer to s
 and every rank advances the generator by the whole layer, so random numbers drawn afterwards agree
 across ranks whatever the shard sizes.
 
-On devices other than the CPU the shard is drawn on the CPU and copied, so the full weights are the
+Every draw happens on the CPU (whatever the default device), from the default CPU generator; on
+other devices the shard is drawn on the CPU and copied, so the full weights are the
 same on every device and every tensor-parallel size. On the ``meta`` device nothing is drawn,
 exactly as ``nn.Linear`` on ``meta`` draws nothing.
 """
@@ -30,7 +31,7 @@ def _skip(count: int, dtype: torch.dtype) -> None:
     """Advance the default CPU generator by ``count`` draws of ``dtype`` elements."""
     if count <= 0:
         return
-    scratch = torch.empty(min(count, _CHUNK), dtype=dtype)
+    scratch = torch.empty(min(count, _CHUNK), dtype=dtype, device="cpu")
     while count > 0:
         n = min(count, scratch.numel())
         scratch[:n].uniform_()
@@ -48,7 +49,7 @@ def _draw_rows_(dest: Tensor, in_features: int, cols: slice) -> None:
             # Row blocks of a contiguous CPU shard are contiguous: draw into them directly.
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
             continue
-        rows = torch.empty(block.shape[0], in_features, dtype=dest.dtype)
+        rows = torch.empty(block.shape[0], in_features, dtype=dest.dtype, device="cpu")
         nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
         block.copy_(rows[:, cols])
 
@@ -80,6 +81,6 @@ def init_linear_shard_(
     bound = 1 / math.sqrt(in_features)
     lo, hi = (start, end) if dim == 0 else (0, out_features)
     _skip(lo, dtype)
-    drawn = torch.empty(hi - lo, dtype=dtype).uniform_(-bound, bound)
+    drawn = torch.empty(hi - lo, dtype=dtype, device="cpu").uniform_(-bound, bound)
     bias.copy_(drawn)
     _skip(out_features - hi, dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from .comm import (
     copy_to_parallel,
@@ -29,16 +30,25 @@ def check_features(name: str, value: int, *, at_least: int = 1) -> int:
     return value
 
 
-def check_input(x: Tensor, weight: Tensor, features: int, *, what: str, name: str = "x") -> None:
+def check_input(
+    x: Tensor, weight: Tensor, features: int, *, what: str, name: str = "x", sequence_dim: int | None = None
+) -> None:
     """Raise a clear error when ``x`` cannot be multiplied by ``weight``.
 
     ``features`` is the expected last dimension (``what`` says what it is). The dtype must match the
-    weights' unless autocast is on for ``x``'s device.
+    weights' unless autocast is on for ``x``'s device. With ``sequence_dim`` (sequence parallelism)
+    ``x`` must have that dimension besides the last one.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != features:
         raise ValueError(f"{name}: expected last dimension {features} ({what}), got shape {tuple(x.shape)}")
+    ndim = x.dim()
+    if sequence_dim is not None and (not -ndim <= sequence_dim < ndim or sequence_dim % ndim == ndim - 1):
+        raise ValueError(
+            f"{name}: sequence parallelism needs a sequence dimension {sequence_dim} other than the last (features), "
+            f"got shape {tuple(x.shape)}"
+        )
     if x.device != weight.device:
         raise ValueError(f"{name}: expected a tensor on {weight.device} (the weights' device), got one on {x.device}")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -68,6 +78,8 @@ class _ParallelLinear(nn.Module):
         self.out_features = check_features("out_features", out_features)
         self.tp: TPGroup = resolve_group(group)
         self.sequence_parallel = bool(sequence_parallel)
+        if isinstance(sequence_dim, bool) or not isinstance(sequence_dim, int):
+            raise TypeError(f"sequence_dim: expected an int, got {type(sequence_dim).__name__} ({sequence_dim!r})")
         self.sequence_dim = sequence_dim
         sharded = out_features if shard_dim == 0 else in_features
         if sharded < self.tp.size:
@@ -87,8 +99,13 @@ class _ParallelLinear(nn.Module):
         self.reset_parameters()
 
     @property
-    def group(self):  # noqa: ANN201 - ProcessGroup | None
+    def group(self) -> ProcessGroup | None:
         return self.tp.group
+
+    @property
+    def active_sequence_dim(self) -> int | None:
+        """``sequence_dim`` when the layer works on sequence shards (SP over more than one rank)."""
+        return self.sequence_dim if self.sequence_parallel and self.tp.size > 1 else None
 
     def reset_parameters(self) -> None:
         """Draw this rank's shard of what ``nn.Linear(in, out)`` would draw (see ``tp_ffn.init``)."""
@@ -143,7 +160,7 @@ class ColumnParallelLinear(_ParallelLinear):
         self.gather_output = bool(gather_output)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.weight, self.in_features, what="in_features")
+        check_input(x, self.weight, self.in_features, what="in_features", sequence_dim=self.active_sequence_dim)
         group = self.tp.group
         if self.sequence_parallel:
             x = gather_from_sequence(x, group, self.sequence_dim)
@@ -199,7 +216,8 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_is_parallel:
-            check_input(x, self.weight, self.end - self.start, what=f"this rank's in_features shard [{self.start}, {self.end})")
+            shard = f"this rank's in_features shard [{self.start}, {self.end})"
+            check_input(x, self.weight, self.end - self.start, what=shard, sequence_dim=self.active_sequence_dim)
         else:
             check_input(x, self.weight, self.in_features, what="in_features")
         return self.forward_parallel(x if self.input_is_parallel else scatter_to_parallel(x, self.tp.group, -1, self.shard_sizes))
@@ -215,6 +233,7 @@ class RowParallelLinear(_ParallelLinear):
             # Each rank's tokens see the whole bias: all-reduce its gradient in backward.
             bias = None if self.bias is None else copy_to_parallel(self.bias, group)
         else:
-            y = reduce_from_parallel(y, group)
+            y = reduce_from_parallel(y, group, inplace=True)  # y is this GEMM's own output
             bias = self.bias
-        return y if bias is None else y + bias
+        # Under autocast y is in the autocast dtype: add the bias in it, as F.linear would.
+        return y if bias is None else y + bias.to(y.dtype)
