@@ -52,7 +52,18 @@ PRESETS = {
     "llama2-7b": (4096, 11008, 8192),
     "llama3-8b": (4096, 14336, 8192),
 }
-ALL = ["dense", "tp-plain", "tp-fused", "tp-overlap", "tp-fused-overlap", "tp-chunked", "tp-sp", "fairscale", "torch-tp", "local"]
+ALL = [
+    "dense",
+    "tp-plain",
+    "tp-fused",
+    "tp-overlap",
+    "tp-fused-overlap",
+    "tp-chunked",
+    "tp-sp",
+    "fairscale",
+    "torch-tp",
+    "local",
+]
 TP_MODES = {
     "tp-plain": {"fuse_gate_up": False, "overlap_comm": False},
     "tp-fused": {"fuse_gate_up": True, "overlap_comm": False},
@@ -96,12 +107,21 @@ class Result:
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="dim, hidden dim and tokens (cpu: 1024, 2816, 2048)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default="cpu", help="dim, hidden dim and tokens (cpu: 1024, 2816, 2048)"
+    )
     p.add_argument("--dim", type=int)
     p.add_argument("--hidden-dim", type=int)
     p.add_argument("--tokens", type=int, help="tokens per step (one sequence)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="float32", help="bfloat16 = autocast over fp32 weights")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "both"],
+        default="float32",
+        help="bfloat16 = autocast over fp32 weights",
+    )
     p.add_argument("--candidates", default=",".join(ALL), help="comma-separated subset of " + ",".join(ALL))
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
@@ -115,7 +135,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     )  # fmt: skip
 
 
-def build(name: str, dense: FeedForward, cfg: BenchConfig, device: torch.device, mesh) -> tuple[torch.nn.Module | None, str]:  # noqa: ANN001
+def build(
+    name: str, dense: FeedForward, cfg: BenchConfig, device: torch.device, mesh
+) -> tuple[torch.nn.Module | None, str]:  # noqa: ANN001
     """The module of candidate ``name`` on this rank (None where this rank sits the step out)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if name == "dense":
@@ -128,7 +150,14 @@ def build(name: str, dense: FeedForward, cfg: BenchConfig, device: torch.device,
         s, e = shard_bounds(cfg.hidden_dim, world, rank)
         local = FeedForward(cfg.dim, e - s, device="meta")
         sd = dense.state_dict()
-        local.load_state_dict({"w1.weight": sd["w1.weight"][s:e], "w2.weight": sd["w2.weight"][:, s:e], "w3.weight": sd["w3.weight"][s:e]}, assign=True)
+        local.load_state_dict(
+            {
+                "w1.weight": sd["w1.weight"][s:e],
+                "w2.weight": sd["w2.weight"][:, s:e],
+                "w3.weight": sd["w3.weight"][s:e],
+            },
+            assign=True,
+        )
         return local.to(device), ""
     if name == "fairscale":
         if cfg.hidden_dim % world:
@@ -193,7 +222,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(name: str, module: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor, autocast: torch.dtype | None) -> Callable[[], None]:
+def make_step(
+    name: str, module: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor, autocast: torch.dtype | None
+) -> Callable[[], None]:
     group = dist.group.WORLD
     sp = name == "tp-sp"
     xl = (split_sequence(x, group) if sp else x).detach().requires_grad_()
@@ -252,7 +283,11 @@ def run(cfg: BenchConfig) -> list[Result]:
             torch.set_num_threads(threads)
             dist.barrier()
             if prof is not None:
-                res[name].collectives, res[name].comm_bytes, res[name].peak_bytes = dict(prof.collectives), prof.nbytes, prof.peak_bytes
+                res[name].collectives, res[name].comm_bytes, res[name].peak_bytes = (
+                    dict(prof.collectives),
+                    prof.nbytes,
+                    prof.peak_bytes,
+                )
         for i in range(cfg.warmup + cfg.reps):
             for name, step in steps.items():  # interleaved: A B C ... A B C ...
                 if step is None and res[name].note:
@@ -341,11 +376,15 @@ def plot(summary: dict, path: Path) -> None:
         names = [r["name"] for r in rows]
         med = [r["median_ms"] for r in rows]
         err = [[m - r["p10_ms"] for m, r in zip(med, rows)], [r["p90_ms"] - m for m, r in zip(med, rows)]]
-        colors = ["tab:green" if n.startswith("tp-") else "tab:gray" if n in ("local", "dense") else "tab:red" for n in names]
+        colors = [
+            "tab:green" if n.startswith("tp-") else "tab:gray" if n in ("local", "dense") else "tab:red" for n in names
+        ]
         ax.barh(names, med, xerr=err, color=colors)
         ax.invert_yaxis()
         ax.set_xlabel("step time, ms (median, p10-p90)")
-        ax.set_title(f"{dtype}: dim {summary['config']['dim']}, hidden {summary['config']['hidden_dim']}, {summary['config']['tokens']} tokens, W={summary['world_size']}")
+        ax.set_title(
+            f"{dtype}: dim {summary['config']['dim']}, hidden {summary['config']['hidden_dim']}, {summary['config']['tokens']} tokens, W={summary['world_size']}"
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -360,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0"))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0")
+        )
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         results = run(cfg)

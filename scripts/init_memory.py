@@ -55,7 +55,9 @@ def main() -> None:
     rows = [None] * world
     dist.all_gather_object(rows, (rank, grown, shard, seconds, rng))
     if rank == 0:
-        print(f"ParallelFeedForward({a.dim}, {a.hidden_dim}) over {world} ranks on {device.type}; full block {full / GiB:.2f} GiB fp32")
+        print(
+            f"ParallelFeedForward({a.dim}, {a.hidden_dim}) over {world} ranks on {device.type}; full block {full / GiB:.2f} GiB fp32"
+        )
         print(f"{'rank':>4} {'shard GiB':>10} {'peak grew GiB':>14} {'grew/shard':>11} {'seconds':>8}")
         for r, g, s, sec, _ in rows:
             print(f"{r:>4} {s / GiB:>10.3f} {g / GiB:>14.3f} {g / s:>11.3f} {sec:>8.1f}")

@@ -69,7 +69,9 @@ class ParityConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> ParityConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--hidden-dim", type=int, default=688, help="intermediate size (uneven over the ranks is fine)")
     p.add_argument("--bias", action="store_true")
@@ -81,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> ParityConfig:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: by dtype)")
     a = p.parse_args(argv)
-    return ParityConfig(a.dim, a.hidden_dim, a.bias, a.activation, a.sequence_parallel, a.dtype, a.batch, a.seq, a.seed, a.rtol)
+    return ParityConfig(
+        a.dim, a.hidden_dim, a.bias, a.activation, a.sequence_parallel, a.dtype, a.batch, a.seq, a.seed, a.rtol
+    )
 
 
 def expected_collectives(world: int, sp: bool, bias: bool) -> tuple[Counter, Counter]:
@@ -103,7 +107,9 @@ def run(cfg: ParityConfig) -> bool:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = DTYPES[cfg.dtype]
     if cfg.sequence_parallel and cfg.seq % world:
-        raise ValueError(f"--seq: expected a multiple of the world size {world} with --sequence-parallel, got {cfg.seq}")
+        raise ValueError(
+            f"--seq: expected a multiple of the world size {world} with --sequence-parallel, got {cfg.seq}"
+        )
 
     torch.manual_seed(cfg.seed)
     dense = FeedForward(cfg.dim, cfg.hidden_dim, bias=cfg.bias, activation=cfg.activation)
@@ -119,7 +125,9 @@ def run(cfg: ParityConfig) -> bool:
     want.update({f"grad {k}": p.grad for k, p in ref.named_parameters()})
 
     # Single-process emulation with k = world size, in the compute dtype on the compute device.
-    emu = FeedForward.from_state_dict({k: v.to(device, dtype) for k, v in dense.state_dict().items()}, activation=cfg.activation)
+    emu = FeedForward.from_state_dict(
+        {k: v.to(device, dtype) for k, v in dense.state_dict().items()}, activation=cfg.activation
+    )
     xe = x.to(device, dtype).requires_grad_()
     ye = emulate_pretraining_tp(emu, xe, world)
     ye.backward(gy.to(device, dtype))
@@ -148,7 +156,9 @@ def run(cfg: ParityConfig) -> bool:
         dim = 1 if name == "w2" else 0
         got[f"grad {name}.weight"] = all_gather_along(layer.weight.grad, g, dim, sizes)
         if layer.bias is not None:
-            got[f"grad {name}.bias"] = layer.bias.grad if name == "w2" else all_gather_along(layer.bias.grad, g, 0, sizes)
+            got[f"grad {name}.bias"] = (
+                layer.bias.grad if name == "w2" else all_gather_along(layer.bias.grad, g, 0, sizes)
+            )
 
     # Rank 0 prints; every rank's verdict is combined so that all exit alike.
     tol, tol_emu = cfg.tolerance, cfg.emulation_tolerance
@@ -201,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" not in os.environ:  # plain `python scripts/parity.py`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0"))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0")
+        )
     dist.init_process_group(backend)
     try:
         ok = run(cfg)

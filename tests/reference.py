@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from tp_ffn import FeedForward
@@ -19,7 +18,9 @@ def rel_err(got: Tensor, want: Tensor) -> float:
 
 def dense64(dense: FeedForward) -> FeedForward:
     """A float64 copy of ``dense`` (the reference every parallel path is held against)."""
-    return FeedForward.from_state_dict({k: v.double() for k, v in dense.state_dict().items()}, activation=dense.activation)
+    return FeedForward.from_state_dict(
+        {k: v.double() for k, v in dense.state_dict().items()}, activation=dense.activation
+    )
 
 
 def worst(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -62,7 +62,10 @@ def test_feedforward_from_state_dict_both_namings():
     [
         (lambda sd: sd.pop("up_proj.weight"), r"missing keys \['up_proj.weight'\]"),
         (lambda sd: sd.update({"up_proj.bias": torch.zeros(12)}), r"unexpected keys \['up_proj.bias'\]"),
-        (lambda sd: sd.update({"down_proj.weight": torch.zeros(8, 11)}), r"'down_proj.weight'.*expected shape \(8, 12\), got \(8, 11\)"),
+        (
+            lambda sd: sd.update({"down_proj.weight": torch.zeros(8, 11)}),
+            r"'down_proj.weight'.*expected shape \(8, 12\), got \(8, 11\)",
+        ),
         (lambda sd: sd.update({"w2.weight": torch.zeros(8, 12)}), "mix"),
         (lambda sd: sd.update({"mlp.gate_proj.weight": torch.zeros(12, 8)}), "unexpected key 'mlp.gate_proj.weight'"),
         (lambda sd: sd.update({"gate_proj.weight": [[0.0]]}), "expected a torch.Tensor"),

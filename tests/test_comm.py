@@ -61,8 +61,12 @@ def test_ffn_collective_counts(world, mode):
     for rank, got in enumerate(run_ranks(world, _ffn_counts, mode)):
         for (sp, bias), (fwd, bwd) in got.items():
             want_fwd, want_bwd = _expected(world, sp, bias)
-            assert fwd == want_fwd, f"W={world} rank {rank} sp={sp} bias={bias}: forward {dict(fwd)} != {dict(want_fwd)}"
-            assert bwd == want_bwd, f"W={world} rank {rank} sp={sp} bias={bias}: backward {dict(bwd)} != {dict(want_bwd)}"
+            assert fwd == want_fwd, (
+                f"W={world} rank {rank} sp={sp} bias={bias}: forward {dict(fwd)} != {dict(want_fwd)}"
+            )
+            assert bwd == want_bwd, (
+                f"W={world} rank {rank} sp={sp} bias={bias}: backward {dict(bwd)} != {dict(want_bwd)}"
+            )
 
 
 def _meta_style_counts(rank: int, world: int) -> tuple[Counter, Counter]:

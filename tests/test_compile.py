@@ -28,7 +28,11 @@ def _graph_breaks(rank: int, world: int) -> dict[str, tuple[int, int, list[str]]
         x = torch.randn(2, 4, 32, requires_grad=True)
         dynamo.reset()
         explained = dynamo.explain(par)(x)
-        out[name] = (explained.graph_count, explained.graph_break_count, [str(r.reason)[:200] for r in explained.break_reasons])
+        out[name] = (
+            explained.graph_count,
+            explained.graph_break_count,
+            [str(r.reason)[:200] for r in explained.break_reasons],
+        )
     return out
 
 

@@ -97,10 +97,16 @@ def _distributed_errors(rank: int, world: int) -> dict[str, str]:
 @pytest.mark.timeout(60)
 def test_distributed_errors():
     for rank, caught in enumerate(run_ranks(2, _distributed_errors)):
-        assert "sequence length (dim 1) to be divisible by the tensor-parallel size 2, got length 5" in caught["split_sequence"]
+        assert (
+            "sequence length (dim 1) to be divisible by the tensor-parallel size 2, got length 5"
+            in caught["split_sequence"]
+        )
         assert "got length 5" in caught["reduce_scatter"]
         assert "got length 3" in caught["sp row"]
-        assert "hidden_dim: expected at least one row per rank (>= the tensor-parallel size 2), got 1" in caught["hidden < world"]
+        assert (
+            "hidden_dim: expected at least one row per rank (>= the tensor-parallel size 2), got 1"
+            in caught["hidden < world"]
+        )
         if rank == 1:
             assert "global rank 1 is not a member" in caught["non-member"]
         assert "x: sequence parallelism needs a sequence dimension 1 other than the last" in caught["sp 2-D x"]

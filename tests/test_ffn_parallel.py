@@ -192,7 +192,14 @@ def _autocast_case(rank: int, world: int) -> dict[str, tuple]:
             yd, yp = dense(xd), par(xp)
         yd.float().sum().backward()
         yp.float().sum().backward()
-        out[mode] = (yp.dtype, yd.dtype, rel_err(yp, yd), xp.grad.dtype, rel_err(xp.grad, xd.grad), par.w1.weight.grad.dtype)
+        out[mode] = (
+            yp.dtype,
+            yd.dtype,
+            rel_err(yp, yd),
+            xp.grad.dtype,
+            rel_err(xp.grad, xd.grad),
+            par.w1.weight.grad.dtype,
+        )
     return out
 
 

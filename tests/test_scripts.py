@@ -18,13 +18,32 @@ def _run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
 
 
 def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "scripts/parity.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "scripts/parity.py",
+    ]
     return _run(cmd + list(args))
 
 
 @pytest.mark.timeout(200)
 def test_parity_under_torchrun_passes():
-    r = _torchrun(2, "--dim", "32", "--hidden-dim", "77", "--bias", "--sequence-parallel", "--seq", "8", "--activation", "gelu_tanh")
+    r = _torchrun(
+        2,
+        "--dim",
+        "32",
+        "--hidden-dim",
+        "77",
+        "--bias",
+        "--sequence-parallel",
+        "--seq",
+        "8",
+        "--activation",
+        "gelu_tanh",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world size 2 (gloo on cpu)" in r.stdout
     assert "backward: all_gather 1, all_reduce 1, reduce_scatter 1" in r.stdout

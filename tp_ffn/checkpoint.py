@@ -10,14 +10,23 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-__all__ = ["HF_TO_META", "META_TO_HF", "canonical_ffn_state_dict", "check_ffn_state_dict", "ffn_shapes", "infer_ffn_dims"]
+__all__ = [
+    "HF_TO_META",
+    "META_TO_HF",
+    "canonical_ffn_state_dict",
+    "check_ffn_state_dict",
+    "ffn_shapes",
+    "infer_ffn_dims",
+]
 
 HF_TO_META = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 META_TO_HF = {meta: hf for hf, meta in HF_TO_META.items()}
 _SUFFIXES = ("weight", "bias")
 
 
-def canonical_ffn_state_dict(sd: Mapping[str, Tensor], name: str = "state_dict") -> tuple[dict[str, Tensor], dict[str, str]]:
+def canonical_ffn_state_dict(
+    sd: Mapping[str, Tensor], name: str = "state_dict"
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Rename a Meta- or HF-style FFN state dict to Meta keys.
 
     Returns ``(canonical, original)``: ``canonical`` maps ``w1.weight`` ... to the tensors and
@@ -43,7 +52,9 @@ def canonical_ffn_state_dict(sd: Mapping[str, Tensor], name: str = "state_dict")
         canonical[meta_key] = value
         original[meta_key] = key
     if len(styles) > 1:
-        raise ValueError(f"{name}: expected either Meta (w1/w2/w3) or Hugging Face (gate/up/down_proj) keys, got a mix: {sorted(sd)}")
+        raise ValueError(
+            f"{name}: expected either Meta (w1/w2/w3) or Hugging Face (gate/up/down_proj) keys, got a mix: {sorted(sd)}"
+        )
     return canonical, original
 
 
@@ -57,7 +68,9 @@ def ffn_shapes(dim: int, hidden_dim: int, bias: bool) -> dict[str, tuple[int, ..
     return shapes
 
 
-def infer_ffn_dims(canonical: Mapping[str, Tensor], original: Mapping[str, str], name: str = "state_dict") -> tuple[int, int, bool]:
+def infer_ffn_dims(
+    canonical: Mapping[str, Tensor], original: Mapping[str, str], name: str = "state_dict"
+) -> tuple[int, int, bool]:
     """``(dim, hidden_dim, bias)`` of a full state dict, read off w1's weight and checked against every key."""
     w1 = canonical.get("w1.weight")
     if w1 is None or w1.dim() != 2:
@@ -70,7 +83,10 @@ def infer_ffn_dims(canonical: Mapping[str, Tensor], original: Mapping[str, str],
 
 
 def check_ffn_state_dict(
-    canonical: Mapping[str, Tensor], original: Mapping[str, str], expected: Mapping[str, tuple[int, ...]], name: str = "state_dict"
+    canonical: Mapping[str, Tensor],
+    original: Mapping[str, str],
+    expected: Mapping[str, tuple[int, ...]],
+    name: str = "state_dict",
 ) -> None:
     """Raise ``ValueError`` naming every missing or unexpected key, or the first wrong shape."""
     missing = [k for k in expected if k not in canonical]
@@ -78,7 +94,10 @@ def check_ffn_state_dict(
     if missing or extra:
         hf = any(k.split(".")[0] in HF_TO_META for k in original.values())
         shown = [f"{META_TO_HF[k.split('.')[0]]}.{k.split('.')[1]}" if hf else k for k in missing]
-        raise ValueError(f"{name}: missing keys {shown}, unexpected keys {extra} (expected exactly {sorted(expected)} or their Hugging Face names)")
+        raise ValueError(
+            f"{name}: missing keys {shown}, unexpected keys {extra} "
+            f"(expected exactly {sorted(expected)} or their Hugging Face names)"
+        )
     for key, shape in expected.items():
         got = tuple(canonical[key].shape)
         if got != shape:

@@ -48,7 +48,11 @@ def llama_ffn_hidden_dim(
     h = 4 * dim if hidden_dim is None else check_features("hidden_dim", hidden_dim)
     h = int(2 * h / 3)
     if ffn_dim_multiplier is not None:
-        if isinstance(ffn_dim_multiplier, bool) or not isinstance(ffn_dim_multiplier, (int, float)) or ffn_dim_multiplier <= 0:
+        if (
+            isinstance(ffn_dim_multiplier, bool)
+            or not isinstance(ffn_dim_multiplier, (int, float))
+            or ffn_dim_multiplier <= 0
+        ):
             raise ValueError(f"ffn_dim_multiplier: expected a positive number or None, got {ffn_dim_multiplier!r}")
         h = int(ffn_dim_multiplier * h)
     return multiple_of * ((h + multiple_of - 1) // multiple_of)
@@ -151,11 +155,23 @@ class ParallelFeedForward(nn.Module):
         self.fuse_gate_up, self.overlap_comm = bool(fuse_gate_up), bool(overlap_comm)
         self.comm_chunks = check_features("comm_chunks", comm_chunks)
         if comm_chunks > 1 and sequence_parallel:
-            raise ValueError(f"comm_chunks: expected 1 with sequence_parallel=True (chunking splits the all-reduce), got {comm_chunks}")
+            raise ValueError(
+                "comm_chunks: expected 1 with sequence_parallel=True (chunking splits the all-reduce), "
+                f"got {comm_chunks}"
+            )
         world = resolve_group(group).size
         if hidden_dim < world:
-            raise ValueError(f"hidden_dim: expected at least one row per rank (>= the tensor-parallel size {world}), got {hidden_dim}")
-        kw = {"group": group, "sequence_parallel": sequence_parallel, "sequence_dim": sequence_dim, "dtype": dtype, "device": device}
+            raise ValueError(
+                f"hidden_dim: expected at least one row per rank (>= the tensor-parallel size {world}), "
+                f"got {hidden_dim}"
+            )
+        kw = {
+            "group": group,
+            "sequence_parallel": sequence_parallel,
+            "sequence_dim": sequence_dim,
+            "dtype": dtype,
+            "device": device,
+        }
         # Built in the dense block's order (w1, w2, w3) so that both draw the same random stream.
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias, gather_output=False, **kw)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias, input_is_parallel=True, **kw)
@@ -177,7 +193,11 @@ class ParallelFeedForward(nn.Module):
         else:
             # The reference path: one region for both column-parallel GEMMs, so a single
             # all-reduce (SP: reduce-scatter) of the input gradient.
-            x = gather_from_sequence(x, group, self.sequence_dim) if self.sequence_parallel else copy_to_parallel(x, group)
+            x = (
+                gather_from_sequence(x, group, self.sequence_dim)
+                if self.sequence_parallel
+                else copy_to_parallel(x, group)
+            )
             g, u = F.linear(x, w1.weight, w1.bias), F.linear(x, w3.weight, w3.bias)
         h = self.act(g) * u
         if self.comm_chunks > 1 and self.tp.size > 1:
@@ -212,7 +232,9 @@ class ParallelFeedForward(nn.Module):
             sd = ffn_or_state_dict
             activation = activation or "silu"
         else:
-            raise TypeError(f"ffn_or_state_dict: expected a FeedForward or a state dict, got {type(ffn_or_state_dict).__name__}")
+            raise TypeError(
+                f"ffn_or_state_dict: expected a FeedForward or a state dict, got {type(ffn_or_state_dict).__name__}"
+            )
         canonical, original = canonical_ffn_state_dict(sd, "ffn_or_state_dict")
         dim, hidden_dim, bias = infer_ffn_dims(canonical, original, "ffn_or_state_dict")
         w1 = canonical["w1.weight"]

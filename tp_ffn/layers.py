@@ -220,7 +220,9 @@ class RowParallelLinear(_ParallelLinear):
             check_input(x, self.weight, self.end - self.start, what=shard, sequence_dim=self.active_sequence_dim)
         else:
             check_input(x, self.weight, self.in_features, what="in_features")
-        return self.forward_parallel(x if self.input_is_parallel else scatter_to_parallel(x, self.tp.group, -1, self.shard_sizes))
+        return self.forward_parallel(
+            x if self.input_is_parallel else scatter_to_parallel(x, self.tp.group, -1, self.shard_sizes)
+        )
 
     def forward_parallel(self, x: Tensor) -> Tensor:
         """The product of an input already split by features ``[*, n_r]`` (no checks)."""

@@ -54,7 +54,9 @@ class LlamaConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"LlamaConfig: dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"LlamaConfig: head_dim = dim / n_heads = {self.head_dim} must be even for rotary embeddings")
+            raise ValueError(
+                f"LlamaConfig: head_dim = dim / n_heads = {self.head_dim} must be even for rotary embeddings"
+            )
         if self.n_heads % self.kv_heads:
             raise ValueError(f"LlamaConfig: n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
 
@@ -97,8 +99,15 @@ PRESETS: dict[str, LlamaConfig] = {
     "small": LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=64, max_seq_len=512),
     "llama2-7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096),
     "llama3-8b": LlamaConfig(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
-        ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        multiple_of=1024,
+        ffn_dim_multiplier=1.3,
+        rope_theta=500000.0,
+        max_seq_len=8192,
     ),  # fmt: skip
 }
 
@@ -211,10 +220,18 @@ class Transformer(nn.Module):
         self.sequence_parallel = bool(sequence_parallel) and self.tp.size > 1
         kw = {"dtype": dtype, "device": device}
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, **kw)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, group, self.sequence_parallel, **kw) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(
+            TransformerBlock(cfg, group, self.sequence_parallel, **kw) for _ in range(cfg.n_layers)
+        )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.tp, self.sequence_parallel, **kw)
         self.output = ColumnParallelLinear(
-            cfg.dim, cfg.vocab_size, bias=False, gather_output=True, group=group, sequence_parallel=self.sequence_parallel, **kw
+            cfg.dim,
+            cfg.vocab_size,
+            bias=False,
+            gather_output=True,
+            group=group,
+            sequence_parallel=self.sequence_parallel,
+            **kw,
         )
         cos, sin = precompute_rope(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         rope_device = None if device is None or torch.device(device).type == "meta" else device
@@ -223,7 +240,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens: expected an integer tensor [batch, seq], got {tokens.dtype} of shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens: expected an integer tensor [batch, seq], got {tokens.dtype} of shape {tuple(tokens.shape)}"
+            )
         s = tokens.shape[1]
         if s > self.cfg.max_seq_len:
             raise ValueError(f"tokens: expected at most max_seq_len={self.cfg.max_seq_len} positions, got {s}")
