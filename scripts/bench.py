@@ -363,6 +363,27 @@ def print_table(summary: dict) -> None:
         )
 
 
+def markdown(summary: dict) -> str:
+    """The table as Markdown, for docs/benchmarks.md."""
+    lines = [
+        "| candidate | dtype | median ms | p10-p90 ms | tokens/s | GFLOP/s | of GEMM rate | vs local | vs fairscale "
+        "| vs torch-tp | collectives/step | MiB moved | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in summary["rows"]:
+        if "median_ms" not in r:
+            lines.append(f"| {r['name']} | {r['dtype']} | skipped: {r['note']} |" + " |" * 10)
+            continue
+        coll = ", ".join(f"{k} {v}" for k, v in sorted(r["collectives"].items())) or "none"
+        rel = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+        lines.append(
+            f"| {r['name']} | {r['dtype']} | {r['median_ms']:.1f} | {r['p10_ms']:.1f}-{r['p90_ms']:.1f} "
+            f"| {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | {r['gemm_fraction']:.2f} | {rel('vs_local')} "
+            f"| {rel('vs_fairscale')} | {rel('vs_torch-tp')} | {coll} | {r['comm_mib']:.1f} | {r['peak_mib']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -413,8 +434,9 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(cfg.out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "bench.json").write_text(json.dumps(summary, indent=1))
+            (out / "bench.md").write_text(markdown(summary))
             plot(summary, out / "bench.png")
-            print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
+            print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}")
     finally:
         dist.destroy_process_group()
     return 0

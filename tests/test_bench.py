@@ -1,0 +1,36 @@
+"""scripts/bench.py runs every candidate under torchrun and writes its JSON, Markdown and chart.
+(Correctness of the script only: timings are never asserted.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(300)
+def test_bench_smoke(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/bench.py"]
+    cmd += ["--dim", "64", "--hidden-dim", "128", "--tokens", "32", "--reps", "2", "--warmup", "1", "--dtype", "both"]
+    r = subprocess.run(cmd + ["--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    rows = {(row["name"], row["dtype"]): row for row in summary["rows"]}
+    for dtype in ("float32", "bfloat16"):
+        for name in ("dense", "tp-plain", "tp-fused", "tp-overlap", "tp-chunked", "tp-sp", "fairscale", "torch-tp", "local"):
+            assert len(rows[(name, dtype)]["times_ms"]) == 2, (name, dtype)
+        # What each candidate communicates per step (forward + backward).
+        assert rows[("tp-overlap", dtype)]["collectives"] == {"all_reduce": 2}
+        assert rows[("fairscale", dtype)]["collectives"] == {"all_reduce": 3}
+        assert rows[("tp-chunked", dtype)]["collectives"] == {"all_reduce": 5}
+        assert rows[("local", dtype)]["collectives"] == {}
+    assert rows[("tp-plain", "float32")]["comm_mib"] == pytest.approx(2 * 32 * 64 * 4 / 2**20)
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "| tp-overlap | float32 |" in (tmp_path / "bench.md").read_text()
