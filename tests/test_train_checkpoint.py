@@ -214,3 +214,34 @@ def test_load_full_tensors_has_global_shapes(reference):
     assert w["layers.0.feed_forward.w2.weight"].shape == (128, 341)
     assert w["output.weight"].shape == (256, 128)
     assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def _first_loss(rank: int, world: int, overrides: dict) -> float:
+    return train(TrainConfig(**{**BASE, **overrides})).losses[0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", ["hf", "meta"])
+def test_init_from_pretrained_weights(tmp_path, fmt):
+    """--init-from a Hugging Face / Meta (2 shards) directory at TP=2: the first step's loss is the
+    loss of the exported model on the first batch, computed here in one process."""
+    import torch.nn.functional as F
+
+    from tp_ffn.models import PRESETS, Transformer
+    from tp_ffn.models.weights import export_hf, export_meta
+    from tp_ffn.train.data import Windows, load_corpus
+
+    torch.manual_seed(123)  # not the training seed: the weights must come from the files
+    model = Transformer(PRESETS["tiny"])
+    src = tmp_path / fmt
+    export_hf(model, src) if fmt == "hf" else export_meta(model, src, num_shards=2)
+    corpus = load_corpus(None, corpus_bytes=BASE["corpus_bytes"], val_fraction=0.05, seq_len=BASE["seq_len"])
+    batch = Windows(corpus.train, BASE["seq_len"], BASE["seed"]).batch(0, BASE["batch_size"])
+    with torch.no_grad():
+        want = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
+    got = run_ranks(2, _first_loss, {"tp": 2, "steps": 1, "ckpt_every": 0, "model_args": {}, "init_from": str(src)}, timeout=240)[0]
+    assert abs(got - want) / want < 1e-5
+    torch.manual_seed(BASE["seed"])  # what the run would start from without --init-from
+    with torch.no_grad():
+        fresh = F.cross_entropy(Transformer(PRESETS["tiny"])(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
+    assert abs(fresh - want) / want > 1e-3

@@ -16,6 +16,7 @@ The model gets ``mesh["tp"]`` as its group (never the world, never ``LOCAL_RANK`
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -43,8 +44,19 @@ class Runtime:
     created_group: bool
 
     def shutdown(self) -> None:
+        """Destroy the process group this process created, once every rank got here.
+
+        The model, FSDP2's state and their pending collective handles form reference cycles; they
+        are collected first, while the interpreter is whole. Left to interpreter shutdown, gloo's
+        threads may release them after Python is gone, which aborts the process (SIGABRT,
+        "terminate called without an active exception") after a run that otherwise succeeded.
+        """
         if self.created_group and dist.is_initialized():
-            dist.destroy_process_group()
+            gc.collect()
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 def init_runtime(device: str = "auto", timeout_s: float = 600) -> Runtime:
