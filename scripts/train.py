@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         if _rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except FloatingPointError as e:  # the loss diverged: the same on every rank (it is all-reduced)
+        if _rank() == 0:
+            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

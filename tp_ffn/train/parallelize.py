@@ -43,8 +43,9 @@ class Runtime:
     world: int
     created_group: bool
 
-    def shutdown(self) -> None:
-        """Destroy the process group this process created, once every rank got here.
+    def shutdown(self, *, synchronize: bool = True) -> None:
+        """Destroy the process group this process created; with ``synchronize``, once every rank
+        got here (only on success: after a failure a peer may never arrive).
 
         The model, FSDP2's state and their pending collective handles form reference cycles; they
         are collected first, while the interpreter is whole. Left to interpreter shutdown, gloo's
@@ -54,7 +55,8 @@ class Runtime:
         if self.created_group and dist.is_initialized():
             gc.collect()
             try:
-                dist.barrier()
+                if synchronize:
+                    dist.barrier()
             finally:
                 dist.destroy_process_group()
 

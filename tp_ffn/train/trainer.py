@@ -191,10 +191,13 @@ def _load_pretrained(load: Callable[..., None], model: nn.Module, path: str) -> 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the job described by ``cfg`` on every rank; see ``scripts/train.py`` for the commands."""
     rt = init_runtime(cfg.device)
+    ok = False
     try:
-        return _train(cfg, rt)
+        result = _train(cfg, rt)
+        ok = True
+        return result
     finally:
-        rt.shutdown()
+        rt.shutdown(synchronize=ok)
 
 
 def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
