@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import time
 
 import torch
@@ -23,10 +22,20 @@ from tp_ffn import ParallelFeedForward
 GiB = 2**30
 
 
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: resets VmHWM to the current RSS
+        f.write("5")
+
+
 def peak_bytes(device: torch.device) -> int:
+    """Peak allocated (CUDA) or peak resident (CPU, VmHWM) bytes since the last reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
 
 
 def main() -> None:
@@ -43,7 +52,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
 
     torch.manual_seed(0)
-    torch.ones(8, 8) @ torch.ones(8, 8)  # load BLAS before the baseline
+    ParallelFeedForward(8, 16, device=device)  # map the code paths before the baseline
+    reset_peak(device)
     before = peak_bytes(device)
     t0 = time.perf_counter()
     ffn = ParallelFeedForward(a.dim, a.hidden_dim, bias=a.bias, device=device)
