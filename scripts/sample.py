@@ -27,8 +27,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sample.py", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt-dir", required=True, help="a training --ckpt-dir (newest checkpoint) or one step_N directory")
+    p = _Parser(
+        prog="sample.py", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--ckpt-dir", required=True, help="a training --ckpt-dir (newest checkpoint) or one step_N directory"
+    )
     p.add_argument("--prompt", default="def ", help="text to continue (UTF-8 bytes are the tokens)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate per sample")
     p.add_argument("--num-samples", type=int, default=1)
@@ -54,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             gen = torch.Generator().manual_seed(args.seed)
             prompt = list(args.prompt.encode("utf-8"))
             for i in range(args.num_samples):
-                out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, generator=gen)
+                out = generate(
+                    model,
+                    prompt,
+                    args.max_new_tokens,
+                    temperature=args.temperature,
+                    top_k=args.top_k or None,
+                    generator=gen,
+                )
                 if rank == 0:
                     print(f"--- sample {i + 1}\n{bytes(prompt + out).decode('utf-8', errors='replace')}", flush=True)
         finally:

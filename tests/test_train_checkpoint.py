@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from rankpool import run_ranks
+
 from tp_ffn.train import TrainConfig, train
 from tp_ffn.train import checkpoint as ck
 
@@ -40,7 +40,11 @@ def _run(world: int, **overrides) -> dict:
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _max_rel(a: list[float], b: list[float]) -> float:
@@ -110,7 +114,7 @@ def _crash_in_second_save(rank: int, world: int, overrides: dict) -> None:
     real = dcp.FileSystemWriter.finish
     calls = {"n": 0}
 
-    def finish(self, metadata, results):  # noqa: ANN001
+    def finish(self, metadata, results):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated crash while saving")
@@ -173,10 +177,18 @@ def _expect_error(rank: int, world: int, overrides: dict) -> str | None:
 def test_damaged_or_mismatched_checkpoints_are_refused(reference, tmp_path):
     _, ref_dir = reference(2, 2, 1)
     cases = {
-        "truncated": (lambda d: _truncate(d / "step_00000010" / "__1_0.distcp"), {}, r"is damaged: __1_0.distcp is \d+ bytes, expected \d+"),
+        "truncated": (
+            lambda d: _truncate(d / "step_00000010" / "__1_0.distcp"),
+            {},
+            r"is damaged: __1_0.distcp is \d+ bytes, expected \d+",
+        ),
         "garbled": (lambda d: _garble(d / "step_00000010" / ".metadata"), {}, r"could not be loaded"),
         "foreign": (lambda d: _foreign(d / "step_00000010" / "meta.json"), {}, r"is not a tp_ffn training checkpoint"),
-        "other-model": (lambda d: None, {"model_args": {**BASE["model_args"], "n_layers": 3}}, r"is for another model \(n_layers 2 vs 3\)"),
+        "other-model": (
+            lambda d: None,
+            {"model_args": {**BASE["model_args"], "n_layers": 3}},
+            r"is for another model \(n_layers 2 vs 3\)",
+        ),
         "other-data": (lambda d: None, {"corpus_bytes": 150_000}, r"was trained on other data"),
         "fresh-run": (lambda d: None, {"resume": False}, r"already holds checkpoints .*pass --resume"),
     }
@@ -239,9 +251,13 @@ def test_init_from_pretrained_weights(tmp_path, fmt):
     batch = Windows(corpus.train, BASE["seq_len"], BASE["seed"]).batch(0, BASE["batch_size"])
     with torch.no_grad():
         want = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
-    got = run_ranks(2, _first_loss, {"tp": 2, "steps": 1, "ckpt_every": 0, "model_args": {}, "init_from": str(src)}, timeout=240)[0]
+    got = run_ranks(
+        2, _first_loss, {"tp": 2, "steps": 1, "ckpt_every": 0, "model_args": {}, "init_from": str(src)}, timeout=240
+    )[0]
     assert abs(got - want) / want < 1e-5
     torch.manual_seed(BASE["seed"])  # what the run would start from without --init-from
     with torch.no_grad():
-        fresh = F.cross_entropy(Transformer(PRESETS["tiny"])(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
+        fresh = F.cross_entropy(
+            Transformer(PRESETS["tiny"])(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()
+        ).item()
     assert abs(fresh - want) / want > 1e-3

@@ -60,7 +60,7 @@ def test_cpu_and_cuda_images_differ_only_in_base_and_torch_build():
 
 def test_compose_runs_two_nodes_over_its_network():
     text = (DOCKER / "compose.yaml").read_text()
-    commands = [json.loads(m) for m in re.findall(r"^\s+command: (\[.*\])\s*$", text, flags=re.M)]
+    commands = [json.loads(m) for m in re.findall(r"^\s+command: (\[.*\])\s*$", text, flags=re.MULTILINE)]
     assert len(commands) == 2
     for rank, argv in enumerate(commands):
         _check_torchrun_command(argv)
@@ -70,7 +70,9 @@ def test_compose_runs_two_nodes_over_its_network():
         assert launcher[launcher.index("--rdzv-endpoint") + 1] == "node0:29500"
     assert commands[0][commands[0].index("scripts/train.py") :] == commands[1][commands[1].index("scripts/train.py") :]
     assert "dockerfile: docker/Dockerfile.cpu" in text and "context: .." in text
-    assert re.search(r"^\s+- checkpoints:/ckpt$", text, flags=re.M), "both nodes need the same checkpoint volume"
+    assert re.search(r"^\s+- checkpoints:/ckpt$", text, flags=re.MULTILINE), (
+        "both nodes need the same checkpoint volume"
+    )
 
 
 def test_readme_documents_the_same_install_and_docker_commands():

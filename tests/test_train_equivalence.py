@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from rankpool import run_ranks
+
 from tp_ffn.train import TrainConfig, train
 
 BASE = dict(
@@ -107,7 +107,13 @@ def _grad_norms(rank: int, world: int, tp: int, sp: bool) -> dict:
     tokens = torch.randint(0, 256, (8, 17), generator=torch.Generator().manual_seed(5))
     dp = world // tp
     mesh = build_mesh(torch.device("cpu"), dp, tp)
-    model = parallelize(Transformer(cfg, group=mesh["tp"], sequence_parallel=sp), mesh, dtype="float32", compile=False, activation_checkpointing=False)
+    model = parallelize(
+        Transformer(cfg, group=mesh["tp"], sequence_parallel=sp),
+        mesh,
+        dtype="float32",
+        compile=False,
+        activation_checkpointing=False,
+    )
     d = mesh["dp"].get_local_rank()
     mine = tokens[d * (8 // dp) : (d + 1) * (8 // dp)]
     logits = model(mine[:, :-1])

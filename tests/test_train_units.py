@@ -18,7 +18,19 @@ from tp_ffn.train.optim import WarmupCosine
 
 
 def test_parse_args_defaults_and_flags():
-    cfg = parse_args(["--tp", "2", "--steps", "7", "--sequence-parallel", "--dtype", "bfloat16", "--model-args", "n_layers=3,ffn_dim_multiplier=1.3"])
+    cfg = parse_args(
+        [
+            "--tp",
+            "2",
+            "--steps",
+            "7",
+            "--sequence-parallel",
+            "--dtype",
+            "bfloat16",
+            "--model-args",
+            "n_layers=3,ffn_dim_multiplier=1.3",
+        ]
+    )
     assert (cfg.tp, cfg.dp, cfg.steps, cfg.sequence_parallel, cfg.dtype) == (2, None, 7, True, "bfloat16")
     assert cfg.model_args == {"n_layers": 3, "ffn_dim_multiplier": 1.3}
     assert cfg.model_config().n_layers == 3
@@ -37,7 +49,10 @@ def test_parse_args_defaults_and_flags():
         (["--metrics", "m.csv"], r"--metrics: expected a path ending in .jsonl"),
         (["--model-args", "layers=3"], r"--model-args: expected KEY=VALUE with KEY one of"),
         (["--model-args", "dim=big"], r"--model-args: dim expects a number"),
-        (["--model-args", "dim=100,n_heads=8"], r"--model-args: LlamaConfig: dim \(100\) must be divisible by n_heads \(8\)"),
+        (
+            ["--model-args", "dim=100,n_heads=8"],
+            r"--model-args: LlamaConfig: dim \(100\) must be divisible by n_heads \(8\)",
+        ),
         (["--steps", "ten"], r"argument --steps: invalid int value"),
         (["--min-lr-ratio", "2"], r"--min-lr-ratio: expected a value in \[0, 1\]"),
     ],
@@ -59,7 +74,9 @@ def test_plan_splits_world_and_batch():
         TrainConfig(tp=3).plan(4)
     with pytest.raises(UsageError, match=r"--batch-size \(10\) must be divisible by dp \(4\)"):
         TrainConfig(batch_size=10).plan(4)
-    with pytest.raises(UsageError, match=r"--batch-size \(8\) must be divisible by --micro-batch-size \(3\) x dp \(2\)"):
+    with pytest.raises(
+        UsageError, match=r"--batch-size \(8\) must be divisible by --micro-batch-size \(3\) x dp \(2\)"
+    ):
         TrainConfig(batch_size=8, micro_batch_size=3).plan(2)
 
 
@@ -123,7 +140,7 @@ def test_warmup_cosine():
 
 
 def test_chunk_bounds_are_torch_chunk():
-    for n in range(0, 23):
+    for n in range(23):
         for parts in range(1, 6):
             pieces = torch.arange(n).chunk(parts) if n else ()
             for i in range(parts):

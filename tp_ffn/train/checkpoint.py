@@ -70,9 +70,9 @@ from .layout import Block, local_tensor, param_blocks
 
 __all__ = [
     "FORMAT",
-    "CheckpointInfo",
     "BlockLoadPlanner",
     "BlockSavePlanner",
+    "CheckpointInfo",
     "TrainingState",
     "check_ckpt_dir",
     "find_latest",
@@ -144,7 +144,9 @@ def find_latest(ckpt_dir: str | os.PathLike) -> tuple[CheckpointInfo | None, lis
     root = Path(ckpt_dir)
     if not root.is_dir():
         return None, []
-    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()), reverse=True)
+    found = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()), reverse=True
+    )
     skipped: list[Path] = []
     for step, path in found:
         if not (path / META).exists():
@@ -264,7 +266,9 @@ class BlockLoadPlanner(DefaultLoadPlanner):
             if not isinstance(saved, TensorStorageMetadata):
                 raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
             if tuple(saved.size) != b.global_shape:
-                raise ValueError(f"Size mismatch between saved {tuple(saved.size)} and current: {b.global_shape} for {fqn}")
+                raise ValueError(
+                    f"Size mismatch between saved {tuple(saved.size)} and current: {b.global_shape} for {fqn}"
+                )
             if b.numel:
                 chunk = ChunkStorageMetadata(offsets=torch.Size(b.offsets), sizes=torch.Size(b.sizes))
                 requests.extend(create_read_items_for_chunk_list(fqn, saved, [chunk]))
@@ -311,7 +315,9 @@ class TrainingState:
         return rows
 
     @torch.no_grad()
-    def state_dict(self, *, step: int = 0, position: int = 0, rng: bool = True, model_only: bool = False) -> dict[str, Any]:
+    def state_dict(
+        self, *, step: int = 0, position: int = 0, rng: bool = True, model_only: bool = False
+    ) -> dict[str, Any]:
         """Tensors that alias the live model / optimizer, and the scalars."""
         sd: dict[str, Any] = {}
         for key, p in self.params.items():
@@ -334,7 +340,9 @@ class TrainingState:
                 sd["rng.cuda"] = self._rng_rows("rng.cuda", torch.cuda.get_rng_state())
         return sd
 
-    def save(self, ckpt_dir: str | os.PathLike, step: int, position: int, meta: dict[str, Any], *, keep_last: int = 0) -> Path | None:
+    def save(
+        self, ckpt_dir: str | os.PathLike, step: int, position: int, meta: dict[str, Any], *, keep_last: int = 0
+    ) -> Path | None:
         """:func:`save_atomic` of the whole training state."""
         sd = self.state_dict(step=step, position=position)
         return save_atomic(ckpt_dir, step, sd, meta, planner=BlockSavePlanner(self.blocks), keep_last=keep_last)
@@ -347,7 +355,9 @@ class TrainingState:
         """
         verify_files(info)
         same_world = info.meta.get("world") == self.world
-        rng_keys = sorted(set(info.meta.get("rng", [])) & {"rng.cpu", "rng.cuda"}) if same_world and not model_only else []
+        rng_keys = (
+            sorted(set(info.meta.get("rng", [])) & {"rng.cpu", "rng.cuda"}) if same_world and not model_only else []
+        )
         if "rng.cuda" in rng_keys and not (torch.cuda.is_available() and torch.cuda.is_initialized()):
             rng_keys.remove("rng.cuda")
         sd = self.state_dict(rng=False, model_only=model_only)
@@ -382,11 +392,11 @@ def _rng_buffer(key: str) -> Tensor:
 def _restore_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, last_epoch: int) -> None:
     """Put a LambdaLR at ``last_epoch`` and set each group's lr as its ``step()`` would have."""
     scheduler.last_epoch = last_epoch
-    scheduler._step_count = last_epoch + 1  # noqa: SLF001 - keeps LambdaLR's "step before optimizer" check quiet
+    scheduler._step_count = last_epoch + 1
     lrs = [base * fn(last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
-    scheduler._last_lr = lrs  # noqa: SLF001
+    scheduler._last_lr = lrs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,7 +452,9 @@ def save_atomic(
     if tmp_name is None:
         return None
     tmp = root / tmp_name
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), planner=planner, no_dist=not _is_dist())
+    dcp.save(
+        state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), planner=planner, no_dist=not _is_dist()
+    )
     if rank == 0:
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         full_meta = {

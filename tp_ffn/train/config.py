@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..models.llama import PRESETS, LlamaConfig
 
@@ -82,11 +83,12 @@ class TrainConfig:
     metrics: str | None = None
     progress: bool = True
     deterministic: bool = False
+    timeout: int = 600
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise UsageError(f"--preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
-        for name in ("tp", "steps", "seq_len", "batch_size", "val_sequences", "corpus_bytes"):
+        for name in ("tp", "steps", "seq_len", "batch_size", "val_sequences", "corpus_bytes", "timeout"):
             _positive(name, getattr(self, name))
         for name in ("dp", "micro_batch_size"):
             if getattr(self, name) is not None:
@@ -105,7 +107,9 @@ class TrainConfig:
         if not 0 < self.val_fraction < 1:
             raise UsageError(f"--val-fraction: expected a value in (0, 1), got {self.val_fraction}")
         if self.grad_clip < 0 or self.weight_decay < 0:
-            raise UsageError(f"--grad-clip / --weight-decay: expected values >= 0, got {self.grad_clip} / {self.weight_decay}")
+            raise UsageError(
+                f"--grad-clip / --weight-decay: expected values >= 0, got {self.grad_clip} / {self.weight_decay}"
+            )
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UsageError(f"--beta1 / --beta2: expected values in [0, 1), got {self.beta1} / {self.beta2}")
         if self.resume and self.ckpt_dir is None:
@@ -113,7 +117,9 @@ class TrainConfig:
         if self.ckpt_every and self.ckpt_dir is None:
             raise UsageError(f"--ckpt-every {self.ckpt_every}: needs --ckpt-dir (where to write the checkpoints)")
         if self.metrics is not None and not self.metrics.endswith(".jsonl"):
-            raise UsageError(f"--metrics: expected a path ending in .jsonl (the plot goes next to it as .png), got {self.metrics!r}")
+            raise UsageError(
+                f"--metrics: expected a path ending in .jsonl (the plot goes next to it as .png), got {self.metrics!r}"
+            )
 
     @property
     def metrics_path(self) -> Path | None:
@@ -214,43 +220,122 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m = p.add_argument_group("model")
     m.add_argument("--preset", default=d.preset, help=f"model shape: one of {sorted(PRESETS)}")
-    m.add_argument("--model-args", default="", metavar="K=V,...", help="override LlamaConfig fields, e.g. n_layers=4,multiple_of=1")
-    m.add_argument("--init-from", default=None, metavar="PATH", help="start from a Hugging Face or Meta checkpoint directory (its config replaces --preset)")
+    m.add_argument(
+        "--model-args", default="", metavar="K=V,...", help="override LlamaConfig fields, e.g. n_layers=4,multiple_of=1"
+    )
+    m.add_argument(
+        "--init-from",
+        default=None,
+        metavar="PATH",
+        help="start from a Hugging Face or Meta checkpoint directory (its config replaces --preset)",
+    )
     par = p.add_argument_group("parallelism and precision")
     par.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel size (ranks that share one model replica)")
-    par.add_argument("--dp", type=int, default=None, help="data-parallel size (FSDP2 over this many replicas); default world size / tp")
-    par.add_argument("--sequence-parallel", action="store_true", help="shard activations between blocks along the sequence over the TP group")
-    par.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="bfloat16: bf16 compute and parameters in the forward, fp32 master weights and gradient reduction")
-    par.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="auto: cuda (NCCL) when available, else cpu (gloo)")
+    par.add_argument(
+        "--dp",
+        type=int,
+        default=None,
+        help="data-parallel size (FSDP2 over this many replicas); default world size / tp",
+    )
+    par.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="shard activations between blocks along the sequence over the TP group",
+    )
+    par.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=DTYPES,
+        help="bfloat16: bf16 compute and parameters in the forward, fp32 master weights and gradient reduction",
+    )
+    par.add_argument(
+        "--device",
+        default=d.device,
+        choices=("auto", "cpu", "cuda"),
+        help="auto: cuda (NCCL) when available, else cpu (gloo)",
+    )
     par.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    par.add_argument("--compile-backend", default=d.compile_backend, help="torch.compile backend (inductor; aot_eager compiles fast, without code generation)")
-    par.add_argument("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
+    par.add_argument(
+        "--compile-backend",
+        default=d.compile_backend,
+        help="torch.compile backend (inductor; aot_eager compiles fast, without code generation)",
+    )
+    par.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute each block's activations in backward"
+    )
     par.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (GPU runs)")
+    par.add_argument(
+        "--timeout",
+        type=int,
+        default=d.timeout,
+        help="seconds a rank may wait in the rendezvous or a collective before failing (torchrun --max-restarts then restarts the group)",
+    )
     t = p.add_argument_group("optimisation")
-    t.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total (a resumed run stops at the same step)")
+    t.add_argument(
+        "--steps", type=int, default=d.steps, help="optimizer steps in total (a resumed run stops at the same step)"
+    )
     t.add_argument("--seed", type=int, default=d.seed, help="seeds the weights and the data order")
     t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens (bytes) per sequence")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch: sequences per optimizer step, over all dp ranks")
-    t.add_argument("--micro-batch-size", type=int, default=None, help="sequences per rank per forward; gradient accumulation = batch / (micro x dp); default batch / dp")
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="global batch: sequences per optimizer step, over all dp ranks",
+    )
+    t.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="sequences per rank per forward; gradient accumulation = batch / (micro x dp); default batch / dp",
+    )
     t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
     t.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine decays to lr x this")
     t.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay of matrices (not norms)")
     t.add_argument("--beta1", type=float, default=d.beta1)
     t.add_argument("--beta2", type=float, default=d.beta2)
-    t.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm to this (0: off)")
+    t.add_argument(
+        "--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm to this (0: off)"
+    )
     dat = p.add_argument_group("data")
-    dat.add_argument("--data", default=None, metavar="FILE", help="UTF-8 text to train on (byte level); default: the Python standard library's sources")
+    dat.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="UTF-8 text to train on (byte level); default: the Python standard library's sources",
+    )
     dat.add_argument("--corpus-bytes", type=int, default=d.corpus_bytes, help="size of the default corpus")
-    dat.add_argument("--val-fraction", type=float, default=d.val_fraction, help="tail of the data held out for validation")
-    dat.add_argument("--val-every", type=int, default=d.val_every, help="validation loss every N steps (and at the end; 0: only at the end)")
+    dat.add_argument(
+        "--val-fraction", type=float, default=d.val_fraction, help="tail of the data held out for validation"
+    )
+    dat.add_argument(
+        "--val-every",
+        type=int,
+        default=d.val_every,
+        help="validation loss every N steps (and at the end; 0: only at the end)",
+    )
     dat.add_argument("--val-sequences", type=int, default=d.val_sequences, help="sequences in each validation pass")
     c = p.add_argument_group("checkpoints and metrics")
-    c.add_argument("--ckpt-dir", default=None, metavar="DIR", help="checkpoint directory (step_XXXXXXXX/ subdirectories)")
-    c.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="save every N steps (0: only at the end); needs --ckpt-dir")
-    c.add_argument("--keep-last", type=int, default=d.keep_last, help="keep only the newest N checkpoints (0: keep all)")
-    c.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --ckpt-dir, if any (any --tp / --dp)")
-    c.add_argument("--metrics", default=None, metavar="FILE.jsonl", help="metrics file (default <ckpt-dir>/metrics.jsonl); the loss plot is written next to it as .png")
+    c.add_argument(
+        "--ckpt-dir", default=None, metavar="DIR", help="checkpoint directory (step_XXXXXXXX/ subdirectories)"
+    )
+    c.add_argument(
+        "--ckpt-every", type=int, default=d.ckpt_every, help="save every N steps (0: only at the end); needs --ckpt-dir"
+    )
+    c.add_argument(
+        "--keep-last", type=int, default=d.keep_last, help="keep only the newest N checkpoints (0: keep all)"
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in --ckpt-dir, if any (any --tp / --dp)",
+    )
+    c.add_argument(
+        "--metrics",
+        default=None,
+        metavar="FILE.jsonl",
+        help="metrics file (default <ckpt-dir>/metrics.jsonl); the loss plot is written next to it as .png",
+    )
     c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on rank 0")
     return p
 

@@ -75,7 +75,9 @@ class Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, desc="train")
+            self._bar = tqdm(
+                total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, desc="train"
+            )
 
     def update(self, loss: float, tokens_per_s: float, val_loss: float | None = None) -> None:
         if self._bar is not None:

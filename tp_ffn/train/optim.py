@@ -12,7 +12,14 @@ from torch.distributed import ProcessGroup
 
 from .layout import Block, local_tensor, param_blocks
 
-__all__ = ["WarmupCosine", "build_optimizer", "build_scheduler", "clip_grad_norm_", "global_grad_norm", "init_adamw_state"]
+__all__ = [
+    "WarmupCosine",
+    "build_optimizer",
+    "build_scheduler",
+    "clip_grad_norm_",
+    "global_grad_norm",
+    "init_adamw_state",
+]
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,9 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
     """AdamW; matrices (and embeddings) are decayed, vectors (norm weights, biases) are not."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -82,7 +91,9 @@ def global_grad_norm(
     return total.sqrt()
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, *, tp_rank: int, blocks: dict[str, Block] | None = None) -> Tensor:
+def clip_grad_norm_(
+    model: nn.Module, max_norm: float, *, tp_rank: int, blocks: dict[str, Block] | None = None
+) -> Tensor:
     """Scale every gradient by ``min(1, max_norm / (norm + 1e-6))``; return the norm before clipping.
 
     ``max_norm <= 0`` only measures. The scale is computed from :func:`global_grad_norm`, so every

@@ -70,23 +70,43 @@ def init_runtime(device: str = "auto", timeout_s: float = 600) -> Runtime:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: CUDA is not available")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     created = False
+    backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s), device_id=dev if use_cuda else None)
+            timeout = timedelta(seconds=timeout_s)
+            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+            # torchrun keeps one store for every restart of the worker group, holding the keys the
+            # previous attempt wrote (gloo's peer addresses among them): a restarted rank can read
+            # its peer's stale address and wait for a connection that never comes. One key space
+            # per attempt (all agents of a fixed-size job restart together, so they agree on it).
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"tp_ffn/attempt_{attempt}", store)
+            device_id = dev if use_cuda else None
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world, timeout=timeout, device_id=device_id
+            )
         else:  # plain `python scripts/train.py`: a world of one on a private port-less store
-            store = dist.HashStore()
-            dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         created = True
     return Runtime(dev, dist.get_rank(), dist.get_world_size(), created)
 
 
-def build_mesh(device: torch.device, dp: int, tp: int) -> DeviceMesh:
-    return init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+def build_mesh(device: torch.device, dp: int, tp: int, timeout_s: float | None = None) -> DeviceMesh:
+    """The ("dp", "tp") mesh over the world; its process groups get ``timeout_s`` (default: torch's)."""
+    override = None
+    if timeout_s is not None:
+        if device.type == "cuda":
+            backend, opts = "nccl", dist.ProcessGroupNCCL.Options()
+        else:
+            backend, opts = "gloo", dist.ProcessGroupGloo._Options()
+        opts._timeout = timedelta(seconds=timeout_s)
+        override = {"dp": (backend, opts), "tp": (backend, opts)}
+    return init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"), backend_override=override)
 
 
 def apply_activation_checkpointing(model: Transformer) -> None:
@@ -119,7 +139,11 @@ def parallelize(
     if compile:
         for block in model.layers:
             block.compile(backend=compile_backend)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if dtype == "bfloat16"
+        else MixedPrecisionPolicy()
+    )
     dp_mesh = mesh["dp"]
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=mp)

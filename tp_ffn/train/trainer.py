@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -77,15 +78,21 @@ def _model_config(cfg: TrainConfig) -> LlamaConfig:
 
 def _config_diff(saved: dict[str, Any], current: LlamaConfig) -> list[str]:
     now = dataclasses.asdict(current)
-    return [f"{k} {saved.get(k)!r} vs {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    return [
+        f"{k} {saved.get(k)!r} vs {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+    ]
 
 
 def _check_resumable(info: ckpt.CheckpointInfo, mcfg: LlamaConfig, cfg: TrainConfig, corpus: Corpus) -> None:
     diff = _config_diff(info.meta.get("model", {}), mcfg)
     if diff:
-        raise UsageError(f"checkpoint {info.path} is for another model ({'; '.join(diff)}); use the same --preset / --model-args")
+        raise UsageError(
+            f"checkpoint {info.path} is for another model ({'; '.join(diff)}); use the same --preset / --model-args"
+        )
     if info.meta.get("seq_len") != cfg.seq_len:
-        raise UsageError(f"checkpoint {info.path} was trained with --seq-len {info.meta.get('seq_len')}, not {cfg.seq_len}")
+        raise UsageError(
+            f"checkpoint {info.path} was trained with --seq-len {info.meta.get('seq_len')}, not {cfg.seq_len}"
+        )
     data = info.meta.get("data", {})
     if data.get("fingerprint") != corpus.fingerprint:
         raise UsageError(
@@ -97,7 +104,7 @@ def _check_resumable(info: ckpt.CheckpointInfo, mcfg: LlamaConfig, cfg: TrainCon
 class _Trainer:
     def __init__(self, cfg: TrainConfig, rt: Runtime, plan: ParallelPlan, mcfg: LlamaConfig, corpus: Corpus) -> None:
         self.cfg, self.rt, self.plan, self.mcfg, self.corpus = cfg, rt, plan, mcfg, corpus
-        self.mesh = build_mesh(rt.device, plan.dp, plan.tp)
+        self.mesh = build_mesh(rt.device, plan.dp, plan.tp, timeout_s=cfg.timeout)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.tp_rank = self.mesh["tp"].get_local_rank()
         self.dp_group = self.mesh["dp"].get_group()
@@ -168,7 +175,9 @@ class _Trainer:
             batch = validation_batch(self.corpus.val, self.cfg.seq_len, first + i * mb if n > 0 else 0, max(n, 1))
             loss = self.loss(batch, reduction="sum")
             if n > 0:
-                sums += torch.stack([loss.double(), torch.tensor(n * self.cfg.seq_len, dtype=torch.float64, device=self.rt.device)])
+                sums += torch.stack(
+                    [loss.double(), torch.tensor(n * self.cfg.seq_len, dtype=torch.float64, device=self.rt.device)]
+                )
         dist.all_reduce(sums, group=self.dp_group)
         return (sums[0] / sums[1]).item()
 
@@ -190,7 +199,7 @@ def _load_pretrained(load: Callable[..., None], model: nn.Module, path: str) -> 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the job described by ``cfg`` on every rank; see ``scripts/train.py`` for the commands."""
-    rt = init_runtime(cfg.device)
+    rt = init_runtime(cfg.device, timeout_s=cfg.timeout)
     ok = False
     try:
         result = _train(cfg, rt)
@@ -206,14 +215,19 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     plan = cfg.plan(rt.world)
     mcfg = agree(lambda: _model_config(cfg))
     cfg.check_model(mcfg)
-    corpus = agree(lambda: load_corpus(cfg.data, corpus_bytes=cfg.corpus_bytes, val_fraction=cfg.val_fraction, seq_len=cfg.seq_len))
+    corpus = agree(
+        lambda: load_corpus(cfg.data, corpus_bytes=cfg.corpus_bytes, val_fraction=cfg.val_fraction, seq_len=cfg.seq_len)
+    )
     fingerprints: list[Any] = [None] * rt.world
     dist.all_gather_object(fingerprints, corpus.fingerprint)
     if len(set(fingerprints)) > 1:
-        raise UsageError(f"the ranks read different data (sha256 {sorted(set(fingerprints))}); every node needs the same --data file / Python version")
+        raise UsageError(
+            f"the ranks read different data (sha256 {sorted(set(fingerprints))}); every node needs the same --data file / Python version"
+        )
 
     resume_info: ckpt.CheckpointInfo | None = None
     if cfg.ckpt_dir is not None:
+
         def discover() -> ckpt.CheckpointInfo | None:
             ckpt.check_ckpt_dir(cfg.ckpt_dir)
             info, _ = ckpt.find_latest(cfg.ckpt_dir)
@@ -265,7 +279,16 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or enable --grad-clip")
             result.losses.append(loss)
-            log.write({"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / dt, "grad_norm": norm, "time_s": dt})
+            log.write(
+                {
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_step / dt,
+                    "grad_norm": norm,
+                    "time_s": dt,
+                }
+            )
             val = None
             if (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps:
                 val = t.validate()
@@ -288,7 +311,10 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         except ImportError:
             t.log("matplotlib is not installed: no loss plot")
     if result.losses:
-        t.log(f"done: step {step}, loss {result.losses[-1]:.4f}" + (f", val_loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""))
+        t.log(
+            f"done: step {step}, loss {result.losses[-1]:.4f}"
+            + (f", val_loss {result.val_losses[-1][1]:.4f}" if result.val_losses else "")
+        )
     if result.checkpoints:
         t.log(f"checkpoint: {result.checkpoints[-1]}")
     if result.plot:
