@@ -219,6 +219,7 @@ def _foreign(f: Path) -> None:
     f.write_text(json.dumps(meta))
 
 
+@pytest.mark.timeout(300)
 def test_load_full_tensors_has_global_shapes(reference):
     _, ref_dir = reference(2, 2, 1)
     w = ck.load_full_tensors(ref_dir / "step_00000010")
