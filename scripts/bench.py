@@ -20,9 +20,10 @@ torch-tp            parallelize_module(ColwiseParallel on w1/w3, RowwiseParallel
 local               the communication-free compute of this rank's (unfused) shard: the floor
 ==================  ==========================================================================
 
-After warm-up the candidates run interleaved (A B C ... A B C ...) for ``--reps`` rounds, each
+After warm-up the candidates run interleaved and rotated (A B C, B C A, ...) for ``--reps`` rounds, each
 step between barriers; a step's time is the slowest rank's. Reported per candidate: median step
-time and its p10-p90 spread, tokens/s, achieved GFLOP/s and its fraction of the GEMM rate measured
+time and its p10-p90 spread, the paired ratio to each reference (median over rounds of the
+ratio within a round), tokens/s, achieved GFLOP/s and its fraction of the GEMM rate measured
 in the same run, collectives per step and their bytes, peak memory per rank. A table is printed
 and JSON plus a PNG chart are written (``--out``).
 """
@@ -199,22 +200,29 @@ class FairscaleFFN(torch.nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def gemm_rate(cfg: BenchConfig, dtype: torch.dtype, device: torch.device) -> float:
-    """GFLOP/s of the whole machine: every rank runs a shard-sized GEMM at once; rates summed."""
+def gemm_rate(cfg: BenchConfig, dtype: torch.dtype, device: torch.device) -> Callable[[], float]:
+    """A probe of the machine's GEMM rate: every rank runs the block's shard-sized GEMM (F.linear's
+    layout) at once; the probe returns the rates summed over ranks, in GFLOP/s. Called once per
+    round, between the candidates, so that it sees the same machine they do."""
     world = dist.get_world_size()
+    n = cfg.hidden_dim // world
     a = torch.randn(cfg.tokens, cfg.dim, device=device, dtype=dtype)
-    b = torch.randn(cfg.dim, cfg.hidden_dim // world, device=device, dtype=dtype)
-    times = []
-    for i in range(7):
-        sync(device)
-        dist.barrier()
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t)
-    rate = torch.tensor(2 * cfg.tokens * cfg.dim * (cfg.hidden_dim // world) / statistics.median(times[2:]) / 1e9)
-    dist.all_reduce(rate)
-    return rate.item()
+    b = torch.randn(n, cfg.dim, device=device, dtype=dtype)
+
+    def probe() -> float:
+        times = []
+        for _ in range(3):
+            sync(device)
+            dist.barrier()
+            t = time.perf_counter()
+            F.linear(a, b)
+            sync(device)
+            times.append(time.perf_counter() - t)
+        rate = torch.tensor(2 * cfg.tokens * cfg.dim * n / statistics.median(times) / 1e9)
+        dist.all_reduce(rate)
+        return rate.item()
+
+    return probe
 
 
 def sync(device: torch.device) -> None:
@@ -239,6 +247,10 @@ def make_step(
         with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             y = module(xl)
         y = y.full_tensor() if hasattr(y, "full_tensor") else y
+        # DTensor hands back its output before the forward all-reduce has finished; a model reads
+        # it at once, so the step waits for it too (otherwise torch-tp's collective goes untimed).
+        if hasattr(y, "trigger_wait"):
+            y.trigger_wait()
         y.backward(gyl.to(y.dtype))
 
     return step
@@ -263,7 +275,8 @@ def run(cfg: BenchConfig) -> list[Result]:
     results: list[Result] = []
     for dtype_name in cfg.dtypes:
         autocast = torch.bfloat16 if dtype_name == "bfloat16" else None
-        rate = gemm_rate(cfg, autocast or torch.float32, device)
+        probe = gemm_rate(cfg, autocast or torch.float32, device)
+        rates: list[float] = []
         steps: dict[str, Callable[[], None] | None] = {}
         res: dict[str, Result] = {}
         for name in cfg.candidates:
@@ -288,8 +301,12 @@ def run(cfg: BenchConfig) -> list[Result]:
                     prof.nbytes,
                     prof.peak_bytes,
                 )
+        names = list(steps)
         for i in range(cfg.warmup + cfg.reps):
-            for name, step in steps.items():  # interleaved: A B C ... A B C ...
+            # Interleaved, and rotated each round (A B C, B C A, ...) so no candidate always runs
+            # right after the same neighbour.
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                step = steps[name]
                 if step is None and res[name].note:
                     continue
                 if name == "dense":
@@ -308,6 +325,10 @@ def run(cfg: BenchConfig) -> list[Result]:
                 dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
                 if i >= cfg.warmup:
                     res[name].times.append(slowest.item())
+            rate = probe()
+            if i >= cfg.warmup:
+                rates.append(rate)
+        rate = statistics.median(rates)
         for r in res.values():
             r.gemm_rate = rate  # type: ignore[attr-defined]
         results.extend(res.values())
@@ -336,7 +357,11 @@ def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) 
             if r["dtype"] == dtype and "median_ms" in r:
                 for ref in ("local", "fairscale", "torch-tp", "dense"):
                     if ref in base:
-                        r[f"vs_{ref}"] = r["median_ms"] / base[ref]["median_ms"]
+                        # Paired: the ratio within each round (the two steps ran seconds apart), then
+                        # the median over rounds; slow drifts of a shared machine cancel out.
+                        pairs = [a / b for a, b in zip(r["times_ms"], base[ref]["times_ms"])]
+                        r[f"vs_{ref}"] = statistics.median(pairs)
+                        r[f"vs_{ref}_of_medians"] = r["median_ms"] / base[ref]["median_ms"]
     return {"config": asdict(cfg), "world_size": world, "device": device, "threads_per_rank": torch.get_num_threads(),
             "gemm_rate_gflops": {r.dtype: r.gemm_rate for r in results}, "rows": rows}  # type: ignore[attr-defined]  # fmt: skip
 

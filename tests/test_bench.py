@@ -32,5 +32,12 @@ def test_bench_smoke(tmp_path):
         assert rows[("tp-chunked", dtype)]["collectives"] == {"all_reduce": 5}
         assert rows[("local", dtype)]["collectives"] == {}
     assert rows[("tp-plain", "float32")]["comm_mib"] == pytest.approx(2 * 32 * 64 * 4 / 2**20)
+    # Paired ratios (median over rounds of the per-round ratio) and the per-round GEMM probe.
+    assert rows[("local", "float32")]["vs_local"] == 1.0
+    assert rows[("tp-overlap", "float32")]["vs_fairscale_of_medians"] > 0
+    assert all(rate > 0 for rate in summary["gemm_rate_gflops"].values())
+    # Every candidate's collectives are waited for inside its timed step (torch-tp's output is an
+    # AsyncCollectiveTensor: left unread, its forward all-reduce would run untimed).
+    assert "unwaited collective" not in r.stderr, r.stderr[-3000:]
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "| tp-overlap | float32 |" in (tmp_path / "bench.md").read_text()
