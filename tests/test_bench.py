@@ -41,3 +41,16 @@ def test_bench_smoke(tmp_path):
     assert "unwaited collective" not in r.stderr, r.stderr[-3000:]
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "| tp-overlap | float32 |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.timeout(200)
+def test_bench_parts_smoke(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/bench_parts.py"]
+    cmd += ["--preset", "tiny", "--reps", "2", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ms = json.loads((tmp_path / "bench_parts.json").read_text())["ms"]
+    assert {"gemm", "chunked 4", "3 gemm + all-reduce in place", "gate/up forward, fused"} <= set(ms)
+    assert all(v > 0 for v in ms.values())
+    assert "unwaited collective" not in r.stderr, r.stderr[-3000:]

@@ -16,29 +16,49 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .comm import all_gather_along
+from .comm import _reduce_scatter_single, all_gather_along
 
 __all__ = ["gate_up_projection", "row_parallel_chunked"]
 
 
 _c10d = torch.ops._c10d_functional
+# Eager mode reduces in place into a buffer this module owns and keeps the c10d Work handle; the
+# functional ops (a copy into a new buffer, then the work registry) measured slower on gloo and hid
+# worse behind GEMMs (scripts/bench_parts.py). Under torch.compile the functional ops stand in,
+# since the compiler traces them.
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
 
 
-def _all_reduce_start(x: Tensor, group: ProcessGroup) -> Tensor:
-    return _c10d.all_reduce(x.contiguous(), "sum", group.group_name)
+def _all_reduce_start(x: Tensor, group: ProcessGroup) -> tuple[Tensor, Any]:
+    """Start summing ``x`` (a buffer the caller owns: eager mode reduces into it) over ``group``.
+    Returns the result-to-be and a handle for :func:`_wait`."""
+    if _tracing():
+        return _c10d.all_reduce(x.contiguous(), "sum", group.group_name), None
+    x = x.contiguous()
+    return x, dist.all_reduce(x, group=group, async_op=True)
 
 
-def _reduce_scatter_start(x: Tensor, group: ProcessGroup) -> Tensor:
-    """Starts the reduce-scatter of ``x`` along dim 0."""
-    return _c10d.reduce_scatter_tensor(x.contiguous(), "sum", group.size(), group.group_name)
+def _reduce_scatter_start(x: Tensor, group: ProcessGroup) -> tuple[Tensor, Any]:
+    """Start the reduce-scatter of ``x`` along dim 0; as :func:`_all_reduce_start`."""
+    if _tracing():
+        return _c10d.reduce_scatter_tensor(x.contiguous(), "sum", group.size(), group.group_name), None
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] // group.size(), *x.shape[1:]))
+    return out, _reduce_scatter_single(out, x, group=group, async_op=True)
 
 
-def _wait(x: Tensor) -> Tensor:
-    return _c10d.wait_tensor(x)
+def _wait(pending: tuple[Tensor, Any]) -> Tensor:
+    x, work = pending
+    if work is None:
+        return _c10d.wait_tensor(x)
+    work.wait()
+    return x
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -96,11 +116,12 @@ class _GateUp(torch.autograd.Function):
             dx = dx.to(ctx.input_dtype)
             if group is not None and group.size() > 1:
                 if seq_dim is None:
-                    dx = _all_reduce_start(dx, group)
+                    pending = _all_reduce_start(dx, group)
                 else:
-                    dx = _reduce_scatter_start(dx.movedim(seq_dim, 0), group)
+                    pending = _reduce_scatter_start(dx.movedim(seq_dim, 0), group)
+                dx = None
                 if not ctx.overlap:
-                    dx = _wait(dx)
+                    dx = _wait(pending)
 
         # Weight gradients: computed while the collective above is in flight.
         dw1 = dw3 = db1 = db3 = None
@@ -115,8 +136,9 @@ class _GateUp(torch.autograd.Function):
             if ctx.has_bias:
                 db1, db3 = dg.sum(0), du.sum(0)
 
-        if dx is not None and group is not None and group.size() > 1:
-            dx = _wait(dx)
+        if ctx.needs_input_grad[0] and group is not None and group.size() > 1:
+            if dx is None:
+                dx = _wait(pending)
             if seq_dim is not None:
                 dx = dx.movedim(0, seq_dim)
         return dx, dw1, dw3, db1, db3, None, None, None, None
