@@ -22,9 +22,9 @@ def _full_grad(model: Transformer, name: str, p: torch.nn.Parameter) -> torch.Te
     return all_gather_along(p.grad, model.tp.group, dim, module.shard_sizes)
 
 
-def _model_run(rank: int, world: int, sp: bool) -> dict:
+def _model_run(rank: int, world: int, sp: bool, ffn_modes: dict | None = None) -> dict:
     torch.manual_seed(0)
-    model = Transformer(CFG, sequence_parallel=sp, dtype=torch.float64)
+    model = Transformer(CFG, sequence_parallel=sp, dtype=torch.float64, **(ffn_modes or {}))
     tokens = torch.randint(0, CFG.vocab_size, (2, 16))
     logits = model(tokens)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten())
@@ -34,10 +34,20 @@ def _model_run(rank: int, world: int, sp: bool) -> dict:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("world, sp", [(2, False), (2, True), (4, True)])
-def test_tp_matches_tp1(world, sp):
+@pytest.mark.parametrize(
+    "world, sp, ffn_modes",
+    [
+        (2, False, {}),
+        (2, True, {}),
+        (4, True, {}),
+        # The feed-forward execution modes reach every block (train.py's --ffn-* flags).
+        (2, False, {"fuse_gate_up": True, "overlap_comm": False, "comm_chunks": 3}),
+        (4, True, {"fuse_gate_up": True}),
+    ],
+)
+def test_tp_matches_tp1(world, sp, ffn_modes):
     ref = run_ranks(1, _model_run, False)[0]
-    for rank, got in enumerate(run_ranks(world, _model_run, sp)):
+    for rank, got in enumerate(run_ranks(world, _model_run, sp, ffn_modes)):
         assert rel_err(got["logits"], ref["logits"]) < 1e-10, rank
         assert abs(got["loss"] - ref["loss"]) < 1e-10
         bad = {n: rel_err(g, ref["grads"][n]) for n, g in got["grads"].items() if rel_err(g, ref["grads"][n]) > 1e-10}
@@ -55,3 +65,14 @@ def test_config_errors():
     assert round(PRESETS["llama3-8b"].num_params() / 1e9, 2) == 8.03
     meta = Transformer(PRESETS["llama2-7b"], device="meta")
     assert sum(p.numel() for p in meta.parameters()) == PRESETS["llama2-7b"].num_params()
+
+
+def test_ffn_modes_reach_every_block():
+    model = Transformer(CFG, fuse_gate_up=True, overlap_comm=False, comm_chunks=2, device="meta")
+    modes = {(b.feed_forward.fuse_gate_up, b.feed_forward.overlap_comm, b.feed_forward.comm_chunks) for b in model.layers}
+    assert modes == {(True, False, 2)}
+    # Same parameters, names and shapes as the default modes: checkpoints carry over.
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(model) == shapes(Transformer(CFG, device="meta"))
+    with pytest.raises(ValueError, match="comm_chunks"):
+        Transformer(CFG, comm_chunks=0, device="meta")

@@ -55,12 +55,27 @@ def test_parse_args_defaults_and_flags():
         ),
         (["--steps", "ten"], r"argument --steps: invalid int value"),
         (["--min-lr-ratio", "2"], r"--min-lr-ratio: expected a value in \[0, 1\]"),
+        (["--ffn-comm-chunks", "0"], r"--ffn-comm-chunks: expected an int >= 1, got 0"),
+        (
+            ["--ffn-comm-chunks", "2", "--sequence-parallel", "--tp", "2"],
+            r"--ffn-comm-chunks: expected 1 with --sequence-parallel",
+        ),
     ],
 )
 def test_bad_arguments(argv, message):
     with pytest.raises(UsageError, match=message):
         cfg = parse_args(argv)
         cfg.model_config()
+
+
+def test_ffn_mode_flags():
+    assert (parse_args([]).ffn_fuse_gate_up, parse_args([]).ffn_overlap_comm, parse_args([]).ffn_comm_chunks) == (
+        False,
+        True,
+        1,
+    )
+    cfg = parse_args(["--ffn-fuse-gate-up", "--no-ffn-overlap", "--ffn-comm-chunks", "4"])
+    assert (cfg.ffn_fuse_gate_up, cfg.ffn_overlap_comm, cfg.ffn_comm_chunks) == (True, False, 4)
 
 
 def test_plan_splits_world_and_batch():

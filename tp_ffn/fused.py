@@ -27,10 +27,11 @@ __all__ = ["gate_up_projection", "row_parallel_chunked"]
 
 
 _c10d = torch.ops._c10d_functional
-# Eager mode reduces in place into a buffer this module owns and keeps the c10d Work handle; the
-# functional ops (a copy into a new buffer, then the work registry) measured slower on gloo and hid
-# worse behind GEMMs (scripts/bench_parts.py). Under torch.compile the functional ops stand in,
-# since the compiler traces them.
+# Eager mode reduces in place into a buffer this module owns and keeps the c10d Work handle: the
+# functional ops copy into a second buffer first (one more activation-sized allocation per
+# collective) and, on gloo in fp32, ran about 10% slower alone and hid slightly worse behind GEMMs
+# (scripts/bench_parts.py; in bf16 the two were within noise). Under torch.compile the functional
+# ops stand in, since the compiler traces them.
 def _tracing() -> bool:
     return torch.compiler.is_compiling()
 

@@ -17,7 +17,9 @@ gradients all-reduced over the group (each rank's norm sees only its own tokens)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -181,13 +183,22 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: LlamaConfig, group: GroupLike, sequence_parallel: bool, dtype=None, device=None) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        group: GroupLike,
+        sequence_parallel: bool,
+        dtype=None,  # noqa: ANN001
+        device=None,  # noqa: ANN001
+        ffn_modes: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         tp = resolve_group(group)
         self.attention = Attention(cfg, group, sequence_parallel, dtype, device)
         self.feed_forward = ParallelFeedForward(
-            cfg.dim, cfg.hidden_dim, group=group, sequence_parallel=sequence_parallel, dtype=dtype, device=device
-        )
+            cfg.dim, cfg.hidden_dim, group=group, sequence_parallel=sequence_parallel, dtype=dtype, device=device,
+            **(ffn_modes or {}),
+        )  # fmt: skip
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp, sequence_parallel, dtype, device)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp, sequence_parallel, dtype, device)
 
@@ -202,6 +213,8 @@ class Transformer(nn.Module):
     Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.N.attention.wq``, ...,
     ``layers.N.feed_forward.w1``, ``norm``, ``output``); each TP-sharded weight holds this rank's
     block. After the same seed every rank builds the same full weights at any TP size.
+    ``fuse_gate_up``, ``overlap_comm`` and ``comm_chunks`` pick every feed-forward block's
+    execution mode (see :class:`~tp_ffn.ParallelFeedForward`); they change no parameter.
     """
 
     def __init__(
@@ -212,6 +225,9 @@ class Transformer(nn.Module):
         sequence_parallel: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        fuse_gate_up: bool = False,
+        overlap_comm: bool = True,
+        comm_chunks: int = 1,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -219,9 +235,12 @@ class Transformer(nn.Module):
         cfg.check_tp(self.tp.size)
         self.sequence_parallel = bool(sequence_parallel) and self.tp.size > 1
         kw = {"dtype": dtype, "device": device}
+        # The feed-forward blocks' execution modes (ParallelFeedForward validates them); the
+        # parameters and checkpoints are the same in every mode.
+        ffn_modes = {"fuse_gate_up": fuse_gate_up, "overlap_comm": overlap_comm, "comm_chunks": comm_chunks}
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, **kw)
         self.layers = nn.ModuleList(
-            TransformerBlock(cfg, group, self.sequence_parallel, **kw) for _ in range(cfg.n_layers)
+            TransformerBlock(cfg, group, self.sequence_parallel, **kw, ffn_modes=ffn_modes) for _ in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, self.tp, self.sequence_parallel, **kw)
         self.output = ColumnParallelLinear(

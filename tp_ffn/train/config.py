@@ -54,6 +54,9 @@ class TrainConfig:
     tp: int = 1
     dp: int | None = None
     sequence_parallel: bool = False
+    ffn_fuse_gate_up: bool = False
+    ffn_overlap_comm: bool = True
+    ffn_comm_chunks: int = 1
     dtype: str = "float32"
     device: str = "auto"
     compile: bool = False
@@ -88,7 +91,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise UsageError(f"--preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
-        for name in ("tp", "steps", "seq_len", "batch_size", "val_sequences", "corpus_bytes", "timeout"):
+        for name in ("tp", "steps", "seq_len", "batch_size", "val_sequences", "corpus_bytes", "timeout", "ffn_comm_chunks"):
             _positive(name, getattr(self, name))
         for name in ("dp", "micro_batch_size"):
             if getattr(self, name) is not None:
@@ -112,6 +115,11 @@ class TrainConfig:
             )
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UsageError(f"--beta1 / --beta2: expected values in [0, 1), got {self.beta1} / {self.beta2}")
+        if self.sequence_parallel and self.ffn_comm_chunks > 1:
+            raise UsageError(
+                f"--ffn-comm-chunks: expected 1 with --sequence-parallel (its forward ends in a reduce-scatter, "
+                f"not an all-reduce to split), got {self.ffn_comm_chunks}"
+            )
         if self.resume and self.ckpt_dir is None:
             raise UsageError("--resume: needs --ckpt-dir (the directory to resume from)")
         if self.ckpt_every and self.ckpt_dir is None:
@@ -241,6 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequence-parallel",
         action="store_true",
         help="shard activations between blocks along the sequence over the TP group",
+    )
+    par.add_argument(
+        "--ffn-fuse-gate-up",
+        action="store_true",
+        help="the FFN computes w1 and w3 as one GEMM (same checkpoint layout; see docs/benchmarks.md for when it pays)",
+    )
+    par.add_argument(
+        "--no-ffn-overlap",
+        dest="ffn_overlap_comm",
+        action="store_false",
+        help="the FFN waits for its input-gradient all-reduce before the weight-gradient GEMMs (the reference path)",
+    )
+    par.add_argument(
+        "--ffn-comm-chunks",
+        type=int,
+        default=d.ffn_comm_chunks,
+        metavar="K",
+        help="the FFN's forward all-reduce in K token chunks, each overlapping the next chunk's GEMM (not with --sequence-parallel)",
     )
     par.add_argument(
         "--dtype",

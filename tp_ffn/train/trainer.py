@@ -119,7 +119,10 @@ class _Trainer:
     def build(self, init_from: str | None) -> None:
         cfg, rt = self.cfg, self.rt
         torch.manual_seed(cfg.seed)
-        model = Transformer(self.mcfg, group=self.mesh["tp"], sequence_parallel=cfg.sequence_parallel, device=rt.device)
+        model = Transformer(
+            self.mcfg, group=self.mesh["tp"], sequence_parallel=cfg.sequence_parallel, device=rt.device,
+            fuse_gate_up=cfg.ffn_fuse_gate_up, overlap_comm=cfg.ffn_overlap_comm, comm_chunks=cfg.ffn_comm_chunks,
+        )  # fmt: skip
         if init_from is not None:
             from ..models.weights import load_pretrained
 
@@ -251,7 +254,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         f"model {cfg.preset if cfg.init_from is None else cfg.init_from} ({mcfg.num_params() / 1e6:.2f} M params, hidden {mcfg.hidden_dim}), "
         f"batch {plan.batch_size} x {cfg.seq_len} = {plan.batch_size * cfg.seq_len} tokens "
         f"(micro {plan.micro_batch} x grad accum {plan.grad_accum} x dp {plan.dp}), sequence parallel {cfg.sequence_parallel}, "
-        f"dtype {cfg.dtype}\ndata: {corpus.describe()}"
+        f"dtype {cfg.dtype}, ffn fuse_gate_up={cfg.ffn_fuse_gate_up} overlap_comm={cfg.ffn_overlap_comm} "
+        f"comm_chunks={cfg.ffn_comm_chunks}\ndata: {corpus.describe()}"
     )
     t.build(None if resume_info is not None else cfg.init_from)
 
