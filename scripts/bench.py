@@ -303,8 +303,8 @@ def run(cfg: BenchConfig) -> list[Result]:
                 )
         names = list(steps)
         for i in range(cfg.warmup + cfg.reps):
-            # Interleaved, and rotated each round (A B C, B C A, ...) so no candidate always runs
-            # right after the same neighbour.
+            # Interleaved, and rotated each round (A B C, B C A, ...): each candidate's place in
+            # the round moves, so none always runs first, right after the GEMM probe.
             for name in names[i % len(names) :] + names[: i % len(names)]:
                 step = steps[name]
                 if step is None and res[name].note:

@@ -24,7 +24,17 @@ def test_bench_smoke(tmp_path):
     summary = json.loads((tmp_path / "bench.json").read_text())
     rows = {(row["name"], row["dtype"]): row for row in summary["rows"]}
     for dtype in ("float32", "bfloat16"):
-        for name in ("dense", "tp-plain", "tp-fused", "tp-overlap", "tp-chunked", "tp-sp", "fairscale", "torch-tp", "local"):
+        for name in (
+            "dense",
+            "tp-plain",
+            "tp-fused",
+            "tp-overlap",
+            "tp-chunked",
+            "tp-sp",
+            "fairscale",
+            "torch-tp",
+            "local",
+        ):
             assert len(rows[(name, dtype)]["times_ms"]) == 2, (name, dtype)
         # What each candidate communicates per step (forward + backward).
         assert rows[("tp-overlap", dtype)]["collectives"] == {"all_reduce": 2}
@@ -46,7 +56,14 @@ def test_bench_smoke(tmp_path):
 @pytest.mark.timeout(200)
 def test_bench_parts_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/bench_parts.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "scripts/bench_parts.py",
+    ]
     cmd += ["--preset", "tiny", "--reps", "2", "--out", str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

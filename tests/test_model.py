@@ -69,7 +69,9 @@ def test_config_errors():
 
 def test_ffn_modes_reach_every_block():
     model = Transformer(CFG, fuse_gate_up=True, overlap_comm=False, comm_chunks=2, device="meta")
-    modes = {(b.feed_forward.fuse_gate_up, b.feed_forward.overlap_comm, b.feed_forward.comm_chunks) for b in model.layers}
+    modes = {
+        (b.feed_forward.fuse_gate_up, b.feed_forward.overlap_comm, b.feed_forward.comm_chunks) for b in model.layers
+    }
     assert modes == {(True, False, 2)}
     # Same parameters, names and shapes as the default modes: checkpoints carry over.
     shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731

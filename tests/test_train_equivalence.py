@@ -57,6 +57,33 @@ def test_tp2_matches_tp1(tp1):
     assert _max_rel(other["losses"], tp1["losses"]) > 100 * RTOL
 
 
+def _train_recording_ffn_modes(rank: int, world: int, overrides: dict) -> dict:
+    from tp_ffn.ffn import ParallelFeedForward
+
+    seen: set[tuple[bool, bool, int]] = set()
+    original = ParallelFeedForward.__init__
+
+    def recording(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        original(self, *args, **kwargs)
+        seen.add((self.fuse_gate_up, self.overlap_comm, self.comm_chunks))
+
+    ParallelFeedForward.__init__ = recording  # the pool's processes outlive this test: restored below
+    try:
+        res = train(TrainConfig(**{**BASE, **overrides}))
+    finally:
+        ParallelFeedForward.__init__ = original
+    return {"losses": res.losses, "modes": seen}
+
+
+@pytest.mark.timeout(300)
+def test_ffn_mode_flags_reach_the_model_and_match(tp1):
+    modes = {"ffn_fuse_gate_up": True, "ffn_overlap_comm": False, "ffn_comm_chunks": 2}
+    results = run_ranks(2, _train_recording_ffn_modes, {"tp": 2, **modes}, timeout=240)
+    for r in results:
+        assert r["modes"] == {(True, False, 2)}
+        assert _max_rel(r["losses"], tp1["losses"]) < RTOL
+
+
 @pytest.mark.timeout(300)
 def test_sequence_parallel_matches():
     plain = _run(2, tp=2)

@@ -7,8 +7,9 @@ weight gradients, so the collective runs while they compute (Megatron's async in
 all-reduce). ``row_parallel_chunked`` splits the down projection's tokens into chunks and starts
 each chunk's all-reduce while the next chunk's GEMM runs.
 
-The collectives are the functional ops (``torch.ops._c10d_functional``): they start at once and
-are waited for where the result is needed, in eager mode and under ``torch.compile`` alike.
+The collectives start at once and are waited for where the result is needed. In eager mode they
+are c10d calls with ``async_op=True`` that reduce in place into a buffer this module owns; under
+``torch.compile`` they are the functional ops (``torch.ops._c10d_functional``), which it traces.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ __all__ = ["gate_up_projection", "row_parallel_chunked"]
 
 
 _c10d = torch.ops._c10d_functional
-# Eager mode reduces in place into a buffer this module owns and keeps the c10d Work handle: the
-# functional ops copy into a second buffer first (one more activation-sized allocation per
-# collective) and, on gloo in fp32, ran about 10% slower alone and hid slightly worse behind GEMMs
-# (scripts/bench_parts.py; in bf16 the two were within noise). Under torch.compile the functional
-# ops stand in, since the compiler traces them.
+
+
+# Eager mode all-reduces in place and keeps the c10d Work handle: the functional all-reduce first
+# copies its input into a second activation-sized buffer. (Speed: within noise on gloo, see
+# scripts/bench_parts.py.) Under torch.compile the functional ops stand in, since it traces them.
 def _tracing() -> bool:
     return torch.compiler.is_compiling()
 

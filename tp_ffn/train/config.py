@@ -91,7 +91,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise UsageError(f"--preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
-        for name in ("tp", "steps", "seq_len", "batch_size", "val_sequences", "corpus_bytes", "timeout", "ffn_comm_chunks"):
+        for name in (
+            "tp",
+            "steps",
+            "seq_len",
+            "batch_size",
+            "val_sequences",
+            "corpus_bytes",
+            "timeout",
+            "ffn_comm_chunks",
+        ):
             _positive(name, getattr(self, name))
         for name in ("dp", "micro_batch_size"):
             if getattr(self, name) is not None:
@@ -115,7 +124,7 @@ class TrainConfig:
             )
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UsageError(f"--beta1 / --beta2: expected values in [0, 1), got {self.beta1} / {self.beta2}")
-        if self.sequence_parallel and self.ffn_comm_chunks > 1:
+        if self.sequence_parallel and self.tp > 1 and self.ffn_comm_chunks > 1:
             raise UsageError(
                 f"--ffn-comm-chunks: expected 1 with --sequence-parallel (its forward ends in a reduce-scatter, "
                 f"not an all-reduce to split), got {self.ffn_comm_chunks}"
