@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ffn-overlap",
         dest="ffn_overlap_comm",
         action="store_false",
-        help="the FFN waits for its input-gradient all-reduce before the weight-gradient GEMMs (the reference path)",
+        help="the FFN waits for its input-gradient all-reduce before the weight-gradient GEMMs (without --ffn-fuse-gate-up: the reference path of tp_ffn/comm.py)",
     )
     par.add_argument(
         "--ffn-comm-chunks",
