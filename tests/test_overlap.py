@@ -15,9 +15,30 @@ aten = torch.ops.aten
 
 
 class _OpLog(TorchDispatchMode):
+    """Logs GEMMs and collectives as the dispatcher sees them, and every wait of ``tp_ffn.fused``
+    (a c10d Work wait is no dispatcher op), into ``events``."""
+
     def __init__(self, events: list[str]) -> None:
         super().__init__()
         self.events = events
+
+    def __enter__(self):
+        from tp_ffn import fused
+
+        self._wait = original = fused._wait
+
+        def logged_wait(pending):
+            self.events.append("wait")
+            return original(pending)
+
+        fused._wait = logged_wait  # the pool's processes outlive a test: restored in __exit__
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from tp_ffn import fused
+
+        fused._wait = self._wait
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
@@ -31,26 +52,14 @@ class _OpLog(TorchDispatchMode):
 
 
 def _backward_schedule(rank: int, world: int, modes: dict) -> list[str]:
-    from tp_ffn import fused
-
     torch.manual_seed(0)
     par = ParallelFeedForward.from_dense(FeedForward(32, 72), **modes)
     x = torch.randn(2, 4, 32)
     x = (split_sequence(x, par.tp.group) if par.sequence_parallel else x).requires_grad_()
     y = par(x)
     events: list[str] = []
-    original = fused._wait
-
-    def logged_wait(pending):
-        events.append("wait")
-        return original(pending)
-
-    fused._wait = logged_wait  # the pool's processes outlive this test: restored below
-    try:
-        with _OpLog(events):
-            y.sum().backward()
-    finally:
-        fused._wait = original
+    with _OpLog(events):
+        y.sum().backward()
     return events
 
 
@@ -76,23 +85,11 @@ def test_input_grad_collective_runs_during_weight_gemms(modes, collective):
 
 
 def _forward_schedule(rank: int, world: int, chunks: int) -> list[str]:
-    from tp_ffn import fused
-
     torch.manual_seed(0)
     par = ParallelFeedForward.from_dense(FeedForward(32, 72), comm_chunks=chunks)
     events: list[str] = []
-    original = fused._wait
-
-    def logged_wait(pending):
-        events.append("wait")
-        return original(pending)
-
-    fused._wait = logged_wait
-    try:
-        with _OpLog(events):
-            par(torch.randn(2, 6, 32))
-    finally:
-        fused._wait = original
+    with _OpLog(events):
+        par(torch.randn(2, 6, 32))
     return events
 
 

@@ -33,14 +33,10 @@ _c10d = torch.ops._c10d_functional
 # Eager mode all-reduces in place and keeps the c10d Work handle: the functional all-reduce first
 # copies its input into a second activation-sized buffer. (Speed: within noise on gloo, see
 # scripts/bench_parts.py.) Under torch.compile the functional ops stand in, since it traces them.
-def _tracing() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def _all_reduce_start(x: Tensor, group: ProcessGroup) -> tuple[Tensor, Any]:
     """Start summing ``x`` (a buffer the caller owns: eager mode reduces into it) over ``group``.
     Returns the result-to-be and a handle for :func:`_wait`."""
-    if _tracing():
+    if torch.compiler.is_compiling():
         return _c10d.all_reduce(x.contiguous(), "sum", group.group_name), None
     x = x.contiguous()
     return x, dist.all_reduce(x, group=group, async_op=True)
@@ -48,7 +44,7 @@ def _all_reduce_start(x: Tensor, group: ProcessGroup) -> tuple[Tensor, Any]:
 
 def _reduce_scatter_start(x: Tensor, group: ProcessGroup) -> tuple[Tensor, Any]:
     """Start the reduce-scatter of ``x`` along dim 0; as :func:`_all_reduce_start`."""
-    if _tracing():
+    if torch.compiler.is_compiling():
         return _c10d.reduce_scatter_tensor(x.contiguous(), "sum", group.size(), group.group_name), None
     x = x.contiguous()
     out = x.new_empty((x.shape[0] // group.size(), *x.shape[1:]))
@@ -61,6 +57,13 @@ def _wait(pending: tuple[Tensor, Any]) -> Tensor:
         return _c10d.wait_tensor(x)
     work.wait()
     return x
+
+
+def _wait_input_grad(pending: tuple[Tensor, Any], seq_dim: int | None) -> Tensor:
+    """The input gradient once its collective is done; a reduce-scatter's shard goes back from
+    dim 0 to ``seq_dim``."""
+    dx = _wait(pending)
+    return dx if seq_dim is None else dx.movedim(0, seq_dim)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -111,7 +114,7 @@ class _GateUp(torch.autograd.Function):
             dg, du = dg.reshape(-1, w1.shape[0]), du.reshape(-1, w3.shape[0])
         x2 = x.reshape(-1, x.shape[-1])
 
-        dx = None
+        dx = pending = None
         if ctx.needs_input_grad[0]:
             dx = (d @ w if ctx.fused else torch.addmm(dg @ w1, du, w3)).view(x.shape)
             # Reduce in the input's dtype (fp32 under autocast), as the reference path does.
@@ -121,9 +124,8 @@ class _GateUp(torch.autograd.Function):
                     pending = _all_reduce_start(dx, group)
                 else:
                     pending = _reduce_scatter_start(dx.movedim(seq_dim, 0), group)
-                dx = None
                 if not ctx.overlap:
-                    dx = _wait(pending)
+                    dx, pending = _wait_input_grad(pending, seq_dim), None
 
         # Weight gradients: computed while the collective above is in flight.
         dw1 = dw3 = db1 = db3 = None
@@ -138,11 +140,8 @@ class _GateUp(torch.autograd.Function):
             if ctx.has_bias:
                 db1, db3 = dg.sum(0), du.sum(0)
 
-        if ctx.needs_input_grad[0] and group is not None and group.size() > 1:
-            if dx is None:
-                dx = _wait(pending)
-            if seq_dim is not None:
-                dx = dx.movedim(0, seq_dim)
+        if pending is not None:
+            dx = _wait_input_grad(pending, seq_dim)
         return dx, dw1, dw3, db1, db3, None, None, None, None
 
 
