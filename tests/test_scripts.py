@@ -76,4 +76,4 @@ def test_readme_commands_and_ci_agree():
         assert os.access(ROOT / cmd, os.X_OK)
     assert "./scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
     bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
-    assert 'TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"' in bootstrap
+    assert 'TORCH_VERSION="${TORCH_VERSION:-2.13.0}"' in bootstrap
