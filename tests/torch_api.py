@@ -15,12 +15,13 @@ The table is made by this file run as a script (maintainers; it needs PyPI). It 
 sources and type stubs (``*.pyi``, which describe the C++ bindings) out of each release's Linux
 wheel by HTTP range requests (about 15 MB of each wheel), resolves every scanned name in them
 statically (module files, definitions, imports, ``from m import *``, class bodies, signatures),
-and prints the table::
+and prints the table (``VERSION=DIR`` reads an unpacked wheel or a site-packages instead)::
 
-    python tests/torch_api.py 2.3.0 2.4.0 2.5.0 2.6.0 2.7.0 2.8.0 2.9.0 2.10.0 > tests/torch_api_versions.txt
+    python tests/torch_api.py 2.3.0 2.4.0 2.5.0 2.6.0 2.7.0 2.8.0 2.9.0 2.10.0 2.11.0 2.12.0 \
+        2.13.0=.venv/lib/python3.11/site-packages > tests/torch_api_versions.txt
 
 A name the resolver cannot decide (a value's attribute, a ``**kwargs`` signature, ``torch.ops``)
-counts as present and is listed in a comment line; check those by hand.
+counts as present and is listed in a comment line with where it was checked by hand (``BY_HAND``).
 """
 
 from __future__ import annotations
