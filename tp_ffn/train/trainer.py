@@ -17,12 +17,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from ..models.llama import LlamaConfig, Transformer
 from . import checkpoint as ckpt
 from .config import ParallelPlan, TrainConfig, UsageError
 from .data import Corpus, Windows, load_corpus, validation_batch, validation_count
+from .flops import measure_peak, mfu, model_flops_per_token
 from .layout import param_blocks
+from .memory import memory_report, peak_bytes, plan_memory, reset_peak
 from .metrics import MetricsLog, Progress, plot_metrics
 from .optim import WarmupCosine, build_optimizer, build_scheduler, clip_grad_norm_, init_adamw_state
 from .parallelize import Runtime, build_mesh, init_runtime, parallelize
@@ -102,9 +105,10 @@ def _check_resumable(info: ckpt.CheckpointInfo, mcfg: LlamaConfig, cfg: TrainCon
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, rt: Runtime, plan: ParallelPlan, mcfg: LlamaConfig, corpus: Corpus) -> None:
-        self.cfg, self.rt, self.plan, self.mcfg, self.corpus = cfg, rt, plan, mcfg, corpus
-        self.mesh = build_mesh(rt.device, plan.dp, plan.tp, timeout_s=cfg.timeout)
+    def __init__(
+        self, cfg: TrainConfig, rt: Runtime, plan: ParallelPlan, mcfg: LlamaConfig, corpus: Corpus, mesh: DeviceMesh
+    ) -> None:
+        self.cfg, self.rt, self.plan, self.mcfg, self.corpus, self.mesh = cfg, rt, plan, mcfg, corpus, mesh
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.tp_rank = self.mesh["tp"].get_local_rank()
         self.dp_group = self.mesh["dp"].get_group()
@@ -218,6 +222,9 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     plan = cfg.plan(rt.world)
     mcfg = agree(lambda: _model_config(cfg))
     cfg.check_model(mcfg)
+    mesh = build_mesh(rt.device, plan.dp, plan.tp, timeout_s=cfg.timeout)
+    # Before anything is loaded or allocated: refuse a run that cannot fit.
+    estimate, memory_line = agree(lambda: plan_memory(cfg, plan, mcfg, mesh["tp"], rt.device))
     corpus = agree(
         lambda: load_corpus(cfg.data, corpus_bytes=cfg.corpus_bytes, val_fraction=cfg.val_fraction, seq_len=cfg.seq_len)
     )
@@ -248,15 +255,20 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         if rt.rank == 0:
             ckpt.remove_stale_tmp(cfg.ckpt_dir)
 
-    t = _Trainer(cfg, rt, plan, mcfg, corpus)
+    t = _Trainer(cfg, rt, plan, mcfg, corpus, mesh)
+    compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    peak, bf16_warning = measure_peak(compute_dtype, rt.device, given_tflops=cfg.peak_tflops)
+    baseline = reset_peak(rt.device)
     t.log(
         f"tp_ffn train: world {rt.world} = dp {plan.dp} x tp {plan.tp} ({'nccl' if rt.device.type == 'cuda' else 'gloo'} on {rt.device.type}), "
         f"model {cfg.preset if cfg.init_from is None else cfg.init_from} ({mcfg.num_params() / 1e6:.2f} M params, hidden {mcfg.hidden_dim}), "
         f"batch {plan.batch_size} x {cfg.seq_len} = {plan.batch_size * cfg.seq_len} tokens "
         f"(micro {plan.micro_batch} x grad accum {plan.grad_accum} x dp {plan.dp}), sequence parallel {cfg.sequence_parallel}, "
         f"dtype {cfg.dtype}, ffn fuse_gate_up={cfg.ffn_fuse_gate_up} overlap_comm={cfg.ffn_overlap_comm} "
-        f"comm_chunks={cfg.ffn_comm_chunks}\ndata: {corpus.describe()}"
+        f"comm_chunks={cfg.ffn_comm_chunks}\ndata: {corpus.describe()}\n{memory_line}\nMFU against {peak.describe()}"
     )
+    if bf16_warning:
+        t.log(f"warning: {bf16_warning}")
     t.build(None if resume_info is not None else cfg.init_from)
 
     step, position = 0, 0
@@ -272,6 +284,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     log = MetricsLog(metrics_path if t.is_main else None, resume_step=step if resume_info is not None else None)
     bar = Progress(cfg.steps, step, enabled=t.is_main and cfg.progress)
     tokens_per_step = plan.batch_size * cfg.seq_len
+    flops_per_step = model_flops_per_token(mcfg, cfg.seq_len) * tokens_per_step
     try:
         while step < cfg.steps:
             lr = t.opt.param_groups[0]["lr"]
@@ -291,6 +304,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                     "tokens_per_s": tokens_per_step / dt,
                     "grad_norm": norm,
                     "time_s": dt,
+                    "mfu": mfu(flops_per_step, dt, peak.flops, rt.world),
                 }
             )
             val = None
@@ -319,6 +333,9 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             f"done: step {step}, loss {result.losses[-1]:.4f}"
             + (f", val_loss {result.val_losses[-1][1]:.4f}" if result.val_losses else "")
         )
+    measured = torch.tensor([peak_bytes(rt.device) - baseline], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(measured, op=dist.ReduceOp.MAX)
+    t.log(f"memory: {memory_report(measured.item(), estimate, rt.device)}")
     if result.checkpoints:
         t.log(f"checkpoint: {result.checkpoints[-1]}")
     if result.plot:

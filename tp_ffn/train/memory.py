@@ -1,0 +1,476 @@
+"""The memory plan: what one rank of a training run will need, estimated before anything is built.
+
+Per rank, in bytes (``P`` = this rank's parameters: its TP block of every weight, then FSDP2's
+piece of that over dp, padded as FSDP2 pads it to ``ceil(rows / dp)`` rows)::
+
+    parameters    4 P          fp32 master weights
+    gradients     4 P          fp32, sharded like the parameters
+    AdamW         8 P          exp_avg and exp_avg_sq
+    unsharded     FSDP2's all-gathered TP blocks in the compute dtype: the root (embedding, output
+                  head, final norm; kept through backward), two transformer blocks (the one running
+                  and the one prefetched) and one block's unsharded gradients (plus their fp32 copy
+                  for the reduce-scatter in bf16)
+    activations   what autograd keeps for backward over all layers (below), plus one layer's worth
+                  in flight in backward (with activation checkpointing: the recomputed layer too)
+    logits        12 bytes per token and vocabulary entry: the loss's fp32 log-softmax output, the
+                  gradient coming into it and the one it returns (every TP rank holds the full
+                  logits: the output head gathers them)
+    runtime       what a rank grows by beyond its tensors (CPU: code pages, gloo, allocator; 0.3
+                  GiB, measured on tiny runs; CUDA: cuBLAS / NCCL workspaces, 1 GiB, not measured)
+
+The peak is ``parameters + AdamW + runtime + max(backward start, backward end, optimizer step)``:
+at the start of backward the activations and logits are all alive but no gradient yet (they are
+set to ``None`` after every step), at its end every gradient but no activation, and the optimizer
+step adds its temporaries (CUDA's foreach AdamW: one fp32 copy of ``P``) to the gradients.
+
+**Activations kept per layer** (``T`` tokens of a micro-batch, ``T_l = T / tp`` with sequence
+parallelism else ``T``; ``a`` = 2 bytes in bf16, 4 in fp32; ``h_r = n_heads / tp`` local heads of
+``head_dim`` channels), counted from what :mod:`tp_ffn.models.llama` saves and checked against
+``saved_tensors_hooks`` by ``tests/test_memory_plan.py``:
+
+* each of the two RMSNorms, on ``T_l`` tokens: its fp32 input (4 dim; in fp32 the input itself),
+  ``rsqrt`` (4) and the normalised input before the weight (``a`` dim);
+* attention, on ``T`` tokens: the input of wq/wk/wv (``a`` dim; gathered under SP), the rotated q,
+  the repeated k and v and the output of the attention kernel (``4 a h_r head_dim``) and its
+  log-sum-exp (``4 h_r``); in bf16 also FSDP2's bf16 copies of the rotary tables;
+* the feed-forward block: whatever :class:`~tp_ffn.ParallelFeedForward` keeps, measured at start-up
+  (:func:`measure_ffn_saved`) because that block chooses it (its execution modes differ, and a
+  block that recomputes its activation keeps less): tiny blocks on the real TP group, with the
+  run's dtype, modes and sequence parallelism, fitted to ``T (c_d dim + c_n n_r) + c_w dim n_r + c``.
+
+With activation checkpointing a layer keeps only its input (``a`` dim on ``T_l`` tokens, plus the
+rotary copies in bf16). Outside the layers: the final norm, the output head's input (``a`` dim on
+``T`` tokens) and the token ids.
+
+The budget is the device's: CUDA ``torch.cuda.mem_get_info`` free bytes of this rank's GPU; CPU
+``MemAvailable`` of ``/proc/meminfo`` divided among this node's ranks (``LOCAL_WORLD_SIZE``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.llama import LlamaConfig
+from .config import ParallelPlan, TrainConfig, UsageError
+
+__all__ = [
+    "Budget",
+    "FFNSaved",
+    "Layout",
+    "MemoryEstimate",
+    "available_memory",
+    "check_memory",
+    "estimate",
+    "measure_ffn_saved",
+    "memory_report",
+    "peak_bytes",
+    "plan_memory",
+    "reset_peak",
+    "saved_bytes",
+    "suggest",
+]
+
+GiB = 2**30
+RUNTIME_BYTES = {"cpu": int(0.3 * GiB), "cuda": 1 * GiB}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The choices the refusal suggests changing."""
+
+    tp: int
+    dp: int
+    micro_batch: int
+    activation_checkpointing: bool
+
+
+@dataclass(frozen=True)
+class FFNSaved:
+    """Bytes the feed-forward block keeps for backward: ``tokens (per_token_dim dim + per_token_hidden
+    n_r) + per_weight dim n_r + constant`` (``tokens``: of the full sequence; ``n_r``: this rank's rows)."""
+
+    per_token_dim: float
+    per_token_hidden: float
+    per_weight: float = 0.0
+    constant: float = 0.0
+
+    def bytes(self, tokens: int, dim: int, n_r: int) -> float:
+        return (
+            tokens * (self.per_token_dim * dim + self.per_token_hidden * n_r)
+            + self.per_weight * dim * n_r
+            + self.constant
+        )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """One rank's estimated bytes, by part (see the module doc); ``total`` is the peak."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    unsharded: int
+    activations: int
+    logits: int
+    runtime: int
+    total: int
+
+    def parts(self) -> str:
+        names = ("parameters", "gradients", "optimizer", "unsharded", "activations", "logits", "runtime")
+        labels = {"optimizer": "AdamW"}
+        return ", ".join(f"{labels.get(n, n)} {_gib(getattr(self, n))}" for n in names)
+
+    def describe(self) -> str:
+        return f"{_gib(self.total)} GiB per rank ({self.parts()} GiB)"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes one rank may use, and where the number came from."""
+
+    bytes: int
+    source: str
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# What the feed-forward block keeps: measured on tiny blocks.
+
+
+@contextmanager
+def saved_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[dict[int, int]]:
+    """``with saved_bytes() as kept: ...`` then ``sum(kept.values())``: bytes of every buffer autograd
+    keeps for backward of the code inside, each storage once; parameters (and views of them) and the
+    storages of ``exclude`` (e.g. a model's buffers) are held anyway and not counted."""
+    kept: dict[int, int] = {}
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t if t._base is None else t._base
+        storage = t.untyped_storage()
+        if not isinstance(base, nn.Parameter) and storage.data_ptr() not in skip:
+            kept.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
+
+
+def measure_ffn_saved(
+    group: Any, *, dtype: torch.dtype, device: torch.device, sequence_parallel: bool, modes: Mapping[str, Any]
+) -> FFNSaved:
+    """Fit what :class:`~tp_ffn.ParallelFeedForward` keeps for backward from five tiny blocks built
+    on ``group`` (every rank of it must call this at once: the blocks communicate) with ``modes``
+    (``fuse_gate_up``, ``overlap_comm``, ``comm_chunks``), in ``dtype``, their input requiring grad
+    as in the model. Microseconds of compute; the model's widths are never allocated."""
+    from ..ffn import ParallelFeedForward
+    from ..groups import resolve_group
+
+    tp = resolve_group(group).size
+    sp = sequence_parallel and tp > 1
+    t0 = 4 * tp  # tokens: two sequences (with one, a gathered sequence would be laid out as in the model only by luck)
+
+    def kept(tokens: int, dim: int, n_r: int) -> int:
+        ffn = ParallelFeedForward(
+            dim, n_r * tp, group=group, sequence_parallel=sp, dtype=dtype, device=device, **modes
+        )  # fmt: skip
+        seq = tokens // 2
+        x = torch.randn(2, seq // tp if sp else seq, dim, dtype=dtype, device=device, requires_grad=True)
+        with saved_bytes() as k:
+            ffn(x)
+        return sum(k.values())
+
+    p0, p1, p2, p3, p4 = kept(t0, 8, 16), kept(2 * t0, 8, 16), kept(t0, 16, 16), kept(t0, 8, 32), kept(t0, 16, 32)
+    c_w = ((p4 - p2) - (p3 - p0)) / 128
+    c_d = (p2 - p0 - 128 * c_w) / (8 * t0)
+    c_n = (p3 - p0 - 128 * c_w) / (16 * t0)
+    const = p0 - t0 * (8 * c_d + 16 * c_n) - 128 * c_w
+    fit = FFNSaved(c_d, c_n, c_w, const)
+    if abs(fit.bytes(2 * t0, 8, 16) - p1) > 1e-6 * p1:
+        raise AssertionError(f"the feed-forward block's saved bytes are not linear in tokens, dim, rows: {fit}")
+    return fit
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate.
+
+
+def _rows(n: int, parts: int) -> int:
+    """The largest of ``torch.tensor_split(n, parts)``'s pieces (what the busiest rank holds)."""
+    return -(-n // parts)
+
+
+def _fsdp(rows: int, cols: int, dp: int) -> int:
+    """Elements of one rank's FSDP2 piece of a ``[rows, cols]`` block (padded to equal pieces)."""
+    return _rows(rows, dp) * cols
+
+
+def _shapes(cfg: LlamaConfig, tp: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``[rows, cols]`` of this rank's TP block of every weight: (one transformer block's, the root's)."""
+    d, hd = cfg.dim, cfg.head_dim
+    q, kv, h = cfg.n_heads * hd // tp, cfg.kv_heads * hd // tp, _rows(cfg.hidden_dim, tp)
+    block = [(q, d), (kv, d), (kv, d), (d, q), (h, d), (d, h), (h, d), (d, 1), (d, 1)]
+    root = [(cfg.vocab_size, d), (_rows(cfg.vocab_size, tp), d), (d, 1)]
+    return block, root
+
+
+def layer_saved_bytes(
+    cfg: LlamaConfig, *, tokens: int, seq_len: int, tp: int, dtype: str, sequence_parallel: bool, ffn: FFNSaved
+) -> int:
+    """What autograd keeps for one transformer block's backward (no checkpointing); see the module doc."""
+    a = 2 if dtype == "bfloat16" else 4
+    d, h_r = cfg.dim, cfg.n_heads // tp
+    local = tokens // tp if sequence_parallel and tp > 1 else tokens
+    norms = 2 * local * (4 * d + 4 + a * d)
+    attention = tokens * (a * d + 4 * a * h_r * cfg.head_dim + 4 * h_r)
+    rope = seq_len * cfg.head_dim * a if dtype == "bfloat16" else 0
+    return norms + attention + rope + math.ceil(ffn.bytes(tokens, d, _rows(cfg.hidden_dim, tp)))
+
+
+def saved_activation_bytes(
+    cfg: LlamaConfig, layout: Layout, *, seq_len: int, dtype: str, sequence_parallel: bool, ffn: FFNSaved
+) -> int:
+    """What autograd keeps between the forward (loss included) and the backward of one micro-batch."""
+    a = 2 if dtype == "bfloat16" else 4
+    d, tp = cfg.dim, layout.tp
+    tokens = layout.micro_batch * seq_len
+    local = tokens // tp if sequence_parallel and tp > 1 else tokens
+    if layout.activation_checkpointing:
+        per_layer = local * a * d + (seq_len * cfg.head_dim * a if dtype == "bfloat16" else 0)
+    else:
+        per_layer = layer_saved_bytes(
+            cfg, tokens=tokens, seq_len=seq_len, tp=tp, dtype=dtype, sequence_parallel=sequence_parallel, ffn=ffn
+        )
+    ids = layout.micro_batch * (seq_len + 1) * 8
+    # final norm, output head input, token ids, the loss's log-softmax output, targets and total weight
+    root = local * (4 * d + 4 + a * d) + tokens * a * d + ids + tokens * cfg.vocab_size * 4 + tokens * 8 + 4
+    return cfg.n_layers * per_layer + root
+
+
+def estimate(
+    cfg: LlamaConfig,
+    layout: Layout,
+    *,
+    seq_len: int,
+    dtype: str,
+    sequence_parallel: bool,
+    ffn: FFNSaved,
+    device_type: str = "cpu",
+) -> MemoryEstimate:
+    """One rank's peak bytes for training ``cfg`` at ``layout`` (see the module doc)."""
+    tp, dp = layout.tp, layout.dp
+    a = 2 if dtype == "bfloat16" else 4
+    block, root = _shapes(cfg, tp)
+    p_local = cfg.n_layers * sum(_fsdp(r, c, dp) for r, c in block) + sum(_fsdp(r, c, dp) for r, c in root)
+    block_full = sum(_rows(r, dp) * dp * c for r, c in block)
+    root_full = sum(_rows(r, dp) * dp * c for r, c in root)
+    grad_copy = a + (4 if dtype == "bfloat16" else 0)  # unsharded gradient, and its fp32 copy in bf16
+    unsharded_fwd = a * (root_full + 2 * block_full) + grad_copy * block_full
+    unsharded_end = a * (root_full + block_full) + grad_copy * root_full
+
+    tokens = layout.micro_batch * seq_len
+    one_layer = layer_saved_bytes(
+        cfg, tokens=tokens, seq_len=seq_len, tp=tp, dtype=dtype, sequence_parallel=sequence_parallel, ffn=ffn
+    )
+    saved = saved_activation_bytes(
+        cfg, layout, seq_len=seq_len, dtype=dtype, sequence_parallel=sequence_parallel, ffn=ffn
+    )
+    log_softmax = tokens * cfg.vocab_size * 4  # counted in `saved`; reported under logits
+    in_flight = one_layer * (2 if layout.activation_checkpointing else 1)
+    activations = saved - log_softmax + in_flight
+    logits = 3 * log_softmax
+
+    params, grads, adam = 4 * p_local, 4 * p_local, 8 * p_local
+    optimizer_tmp = 4 * p_local if device_type == "cuda" else 2 * 4 * max(_fsdp(r, c, dp) for r, c in block + root)
+    runtime = RUNTIME_BYTES.get(device_type, RUNTIME_BYTES["cpu"])
+    peak = (
+        params
+        + adam
+        + runtime
+        + max(activations + logits + unsharded_fwd, grads + unsharded_end, grads + optimizer_tmp)
+    )
+    unsharded = max(unsharded_fwd, unsharded_end)
+    return MemoryEstimate(params, grads, adam, unsharded, activations, logits, runtime, peak)
+
+
+# ---------------------------------------------------------------------------------------------
+# The budget and the decision.
+
+
+def available_memory(device: torch.device, local_world: int | None = None) -> Budget | None:
+    """Bytes this rank may use: the GPU's free memory, or the node's ``MemAvailable`` shared among
+    its ``LOCAL_WORLD_SIZE`` ranks; ``None`` where neither can be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return Budget(free, f"free on {device}")
+    local = local_world if local_world is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    ranks = f" / {local} local ranks" if local > 1 else ""
+    return Budget(kib * 1024 // local, f"MemAvailable {_gib(kib * 1024)} GiB{ranks}")
+
+
+def _valid_tp(cfg: LlamaConfig, tp: int, seq_len: int, sequence_parallel: bool) -> bool:
+    return cfg.n_heads % tp == 0 and cfg.kv_heads % tp == 0 and not (sequence_parallel and seq_len % tp)
+
+
+def _flags(layout: Layout, now: Layout) -> list[str]:
+    out = []
+    if layout.tp != now.tp or layout.dp != now.dp:
+        out += [f"--tp {layout.tp}", f"--dp {layout.dp}"]
+    if layout.micro_batch != now.micro_batch:
+        out.append(f"--micro-batch-size {layout.micro_batch}")
+    if layout.activation_checkpointing and not now.activation_checkpointing:
+        out.append("--activation-checkpointing")
+    return out
+
+
+def suggest(
+    cfg: LlamaConfig,
+    now: Layout,
+    budget: int,
+    *,
+    batch_size: int,
+    seq_len: int,
+    dtype: str,
+    sequence_parallel: bool,
+    ffn: FFNSaved,
+    device_type: str,
+) -> str:
+    """What would fit in ``budget`` bytes per rank: first within this world size (fewest flags
+    changed, then the largest micro-batch), else the smallest world whose ranks, each with
+    ``budget`` bytes of their own, would hold it."""
+    world = now.tp * now.dp
+    kw = {
+        "seq_len": seq_len,
+        "dtype": dtype,
+        "sequence_parallel": sequence_parallel,
+        "ffn": ffn,
+        "device_type": device_type,
+    }
+    options = []
+    for tp in (t for t in range(1, world + 1) if world % t == 0 and _valid_tp(cfg, t, seq_len, sequence_parallel)):
+        dp = world // tp
+        if batch_size % dp:
+            continue
+        for micro in (m for m in range(1, batch_size // dp + 1) if batch_size % (m * dp) == 0):
+            for ac in {now.activation_checkpointing, True}:
+                layout = Layout(tp, dp, micro, ac)
+                if layout != now:
+                    options.append(layout)
+    fitting = [(o, estimate(cfg, o, **kw).total) for o in options]
+    fitting = [(o, t) for o, t in fitting if t <= budget]
+    if fitting:
+        fitting.sort(key=lambda ot: (len(_flags(ot[0], now)), -ot[0].micro_batch, ot[0].tp))
+        shown = [f"{' '.join(_flags(o, now))} ({_gib(t)} GiB)" for o, t in fitting[:2]]
+        return "would fit: " + " or ".join(shown)
+    for w in range(world + 1, 4097):
+        for tp in (t for t in range(w, 0, -1) if w % t == 0 and _valid_tp(cfg, t, seq_len, sequence_parallel)):
+            layout = Layout(tp, w // tp, 1, True)
+            total = estimate(cfg, layout, **kw).total
+            if total <= budget:
+                return (
+                    f"nothing fits on {world} rank(s); {w} ranks with {_gib(budget)} GiB each would: "
+                    f"{' '.join(_flags(layout, replace(now, tp=0)))} ({_gib(total)} GiB per rank)"
+                )
+    return "nothing fits in any world of up to 4096 ranks"
+
+
+def check_memory(
+    cfg: LlamaConfig,
+    layout: Layout,
+    budget: Budget | None,
+    *,
+    batch_size: int,
+    seq_len: int,
+    dtype: str,
+    sequence_parallel: bool,
+    ffn: FFNSaved,
+    device_type: str,
+    force: bool,
+) -> tuple[MemoryEstimate, str]:
+    """The estimate and the header's memory line; :class:`UsageError` (one line) when it does not fit
+    in ``budget`` and ``force`` is off."""
+    kw = {"seq_len": seq_len, "dtype": dtype, "sequence_parallel": sequence_parallel, "ffn": ffn}
+    est = estimate(cfg, layout, device_type=device_type, **kw)
+    if budget is None:
+        return est, f"memory plan: {est.describe()}; available memory unknown here"
+    line = f"memory plan: {est.describe()} of {_gib(budget.bytes)} GiB available ({budget.source})"
+    if est.total <= budget.bytes:
+        return est, line
+    hint = suggest(cfg, layout, budget.bytes, batch_size=batch_size, device_type=device_type, **kw)
+    if force:
+        return est, line + f": does not fit, going on (--force); {hint}"
+    raise UsageError(
+        f"memory: this run needs about {est.describe()} but {_gib(budget.bytes)} GiB are available per rank "
+        f"({budget.source}); {hint}; --force to try anyway"
+    )
+
+
+def plan_memory(
+    cfg: TrainConfig, plan: ParallelPlan, mcfg: LlamaConfig, tp_group: Any, device: torch.device
+) -> tuple[MemoryEstimate, str]:
+    """The training job's memory plan (:func:`check_memory` for its arguments); every rank of
+    ``tp_group`` calls it at once (the feed-forward block is measured on that group)."""
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    modes = {
+        "fuse_gate_up": cfg.ffn_fuse_gate_up,
+        "overlap_comm": cfg.ffn_overlap_comm,
+        "comm_chunks": cfg.ffn_comm_chunks,
+    }
+    ffn = measure_ffn_saved(tp_group, dtype=dtype, device=device, sequence_parallel=cfg.sequence_parallel, modes=modes)
+    layout = Layout(plan.tp, plan.dp, plan.micro_batch, cfg.activation_checkpointing)
+    return check_memory(
+        mcfg, layout, available_memory(device), batch_size=plan.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype,
+        sequence_parallel=cfg.sequence_parallel and plan.tp > 1, ffn=ffn, device_type=device.type, force=cfg.force,
+    )  # fmt: skip
+
+
+def reset_peak(device: torch.device) -> int:
+    """Start measuring the peak memory of this process; returns the baseline :func:`peak_bytes` will
+    be compared with (CPU: the resident set now; CUDA: bytes allocated now)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: resets VmHWM to the current RSS
+        f.write("5")
+    return _status_bytes("VmRSS:")
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Peak allocated (CUDA) or peak resident (CPU, VmHWM) bytes since :func:`reset_peak`."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _status_bytes("VmHWM:")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
+
+
+def memory_report(measured: float, est: MemoryEstimate, device: torch.device) -> str:
+    """The run's last memory line: the measured peak (the busiest rank's growth since the plan)
+    against the estimate (on CUDA without the runtime part, which the allocator does not see)."""
+    if device.type == "cuda":
+        expected, how = est.total - est.runtime, "max_memory_allocated over what was allocated at the plan"
+    else:
+        expected, how = est.total, "VmHWM over the resident set at the plan"
+    return (
+        f"peak {_gib(measured)} GiB on the busiest rank ({how}), estimated {_gib(expected)} GiB "
+        f"({(expected - measured) / max(measured, 1):+.0%})"
+    )
