@@ -24,8 +24,13 @@ After warm-up the candidates run interleaved and rotated (A B C, B C A, ...) for
 step between barriers; a step's time is the slowest rank's. Reported per candidate: median step
 time and its p10-p90 spread, the paired ratio to each reference (median over rounds of the
 ratio within a round), tokens/s, achieved GFLOP/s and its fraction of the GEMM rate measured
-in the same run, collectives per step and their bytes, peak memory per rank. A table is printed
-and JSON plus a PNG chart are written (``--out``).
+in the same run, MFU (model FLOPs utilisation: the block's FLOPs per second over the peak of all
+ranks' devices, the peak given by ``--peak-tflops`` per device or else the GEMM rate probed in the
+same run), collectives per step and their bytes, peak memory per rank. A table is printed and JSON
+plus a PNG chart are written (``--out``).
+
+bf16 on a CPU without a fast bf16 path (no AVX-512 BF16 or AMX: tens of times slower than fp32) is
+skipped with a note unless ``--force-bf16``: the GEMM rates of both dtypes are probed once at start.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tp_ffn import FeedForward, ParallelFeedForward, split_sequence
+from tp_ffn import machine as tp_machine
 from tp_ffn.diagnostics import profile_step
 
 PRESETS = {
@@ -85,11 +91,15 @@ class BenchConfig:
     reps: int
     warmup: int
     out: str
+    peak_tflops: float | None = None
+    force_bf16: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden_dim", "tokens", "reps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"--peak-tflops: expected a rate > 0 (TFLOP/s per device), got {self.peak_tflops}")
         unknown = sorted(set(self.candidates) - set(ALL))
         if unknown:
             raise ValueError(f"--candidates: unknown {unknown}; choose from {ALL}")
@@ -129,12 +139,16 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument(
         "--out", default="runs/bench", help="directory for bench.json, bench.md and bench.png (runs/ is not tracked)"
     )
+    p.add_argument(
+        "--peak-tflops", type=float, help="peak TFLOP/s of one device in the dtype, for MFU (default: the GEMM probe)"
+    )
+    p.add_argument("--force-bf16", action="store_true", help="run bf16 even where this CPU's bf16 GEMMs are slow")
     a = p.parse_args(argv)
     dim, hidden, tokens = PRESETS[a.preset]
     dtypes = ("float32", "bfloat16") if a.dtype == "both" else (a.dtype,)
     return BenchConfig(
         a.dim or dim, a.hidden_dim or hidden, a.tokens or tokens, dtypes,
-        tuple(c for c in a.candidates.split(",") if c), a.reps, a.warmup, a.out,
+        tuple(c for c in a.candidates.split(",") if c), a.reps, a.warmup, a.out, a.peak_tflops, a.force_bf16,
     )  # fmt: skip
 
 
@@ -225,6 +239,20 @@ def gemm_rate(cfg: BenchConfig, dtype: torch.dtype, device: torch.device) -> Cal
         return rate.item()
 
     return probe
+
+
+def skip_slow_bf16(cfg: BenchConfig, device: torch.device) -> tuple[BenchConfig, str | None]:
+    """Drop bf16 from ``cfg.dtypes`` (with the note saying why) where this CPU's bf16 GEMMs run below
+    a quarter of fp32's (:func:`tp_ffn.machine.bf16_is_slow`), unless ``--force-bf16``. One probe
+    of each dtype, on every rank at once."""
+    if device.type != "cpu" or "bfloat16" not in cfg.dtypes or cfg.force_bf16:
+        return cfg, None
+    bf16 = tp_machine.gemm_rate(torch.bfloat16, device)
+    fp32 = tp_machine.gemm_rate(torch.float32, device)
+    if not tp_machine.bf16_is_slow(bf16, fp32):
+        return cfg, None
+    note = f"bfloat16 skipped: {tp_machine.slow_bf16_message(bf16, fp32)}; --force-bf16 runs it anyway"
+    return replace(cfg, dtypes=tuple(d for d in cfg.dtypes if d != "bfloat16")), note
 
 
 def sync(device: torch.device) -> None:
@@ -347,9 +375,12 @@ def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) 
         med = statistics.median(r.times)
         achieved = r.flops_per_step / med / 1e9
         machine = r.gemm_rate  # type: ignore[attr-defined]
+        # MFU: the whole machine's rate over the peak of its `world` devices (the probe sums the ranks).
+        peak_all = cfg.peak_tflops * 1e3 * world if cfg.peak_tflops is not None else machine
         rows.append({
             "name": r.name, "dtype": r.dtype, "median_ms": med * 1e3, "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3,
             "tokens_per_s": cfg.tokens / med, "gflops": achieved, "gemm_fraction": achieved / machine,
+            "mfu": achieved / peak_all,
             "collectives": r.collectives, "comm_mib": r.comm_bytes / 2**20, "peak_mib": r.peak_bytes / 2**20,
             "reps": len(r.times), "times_ms": [t * 1e3 for t in r.times], "note": r.note,
         })  # fmt: skip
@@ -364,8 +395,13 @@ def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) 
                         pairs = [a / b for a, b in zip(r["times_ms"], base[ref]["times_ms"])]
                         r[f"vs_{ref}"] = statistics.median(pairs)
                         r[f"vs_{ref}_of_medians"] = r["median_ms"] / base[ref]["median_ms"]
+    rates = {r.dtype: r.gemm_rate for r in results}  # type: ignore[attr-defined]
+    if cfg.peak_tflops is not None:
+        peak = {"tflops_per_device": {d: cfg.peak_tflops for d in rates}, "source": "--peak-tflops"}
+    else:
+        peak = {"tflops_per_device": {d: v / world / 1e3 for d, v in rates.items()}, "source": "GEMM probe, this run"}
     return {"config": asdict(cfg), "world_size": world, "device": device, "threads_per_rank": torch.get_num_threads(),
-            "gemm_rate_gflops": {r.dtype: r.gemm_rate for r in results}, "rows": rows}  # type: ignore[attr-defined]  # fmt: skip
+            "gemm_rate_gflops": rates, "peak": peak, "rows": rows}  # fmt: skip
 
 
 def print_table(summary: dict) -> None:
@@ -373,9 +409,11 @@ def print_table(summary: dict) -> None:
     print(
         f"\nFFN dim {cfg['dim']}, hidden {cfg['hidden_dim']}, {cfg['tokens']} tokens, forward+backward; "
         f"world size {summary['world_size']} on {summary['device']}, {summary['threads_per_rank']} thread(s) per rank; "
-        f"machine GEMM rate {', '.join(f'{k} {v:.0f}' for k, v in summary['gemm_rate_gflops'].items())} GFLOP/s"
+        f"machine GEMM rate {', '.join(f'{k} {v:.0f}' for k, v in summary['gemm_rate_gflops'].items())} GFLOP/s; "
+        f"MFU against {', '.join(f'{k} {v:.4g}' for k, v in summary['peak']['tflops_per_device'].items())} TFLOP/s "
+        f"per device ({summary['peak']['source']})"
     )
-    head = f"{'candidate':<17} {'dtype':<9} {'median ms':>9} {'p10-p90 ms':>14} {'tokens/s':>9} {'GFLOP/s':>8} {'of GEMM':>7} {'vs local':>8} {'vs fairsc':>9} {'vs torch':>8} {'vs dense':>8} {'collectives/step':<28} {'MiB moved':>9} {'peak MiB':>8}"
+    head = f"{'candidate':<17} {'dtype':<9} {'median ms':>9} {'p10-p90 ms':>14} {'tokens/s':>9} {'GFLOP/s':>8} {'of GEMM':>7} {'MFU':>5} {'vs local':>8} {'vs fairsc':>9} {'vs torch':>8} {'vs dense':>8} {'collectives/step':<28} {'MiB moved':>9} {'peak MiB':>8}"
     print(head)
     for r in summary["rows"]:
         if "median_ms" not in r:
@@ -385,7 +423,7 @@ def print_table(summary: dict) -> None:
         rel = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         print(
             f"{r['name']:<17} {r['dtype']:<9} {r['median_ms']:>9.1f} {r['p10_ms']:>6.1f}-{r['p90_ms']:<7.1f} {r['tokens_per_s']:>9.0f} "
-            f"{r['gflops']:>8.1f} {r['gemm_fraction']:>7.2f} {rel('vs_local'):>8} {rel('vs_fairscale'):>9} {rel('vs_torch-tp'):>8} "
+            f"{r['gflops']:>8.1f} {r['gemm_fraction']:>7.2f} {r['mfu']:>5.2f} {rel('vs_local'):>8} {rel('vs_fairscale'):>9} {rel('vs_torch-tp'):>8} "
             f"{rel('vs_dense'):>8} "
             f"{coll:<28} {r['comm_mib']:>9.1f} {r['peak_mib']:>8.1f}"
         )
@@ -394,19 +432,19 @@ def print_table(summary: dict) -> None:
 def markdown(summary: dict) -> str:
     """The table as Markdown, for docs/benchmarks.md."""
     lines = [
-        "| candidate | dtype | median ms | p10-p90 ms | tokens/s | GFLOP/s | of GEMM rate | vs local | vs fairscale "
+        "| candidate | dtype | median ms | p10-p90 ms | tokens/s | GFLOP/s | of GEMM rate | MFU | vs local | vs fairscale "
         "| vs torch-tp | vs dense | collectives/step | MiB moved | peak MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in summary["rows"]:
         if "median_ms" not in r:
-            lines.append(f"| {r['name']} | {r['dtype']} | skipped: {r['note']} |" + " |" * 11)
+            lines.append(f"| {r['name']} | {r['dtype']} | skipped: {r['note']} |" + " |" * 12)
             continue
         coll = ", ".join(f"{k} {v}" for k, v in sorted(r["collectives"].items())) or "none"
         rel = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         lines.append(
             f"| {r['name']} | {r['dtype']} | {r['median_ms']:.1f} | {r['p10_ms']:.1f}-{r['p90_ms']:.1f} "
-            f"| {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | {r['gemm_fraction']:.2f} | {rel('vs_local')} "
+            f"| {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | {r['gemm_fraction']:.2f} | {r['mfu']:.2f} | {rel('vs_local')} "
             f"| {rel('vs_fairscale')} | {rel('vs_torch-tp')} | {rel('vs_dense')} | {coll} | {r['comm_mib']:.1f} | {r['peak_mib']:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -453,11 +491,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
+        cfg, note = skip_slow_bf16(
+            cfg, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        )
+        if note and dist.get_rank() == 0:
+            print(f"bench.py: {note}", flush=True)
+        if not cfg.dtypes:
+            return 0
         results = run(cfg)
         world = dist.get_world_size()
         device = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
         if dist.get_rank() == 0:
             summary = summarize(cfg, results, world, device)
+            if note:
+                summary["skipped"] = {"bfloat16": note}
             print_table(summary)
             out = Path(cfg.out)
             out.mkdir(parents=True, exist_ok=True)

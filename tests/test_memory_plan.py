@@ -107,7 +107,7 @@ def _local_parameters(rank: int, world: int, tp: int) -> tuple[int, int]:
 def test_parameters_per_rank_are_the_busiest_ranks_share(world, tp):
     """The plan counts the parameters of the busiest rank (rank 0: first in both tensor_split and
     FSDP2's chunks) exactly, and no rank holds more."""
-    rows = run_ranks(world, _local_parameters, tp, timeout=180)
+    rows = run_ranks(world, _local_parameters, tp, timeout=180, check=False)
     assert rows[0][0] == rows[0][1]
     assert all(held <= planned for held, planned in rows)
 
@@ -156,7 +156,8 @@ def test_refusal_is_one_line_with_the_numbers_and_what_would_fit():
 
 
 def test_cpu_budget_is_memavailable_shared_by_the_local_ranks():
-    kib = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemAvailable:"))
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    kib = next(int(ln.split()[1]) for ln in meminfo if ln.startswith("MemAvailable:"))
     one = available_memory(torch.device("cpu"), local_world=1)
     four = available_memory(torch.device("cpu"), local_world=4)
     assert abs(one.bytes - kib * 1024) < 2**28  # read a moment apart
@@ -181,7 +182,7 @@ def test_llama2_7b_on_this_machine_is_refused_in_one_line_before_allocation():
         "print('RC', r.returncode, 'MAXRSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
     cmd = [sys.executable, "-c", probe, sys.executable, "scripts/train.py", "--preset", "llama2-7b", "--tp", "1"]
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180, check=False)
     *err, last = r.stdout.strip().splitlines()
     rc, maxrss_kib = re.fullmatch(r"RC (-?\d+) MAXRSS_KIB (\d+)", last).groups()
     assert rc == "2", r.stdout + r.stderr
@@ -195,7 +196,7 @@ def test_llama2_7b_on_this_machine_is_refused_in_one_line_before_allocation():
 def test_refusal_under_torchrun_is_one_line_from_rank_0():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py"]
     cmd += ["--preset", "llama2-7b", "--tp", "2"]
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=280)
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=280, check=False)
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("train.py: error:")]
     assert len(lines) == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "/ 2 local ranks" in lines[0], lines[0]

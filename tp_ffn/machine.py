@@ -31,15 +31,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _group_size(group: dist.ProcessGroup | None) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _max_over(value: float, group: dist.ProcessGroup | None, device: torch.device) -> float:
-    if _group_size(group) == 1:
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    if _world() == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
 
@@ -47,13 +47,12 @@ def gemm_rate(
     dtype: torch.dtype,
     device: torch.device,
     *,
-    group: dist.ProcessGroup | None = None,
     target_s: float = 0.02,
     max_n: int | None = None,
     reps: int = 3,
 ) -> float:
     """The GEMM rate one rank reaches in ``dtype`` on ``device``, in FLOP/s: the mean over the ranks
-    of ``group`` (all ranks when ``None``) of each rank's best of ``reps`` timed ``n x n x n`` GEMMs,
+    of the default process group (if any) of each rank's best of ``reps`` timed ``n x n x n`` GEMMs,
     every rank computing at the same time. The same number on every rank.
 
     ``n`` starts at 256 and doubles (on every rank alike) until one GEMM takes ``target_s`` on the
@@ -67,24 +66,24 @@ def gemm_rate(
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         F.linear(a, b)  # warm-up: the first call of a size may pick or pack kernels
-        elapsed = _max_over(_timed(a, b, device, group), group, device)
+        elapsed = _max_over_ranks(_timed(a, b, device), device)
         if elapsed >= target_s or n >= max_n:
             break
         n *= 2
-    best = min(_timed(a, b, device, group) for _ in range(reps))
+    best = min(_timed(a, b, device) for _ in range(reps))
     rate = 2.0 * n**3 / best
-    world = _group_size(group)
+    world = _world()
     if world == 1:
         return rate
     t = torch.tensor([rate], dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=group)
+    dist.all_reduce(t)
     return t.item() / world
 
 
-def _timed(a: torch.Tensor, b: torch.Tensor, device: torch.device, group: dist.ProcessGroup | None) -> float:
+def _timed(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> float:
     _sync(device)
-    if _group_size(group) > 1:
-        dist.barrier(group=group)  # every rank computes at once: they share the CPU's cores
+    if _world() > 1:
+        dist.barrier()  # every rank computes at once: they share the CPU's cores
     t = time.perf_counter()
     F.linear(a, b)
     _sync(device)

@@ -186,7 +186,7 @@ def measure_ffn_saved(
             dim, n_r * tp, group=group, sequence_parallel=sp, dtype=dtype, device=device, **modes
         )  # fmt: skip
         seq = tokens // 2
-        x = torch.randn(2, seq // tp if sp else seq, dim, dtype=dtype, device=device, requires_grad=True)
+        x = torch.randn(2, seq // tp if sp else seq, dim, dtype=dtype, device=device).requires_grad_()
         with saved_bytes() as k:
             ffn(x)
         return sum(k.values())
