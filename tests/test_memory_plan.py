@@ -20,6 +20,7 @@ from tp_ffn.train.memory import (
     Budget,
     FFNSaved,
     Layout,
+    Workload,
     available_memory,
     check_memory,
     estimate,
@@ -58,10 +59,8 @@ def _kept_by_model(rank: int, world: int, tp: int, dtype: str, sp: bool, mode: s
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
     loss.backward()
     layout = Layout(tp, world // tp, micro, ac)
-    predicted = saved_activation_bytes(CFG, layout, seq_len=seq, dtype=dtype, sequence_parallel=sp and tp > 1, ffn=ffn)
-    wrong = saved_activation_bytes(
-        CFG, layout, seq_len=seq, dtype=dtype, sequence_parallel=sp and tp > 1, ffn=FFNSaved(0, 0)
-    )
+    predicted = saved_activation_bytes(CFG, layout, Workload(seq, dtype, sp and tp > 1, ffn))
+    wrong = saved_activation_bytes(CFG, layout, Workload(seq, dtype, sp and tp > 1, FFNSaved(0, 0)))
     return sum(kept.values()), predicted, wrong
 
 
@@ -96,9 +95,7 @@ def _local_parameters(rank: int, world: int, tp: int) -> tuple[int, int]:
     mesh = build_mesh(torch.device("cpu"), world // tp, tp)
     model = parallelize(Transformer(CFG, group=mesh["tp"]), mesh)
     held = sum(p.to_local().numel() for p in model.parameters())
-    est = estimate(
-        CFG, Layout(tp, world // tp, 1, False), seq_len=8, dtype="float32", sequence_parallel=False, ffn=FFN_TODAY
-    )
+    est = estimate(CFG, Layout(tp, world // tp, 1, False), Workload(8, "float32", False, FFN_TODAY))
     return held, est.parameters // 4
 
 
@@ -112,9 +109,12 @@ def test_parameters_per_rank_are_the_busiest_ranks_share(world, tp):
     assert all(held <= planned for held, planned in rows)
 
 
-def _plan(layout: Layout, **kw) -> int:
-    args = {"seq_len": 128, "dtype": "float32", "sequence_parallel": False, "ffn": FFN_TODAY} | kw
-    return estimate(LlamaConfig(dim=256, n_layers=4, n_heads=8, vocab_size=256, multiple_of=64), layout, **args).total
+WORK = Workload(128, "float32", False, FFN_TODAY)
+SMALL = LlamaConfig(dim=256, n_layers=4, n_heads=8, vocab_size=256, multiple_of=64)
+
+
+def _plan(layout: Layout, work: Workload = WORK) -> int:
+    return estimate(SMALL, layout, work).total
 
 
 def test_estimate_moves_the_right_way():
@@ -123,36 +123,31 @@ def test_estimate_moves_the_right_way():
     assert _plan(Layout(1, 1, 4, False)) < _plan(base)  # so does a smaller micro-batch
     assert _plan(Layout(2, 1, 8, False)) < _plan(base)  # and TP
     assert _plan(Layout(1, 2, 8, False)) < _plan(base)  # and FSDP over dp
-    assert _plan(base, dtype="bfloat16") < _plan(base)
+    assert _plan(base, Workload(128, "bfloat16", False, FFNSaved(2, 8))) < _plan(base)
 
 
 def test_refusal_is_one_line_with_the_numbers_and_what_would_fit():
-    cfg = LlamaConfig(dim=256, n_layers=4, n_heads=8, vocab_size=256, multiple_of=64)
     now = Layout(1, 2, 8, False)
-    kw = {"batch_size": 16, "seq_len": 128, "dtype": "float32", "sequence_parallel": False, "ffn": FFN_TODAY}
-    need = estimate(cfg, now, seq_len=128, dtype="float32", sequence_parallel=False, ffn=FFN_TODAY).total
-    with_ac = estimate(cfg, Layout(1, 2, 8, True), seq_len=128, dtype="float32", sequence_parallel=False, ffn=FFN_TODAY)
+    need = _plan(now)
+    with_ac = estimate(SMALL, Layout(1, 2, 8, True), WORK)
     budget = Budget((need + with_ac.total) // 2, "test budget")
-    est, line = check_memory(cfg, now, Budget(need, "b"), device_type="cpu", force=False, **kw)
+    est, line = check_memory(SMALL, now, Budget(need, "b"), batch_size=16, work=WORK, force=False)
     assert est.total == need and "memory plan:" in line
     with pytest.raises(UsageError) as e:
-        check_memory(cfg, now, budget, device_type="cpu", force=False, **kw)
+        check_memory(SMALL, now, budget, batch_size=16, work=WORK, force=False)
     msg = str(e.value)
     assert "\n" not in msg
     assert re.search(r"needs about [\d.]+ GiB per rank \(parameters [\d.]+, gradients", msg), msg
     assert "test budget" in msg and "--force" in msg
     assert "would fit: --activation-checkpointing" in msg, msg
-    _, forced = check_memory(cfg, now, budget, device_type="cpu", force=True, **kw)
+    _, forced = check_memory(SMALL, now, budget, batch_size=16, work=WORK, force=True)
     assert "does not fit, going on (--force)" in forced
     # Nothing fits on these 2 ranks: the smallest world that would, each rank with the same budget.
-    leanest = min(
-        estimate(cfg, lay, seq_len=128, dtype="float32", sequence_parallel=False, ffn=FFN_TODAY).total
-        for lay in (Layout(2, 1, 1, True), Layout(1, 2, 1, True))
-    )
+    leanest = min(_plan(lay) for lay in (Layout(2, 1, 1, True), Layout(1, 2, 1, True)))
     runtime = with_ac.runtime
     tiny = Budget(int(runtime + 0.9 * (leanest - runtime)), "tiny")
     with pytest.raises(UsageError, match=r"nothing fits on 2 rank\(s\); \d+ ranks with [\d.]+ GiB each would: --tp"):
-        check_memory(cfg, now, tiny, device_type="cpu", force=False, **kw)
+        check_memory(SMALL, now, tiny, batch_size=16, work=WORK, force=False)
 
 
 def test_cpu_budget_is_memavailable_shared_by_the_local_ranks():
@@ -200,3 +195,37 @@ def test_refusal_under_torchrun_is_one_line_from_rank_0():
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("train.py: error:")]
     assert len(lines) == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "/ 2 local ranks" in lines[0], lines[0]
+
+
+_HOLES = """
+import sys, torch
+from tp_ffn.train.memory import release_freed_memory
+if sys.argv[1] == "release":
+    assert release_freed_memory()
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) * 1024
+torch.empty(2**21).fill_(1)  # an 8 MiB block freed: glibc's threshold rises to 8 MiB
+before = rss()
+big, small = [], []
+for _ in range(100):
+    big.append(torch.empty(2**20).fill_(1))  # 4 MiB
+    small.append(torch.empty(2**16).fill_(1))  # a live 256 KiB neighbour: the heap cannot shrink past it
+del big
+print((rss() - before) / 2**20)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode, kept_mib", [("release", (0, 50)), ("default", (300, 1000))])
+def test_freed_activations_leave_the_resident_set(mode, kept_mib):
+    """400 MiB of 4 MiB tensors freed between live 256 KiB ones: with release_freed_memory() the
+    resident set drops back; with glibc's default (negative control) it keeps them."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc")
+    env = {k: v for k, v in _env().items() if not k.startswith("MALLOC_")}
+    r = subprocess.run(
+        [sys.executable, "-c", _HOLES, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100, check=False
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    low, high = kept_mib
+    assert low <= float(r.stdout) <= high, r.stdout

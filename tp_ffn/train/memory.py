@@ -48,6 +48,7 @@ The budget is the device's: CUDA ``torch.cuda.mem_get_info`` free bytes of this 
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -66,6 +67,7 @@ __all__ = [
     "FFNSaved",
     "Layout",
     "MemoryEstimate",
+    "Workload",
     "available_memory",
     "check_memory",
     "estimate",
@@ -73,6 +75,7 @@ __all__ = [
     "memory_report",
     "peak_bytes",
     "plan_memory",
+    "release_freed_memory",
     "reset_peak",
     "saved_bytes",
     "suggest",
@@ -110,6 +113,26 @@ class FFNSaved:
             + self.per_weight * dim * n_r
             + self.constant
         )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the plan needs besides the layout: tokens per sequence, compute dtype (``float32`` or
+    ``bfloat16``), sequence parallelism, what the feed-forward block keeps, and the device type."""
+
+    seq_len: int
+    dtype: str
+    sequence_parallel: bool
+    ffn: FFNSaved
+    device_type: str = "cpu"
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.dtype == "bfloat16" else 4
+
+    def rope_bytes(self, cfg: LlamaConfig) -> int:
+        """FSDP2's per-block bf16 copies of the rotary tables (in fp32 the blocks read the buffers)."""
+        return self.seq_len * cfg.head_dim * 2 if self.dtype == "bfloat16" else 0
 
 
 @dataclass(frozen=True)
@@ -227,75 +250,52 @@ def _shapes(cfg: LlamaConfig, tp: int) -> tuple[list[tuple[int, int]], list[tupl
     return block, root
 
 
-def layer_saved_bytes(
-    cfg: LlamaConfig, *, tokens: int, seq_len: int, tp: int, dtype: str, sequence_parallel: bool, ffn: FFNSaved
-) -> int:
+def layer_saved_bytes(cfg: LlamaConfig, tokens: int, tp: int, work: Workload) -> int:
     """What autograd keeps for one transformer block's backward (no checkpointing); see the module doc."""
-    a = 2 if dtype == "bfloat16" else 4
-    d, h_r = cfg.dim, cfg.n_heads // tp
-    local = tokens // tp if sequence_parallel and tp > 1 else tokens
+    a, d, h_r = work.act_bytes, cfg.dim, cfg.n_heads // tp
+    local = tokens // tp if work.sequence_parallel and tp > 1 else tokens
     norms = 2 * local * (4 * d + 4 + a * d)
     attention = tokens * (a * d + 4 * a * h_r * cfg.head_dim + 4 * h_r)
-    rope = seq_len * cfg.head_dim * a if dtype == "bfloat16" else 0
-    return norms + attention + rope + math.ceil(ffn.bytes(tokens, d, _rows(cfg.hidden_dim, tp)))
+    return norms + attention + work.rope_bytes(cfg) + math.ceil(work.ffn.bytes(tokens, d, _rows(cfg.hidden_dim, tp)))
 
 
-def saved_activation_bytes(
-    cfg: LlamaConfig, layout: Layout, *, seq_len: int, dtype: str, sequence_parallel: bool, ffn: FFNSaved
-) -> int:
+def saved_activation_bytes(cfg: LlamaConfig, layout: Layout, work: Workload) -> int:
     """What autograd keeps between the forward (loss included) and the backward of one micro-batch."""
-    a = 2 if dtype == "bfloat16" else 4
-    d, tp = cfg.dim, layout.tp
-    tokens = layout.micro_batch * seq_len
-    local = tokens // tp if sequence_parallel and tp > 1 else tokens
+    a, d, tp = work.act_bytes, cfg.dim, layout.tp
+    tokens = layout.micro_batch * work.seq_len
+    local = tokens // tp if work.sequence_parallel and tp > 1 else tokens
     if layout.activation_checkpointing:
-        per_layer = local * a * d + (seq_len * cfg.head_dim * a if dtype == "bfloat16" else 0)
+        per_layer = local * a * d + work.rope_bytes(cfg)
     else:
-        per_layer = layer_saved_bytes(
-            cfg, tokens=tokens, seq_len=seq_len, tp=tp, dtype=dtype, sequence_parallel=sequence_parallel, ffn=ffn
-        )
-    ids = layout.micro_batch * (seq_len + 1) * 8
+        per_layer = layer_saved_bytes(cfg, tokens, tp, work)
+    ids = layout.micro_batch * (work.seq_len + 1) * 8
     # final norm, output head input, token ids, the loss's log-softmax output, targets and total weight
     root = local * (4 * d + 4 + a * d) + tokens * a * d + ids + tokens * cfg.vocab_size * 4 + tokens * 8 + 4
     return cfg.n_layers * per_layer + root
 
 
-def estimate(
-    cfg: LlamaConfig,
-    layout: Layout,
-    *,
-    seq_len: int,
-    dtype: str,
-    sequence_parallel: bool,
-    ffn: FFNSaved,
-    device_type: str = "cpu",
-) -> MemoryEstimate:
+def estimate(cfg: LlamaConfig, layout: Layout, work: Workload) -> MemoryEstimate:
     """One rank's peak bytes for training ``cfg`` at ``layout`` (see the module doc)."""
-    tp, dp = layout.tp, layout.dp
-    a = 2 if dtype == "bfloat16" else 4
+    tp, dp, a = layout.tp, layout.dp, work.act_bytes
     block, root = _shapes(cfg, tp)
     p_local = cfg.n_layers * sum(_fsdp(r, c, dp) for r, c in block) + sum(_fsdp(r, c, dp) for r, c in root)
     block_full = sum(_rows(r, dp) * dp * c for r, c in block)
     root_full = sum(_rows(r, dp) * dp * c for r, c in root)
-    grad_copy = a + (4 if dtype == "bfloat16" else 0)  # unsharded gradient, and its fp32 copy in bf16
+    grad_copy = a + (4 if work.dtype == "bfloat16" else 0)  # unsharded gradient, and its fp32 copy in bf16
     unsharded_fwd = a * (root_full + 2 * block_full) + grad_copy * block_full
     unsharded_end = a * (root_full + block_full) + grad_copy * root_full
 
-    tokens = layout.micro_batch * seq_len
-    one_layer = layer_saved_bytes(
-        cfg, tokens=tokens, seq_len=seq_len, tp=tp, dtype=dtype, sequence_parallel=sequence_parallel, ffn=ffn
-    )
-    saved = saved_activation_bytes(
-        cfg, layout, seq_len=seq_len, dtype=dtype, sequence_parallel=sequence_parallel, ffn=ffn
-    )
+    tokens = layout.micro_batch * work.seq_len
+    one_layer = layer_saved_bytes(cfg, tokens, tp, work)
+    saved = saved_activation_bytes(cfg, layout, work)
     log_softmax = tokens * cfg.vocab_size * 4  # counted in `saved`; reported under logits
     in_flight = one_layer * (2 if layout.activation_checkpointing else 1)
     activations = saved - log_softmax + in_flight
     logits = 3 * log_softmax
 
     params, grads, adam = 4 * p_local, 4 * p_local, 8 * p_local
-    optimizer_tmp = 4 * p_local if device_type == "cuda" else 2 * 4 * max(_fsdp(r, c, dp) for r, c in block + root)
-    runtime = RUNTIME_BYTES.get(device_type, RUNTIME_BYTES["cpu"])
+    optimizer_tmp = 4 * p_local if work.device_type == "cuda" else 2 * 4 * max(_fsdp(r, c, dp) for r, c in block + root)
+    runtime = RUNTIME_BYTES.get(work.device_type, RUNTIME_BYTES["cpu"])
     peak = (
         params
         + adam
@@ -326,8 +326,8 @@ def available_memory(device: torch.device, local_world: int | None = None) -> Bu
     return Budget(kib * 1024 // local, f"MemAvailable {_gib(kib * 1024)} GiB{ranks}")
 
 
-def _valid_tp(cfg: LlamaConfig, tp: int, seq_len: int, sequence_parallel: bool) -> bool:
-    return cfg.n_heads % tp == 0 and cfg.kv_heads % tp == 0 and not (sequence_parallel and seq_len % tp)
+def _valid_tp(cfg: LlamaConfig, tp: int, work: Workload) -> bool:
+    return cfg.n_heads % tp == 0 and cfg.kv_heads % tp == 0 and not (work.sequence_parallel and work.seq_len % tp)
 
 
 def _flags(layout: Layout, now: Layout) -> list[str]:
@@ -341,31 +341,13 @@ def _flags(layout: Layout, now: Layout) -> list[str]:
     return out
 
 
-def suggest(
-    cfg: LlamaConfig,
-    now: Layout,
-    budget: int,
-    *,
-    batch_size: int,
-    seq_len: int,
-    dtype: str,
-    sequence_parallel: bool,
-    ffn: FFNSaved,
-    device_type: str,
-) -> str:
+def suggest(cfg: LlamaConfig, now: Layout, budget: int, *, batch_size: int, work: Workload) -> str:
     """What would fit in ``budget`` bytes per rank: first within this world size (fewest flags
     changed, then the largest micro-batch), else the smallest world whose ranks, each with
     ``budget`` bytes of their own, would hold it."""
     world = now.tp * now.dp
-    kw = {
-        "seq_len": seq_len,
-        "dtype": dtype,
-        "sequence_parallel": sequence_parallel,
-        "ffn": ffn,
-        "device_type": device_type,
-    }
     options = []
-    for tp in (t for t in range(1, world + 1) if world % t == 0 and _valid_tp(cfg, t, seq_len, sequence_parallel)):
+    for tp in (t for t in range(1, world + 1) if world % t == 0 and _valid_tp(cfg, t, work)):
         dp = world // tp
         if batch_size % dp:
             continue
@@ -374,16 +356,16 @@ def suggest(
                 layout = Layout(tp, dp, micro, ac)
                 if layout != now:
                     options.append(layout)
-    fitting = [(o, estimate(cfg, o, **kw).total) for o in options]
+    fitting = [(o, estimate(cfg, o, work).total) for o in options]
     fitting = [(o, t) for o, t in fitting if t <= budget]
     if fitting:
         fitting.sort(key=lambda ot: (len(_flags(ot[0], now)), -ot[0].micro_batch, ot[0].tp))
         shown = [f"{' '.join(_flags(o, now))} ({_gib(t)} GiB)" for o, t in fitting[:2]]
         return "would fit: " + " or ".join(shown)
     for w in range(world + 1, 4097):
-        for tp in (t for t in range(w, 0, -1) if w % t == 0 and _valid_tp(cfg, t, seq_len, sequence_parallel)):
+        for tp in (t for t in range(w, 0, -1) if w % t == 0 and _valid_tp(cfg, t, work)):
             layout = Layout(tp, w // tp, 1, True)
-            total = estimate(cfg, layout, **kw).total
+            total = estimate(cfg, layout, work).total
             if total <= budget:
                 return (
                     f"nothing fits on {world} rank(s); {w} ranks with {_gib(budget)} GiB each would: "
@@ -393,28 +375,17 @@ def suggest(
 
 
 def check_memory(
-    cfg: LlamaConfig,
-    layout: Layout,
-    budget: Budget | None,
-    *,
-    batch_size: int,
-    seq_len: int,
-    dtype: str,
-    sequence_parallel: bool,
-    ffn: FFNSaved,
-    device_type: str,
-    force: bool,
+    cfg: LlamaConfig, layout: Layout, budget: Budget | None, *, batch_size: int, work: Workload, force: bool
 ) -> tuple[MemoryEstimate, str]:
     """The estimate and the header's memory line; :class:`UsageError` (one line) when it does not fit
     in ``budget`` and ``force`` is off."""
-    kw = {"seq_len": seq_len, "dtype": dtype, "sequence_parallel": sequence_parallel, "ffn": ffn}
-    est = estimate(cfg, layout, device_type=device_type, **kw)
+    est = estimate(cfg, layout, work)
     if budget is None:
         return est, f"memory plan: {est.describe()}; available memory unknown here"
     line = f"memory plan: {est.describe()} of {_gib(budget.bytes)} GiB available ({budget.source})"
     if est.total <= budget.bytes:
         return est, line
-    hint = suggest(cfg, layout, budget.bytes, batch_size=batch_size, device_type=device_type, **kw)
+    hint = suggest(cfg, layout, budget.bytes, batch_size=batch_size, work=work)
     if force:
         return est, line + f": does not fit, going on (--force); {hint}"
     raise UsageError(
@@ -436,10 +407,8 @@ def plan_memory(
     }
     ffn = measure_ffn_saved(tp_group, dtype=dtype, device=device, sequence_parallel=cfg.sequence_parallel, modes=modes)
     layout = Layout(plan.tp, plan.dp, plan.micro_batch, cfg.activation_checkpointing)
-    return check_memory(
-        mcfg, layout, available_memory(device), batch_size=plan.batch_size, seq_len=cfg.seq_len, dtype=cfg.dtype,
-        sequence_parallel=cfg.sequence_parallel and plan.tp > 1, ffn=ffn, device_type=device.type, force=cfg.force,
-    )  # fmt: skip
+    work = Workload(cfg.seq_len, cfg.dtype, cfg.sequence_parallel and plan.tp > 1, ffn, device.type)
+    return check_memory(mcfg, layout, available_memory(device), batch_size=plan.batch_size, work=work, force=cfg.force)
 
 
 def reset_peak(device: torch.device) -> int:
@@ -476,3 +445,23 @@ def memory_report(measured: float, est: MemoryEstimate, device: torch.device) ->
         f"peak {_gib(measured)} GiB on the busiest rank ({how}), estimated {_gib(expected)} GiB "
         f"({(expected - measured) / max(measured, 1):+.0%})"
     )
+
+
+def release_freed_memory() -> bool:
+    """Make glibc hand every allocation of 128 KiB or more its own mapping, returned to the system
+    when freed (``mallopt(M_MMAP_THRESHOLD, 128 KiB)``); True when set.
+
+    By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), so
+    activations, gathered parameters and gradients of a training step are then served from its
+    heap, whose freed memory it keeps: on CPU the resident set grew to 1.2-2.1x the live tensors in
+    ``scripts/memory_check.py`` (100 M parameters; FSDP2 over dp 2 the most), where the plan counts
+    the tensors. Left alone when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or without glibc.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 128 * 1024))

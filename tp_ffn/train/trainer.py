@@ -25,7 +25,7 @@ from .config import ParallelPlan, TrainConfig, UsageError
 from .data import Corpus, Windows, load_corpus, validation_batch, validation_count
 from .flops import measure_peak, mfu, model_flops_per_token
 from .layout import param_blocks
-from .memory import memory_report, peak_bytes, plan_memory, reset_peak
+from .memory import memory_report, peak_bytes, plan_memory, release_freed_memory, reset_peak
 from .metrics import MetricsLog, Progress, plot_metrics
 from .optim import WarmupCosine, build_optimizer, build_scheduler, clip_grad_norm_, init_adamw_state
 from .parallelize import Runtime, build_mesh, init_runtime, parallelize
@@ -222,6 +222,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     plan = cfg.plan(rt.world)
     mcfg = agree(lambda: _model_config(cfg))
     cfg.check_model(mcfg)
+    if rt.device.type == "cpu":
+        release_freed_memory()  # so that the resident set follows the tensors the plan counts
     mesh = build_mesh(rt.device, plan.dp, plan.tp, timeout_s=cfg.timeout)
     # Before anything is loaded or allocated: refuse a run that cannot fit.
     estimate, memory_line = agree(lambda: plan_memory(cfg, plan, mcfg, mesh["tp"], rt.device))
