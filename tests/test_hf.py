@@ -279,3 +279,143 @@ def test_compile_does_not_break_on_the_mlp():
                 assert value == (1, 0), (rank, key, value)
             else:
                 assert value < TOL, (rank, key, value)
+
+
+# Single-process checks (world of one, no process group).
+
+
+def test_import_tp_ffn_does_not_import_transformers():
+    code = "import sys, tp_ffn, tp_ffn.hf; print('transformers' in sys.modules, 'accelerate' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"], out
+
+
+def test_activation_errors():
+    with pytest.raises(ValueError, match=r"config.hidden_act: .*got 'gelu_new'"):
+        tphf.parallelize_mlp(build("llama", hidden_act="gelu_new"))
+    # Gemma reads hidden_activation, not hidden_act.
+    with pytest.raises(ValueError, match=r"config.hidden_activation: .*got 'quick_gelu'"):
+        tphf.parallelize_mlp(build("gemma", hidden_activation="quick_gelu"))
+    # An act_fn that is not what the config says (here exact gelu where the config says tanh gelu).
+    model = build("llama", hidden_act="gelu_pytorch_tanh")
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.act_fn: computes something other than"):
+        tphf.parallelize_mlp(model)
+    assert isinstance(model.model.layers[0].mlp, transformers.models.llama.modeling_llama.LlamaMLP)  # untouched
+
+
+def test_any_module_with_the_same_mlp():
+    """No config: the activation is read off act_fn; the block is replaced wherever it sits."""
+    from transformers.activations import ACT2FN
+
+    class MLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(8, 11), torch.nn.Linear(8, 11)
+            self.down_proj = torch.nn.Linear(11, 8)
+            self.act_fn = ACT2FN["gelu"]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(MLP(), torch.nn.ReLU(), MLP()).double()
+    par = copy.deepcopy(dense)
+    assert tphf.parallelize_mlp(par) == 2 and tphf.parallelize_mlp(par) == 0
+    assert par[0].activation == "gelu"
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(par(x), dense(x))  # one rank: the same GEMMs
+    with pytest.raises(ValueError, match="is itself such an MLP"):
+        tphf.parallelize_mlp(MLP())
+
+
+def test_bad_mlps_are_left_as_they_were():
+    model = build("llama")
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj = torch.nn.Linear(INTERMEDIATE, 32, bias=True, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp: expected biases on all of gate_proj/up_proj/down_proj"):
+        tphf.parallelize_mlp(model)
+    mlp.down_proj = torch.nn.Linear(INTERMEDIATE + 1, 32, bias=False)
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj.weight: expected shape \(32, 37\)"):
+        tphf.parallelize_mlp(model)
+    assert not any(isinstance(m, tphf.ParallelMLP) for m in model.modules())
+
+
+def test_kept_names_grad_flags_and_mode():
+    model = build("llama", mlp_bias=True).train()
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    names = [n for n, _ in model.named_parameters()]
+    tphf.parallelize_mlp(model)
+    assert [n for n, _ in model.named_parameters()] == names
+    mlp = model.model.layers[0].mlp
+    assert mlp.training and mlp.config is model.config
+    assert not mlp.up_proj.weight.requires_grad and mlp.gate_proj.weight.requires_grad
+    assert mlp.w1 is mlp.gate_proj and mlp.w3 is mlp.up_proj and mlp.w2 is mlp.down_proj
+
+
+# transformers >= 4.47 keeps the model's tensor-parallel plan in `_tp_plan` (LlamaConfig.base_model_tp_plan).
+LLAMA_TP_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}
+
+
+def test_tp_plan_rules_for_the_replaced_mlps_are_dropped():
+    model = build("llama")
+    model.model._tp_plan = dict(LLAMA_TP_PLAN)
+    model._tp_plan = {f"model.{k}": v for k, v in LLAMA_TP_PLAN.items()} | {"lm_head": "colwise_rep"}
+    tphf.parallelize_mlp(model)
+    attention = {k: v for k, v in LLAMA_TP_PLAN.items() if ".mlp." not in k}
+    assert model.model._tp_plan == attention
+    assert model._tp_plan == {f"model.{k}": v for k, v in attention.items()} | {"lm_head": "colwise_rep"}
+
+
+def test_from_pretrained_errors(checkpoints, tmp_path):
+    cls = transformers.LlamaForCausalLM
+    path = checkpoints["llama"]
+    for kwargs, match in (
+        ({"tp_plan": "auto"}, r"tp_plan: not supported by tp_ffn.hf.from_pretrained"),
+        ({"device_map": "auto"}, r"device_map: expected one device"),
+        ({"torch_dtype": "float7"}, r"dtype: expected a torch.dtype"),
+        ({"trust_remote_code": True}, r"trust_remote_code: expected False"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            tphf.from_pretrained(cls, path, **kwargs)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['not_an_option'\]"):
+        tphf.from_pretrained(cls, path, not_an_option=1)
+    with pytest.raises(ValueError, match=r"path: expected a local checkpoint directory"):
+        tphf.from_pretrained(cls, tmp_path / "nothing")
+    # A checkpoint missing a tensor, and one with a wrong shape.
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((__import__("pathlib").Path(checkpoints["gemma"]) / "config.json").read_text())
+    tensors = load_file(os.path.join(checkpoints["gemma"], "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"lacks 1 parameters of the model: \['model.layers.1.mlp.up_proj.weight'\]"):
+        tphf.from_pretrained(transformers.GemmaForCausalLM, bad)
+    tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:, :-1].contiguous()
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight: expected shape \(32, 37\), got \(32, 36\)"):
+        tphf.from_pretrained(transformers.GemmaForCausalLM, bad)
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"expected model.safetensors or model.safetensors.index.json"):
+        tphf.from_pretrained(transformers.GemmaForCausalLM, bad)
+
+
+def test_from_pretrained_auto_class_and_base_model(checkpoints):
+    """An Auto class resolves through the config; a base model loads from a causal-LM checkpoint (the
+    'model.' prefix is dropped and lm_head is reported as not loaded), as transformers does it."""
+    auto = tphf.from_pretrained(transformers.AutoModelForCausalLM, checkpoints["qwen2"])
+    assert type(auto) is transformers.Qwen2ForCausalLM
+    with pytest.warns(UserWarning, match=r"no place for were not loaded: \['lm_head.weight'\]"):
+        base = tphf.from_pretrained(transformers.Qwen2Model, checkpoints["qwen2"])
+    ref = transformers.Qwen2Model.from_pretrained(checkpoints["qwen2"])
+    tphf.parallelize_mlp(ref)
+    assert _bitwise_same(base, ref) == []
