@@ -99,37 +99,33 @@ class ParallelMLP(ParallelFeedForward):
 
 
 def _activation_name(mlp: nn.Module, config: Any, path: str) -> str:
-    """The tp_ffn activation of ``mlp``: from the config (Gemma's ``hidden_activation``, else ``hidden_act``),
-    checked against the module's own ``act_fn`` when it has one, so the block computes what the model did."""
+    """The tp_ffn activation of ``mlp``, from the config: Gemma's ``hidden_activation`` (transformers 4),
+    else ``hidden_act``. When the module has an ``act_fn``, the first of these it computes is taken, so
+    the block computes what the model did; without a config the ``act_fn`` alone decides."""
     cfg = getattr(mlp, "config", None)
     cfg = config if cfg is None else cfg
     if cfg is not None and getattr(cfg, "hidden_act", None) is None and hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()  # a composite model (e.g. vision + text): the MLPs are the text model's
-    where, hf_name = None, None
-    for attr in ("hidden_activation", "hidden_act"):
-        if getattr(cfg, attr, None) is not None:
-            where, hf_name = f"config.{attr}", getattr(cfg, attr)
-            break
+    named = [(f"config.{a}", getattr(cfg, a)) for a in ("hidden_activation", "hidden_act") if getattr(cfg, a, None)]
     act_fn = getattr(mlp, "act_fn", None)
-    if hf_name is None:
+    if not named:
         if act_fn is None:
             raise ValueError(f"{path}: no activation (no config.hidden_act / hidden_activation and no act_fn)")
-        # No config: the module's act_fn decides, if it is one of the supported functions.
         for name in sorted(set(HF_ACTIVATIONS.values())):
             if _computes(act_fn, name):
                 return name
-        raise ValueError(
-            f"{path}.act_fn: expected one of the activations {sorted(HF_ACTIVATIONS)}, got {act_fn!r}"
-        )
+        raise ValueError(f"{path}.act_fn: expected one of the activations {sorted(HF_ACTIVATIONS)}, got {act_fn!r}")
+    for where, hf_name in named:
+        name = HF_ACTIVATIONS.get(hf_name) if isinstance(hf_name, str) else None
+        if name is not None and (act_fn is None or _computes(act_fn, name)):
+            return name
+    where, hf_name = named[0]
     if not isinstance(hf_name, str) or hf_name not in HF_ACTIVATIONS:
         raise ValueError(
             f"{where}: expected an activation tp_ffn computes exactly ({', '.join(sorted(HF_ACTIVATIONS))}), "
             f"got {hf_name!r}"
         )
-    name = HF_ACTIVATIONS[hf_name]
-    if act_fn is not None and not _computes(act_fn, name):
-        raise ValueError(f"{path}.act_fn: computes something other than {where}={hf_name!r} (got {act_fn!r})")
-    return name
+    raise ValueError(f"{path}.act_fn: computes something other than {where}={hf_name!r} (got {act_fn!r})")
 
 
 def _computes(act_fn: Any, name: str) -> bool:
