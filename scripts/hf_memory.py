@@ -70,8 +70,14 @@ def load(path: Path, how: str, low_cpu_mem_usage: bool) -> None:
     # Warm up: import the modelling code, map allocator and loader paths, on a tiny model of the same class.
     tiny = Path(os.environ.get("TMPDIR", "/tmp")) / f"hf_memory_warmup_{os.getpid()}"
     small = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                 num_attention_heads=2, torch_dtype=config.torch_dtype)  # fmt: skip
+        transformers.LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            torch_dtype=config.torch_dtype,
+        )
     ).to(config.torch_dtype)
     small.save_pretrained(tiny)
     loader(tiny, **kwargs)

@@ -17,10 +17,10 @@ def tiny(family: str, **overrides: Any) -> tuple[type, Any]:
     """``(model_class, config)`` of a two-layer model of ``family`` (llama, mistral, qwen2, gemma)."""
     import transformers as tf
 
-    common = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
+    common = {
+        "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": INTERMEDIATE, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+    }  # fmt: skip
     classes = {
         "llama": (tf.LlamaForCausalLM, tf.LlamaConfig, {}),
         "mistral": (tf.MistralForCausalLM, tf.MistralConfig, {"sliding_window": 8}),

@@ -15,15 +15,14 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-
-from hf_models import INTERMEDIATE, build, tiny, tokens
+from hf_models import INTERMEDIATE, build, tokens
 from rankpool import run_ranks
 from reference import rel_err
 
 transformers = pytest.importorskip("transformers")
-import tp_ffn.hf as tphf  # noqa: E402
-from tp_ffn import shard_bounds  # noqa: E402
-from tp_ffn.diagnostics import count_collectives  # noqa: E402
+import tp_ffn.hf as tphf
+from tp_ffn import shard_bounds
+from tp_ffn.diagnostics import count_collectives
 
 TOL = 1e-12
 FAMILIES = ("llama", "mistral", "qwen2", "gemma")
@@ -195,7 +194,10 @@ def test_from_pretrained_equals_load_then_parallelize(checkpoints):
         "LlamaForCausalLM bf16": (checkpoints["llama"], {"torch_dtype": torch.bfloat16}),
         "LlamaForCausalLM default": (checkpoints["llama"], {}),
         "GemmaForCausalLM auto": (checkpoints["gemma"], {"torch_dtype": "auto"}),
-        "Qwen2ForCausalLM float32 eager": (checkpoints["qwen2"], {"torch_dtype": torch.float32, "attn_implementation": "eager"}),
+        "Qwen2ForCausalLM float32 eager": (
+            checkpoints["qwen2"],
+            {"torch_dtype": torch.float32, "attn_implementation": "eager"},
+        ),
     }
     for rank, got in enumerate(run_ranks(3, _load_slices, cases, timeout=130)):
         bad = {k: v for k, v in got.items() if v is not True and v != []}
@@ -216,7 +218,9 @@ def _collectives(rank: int, world: int) -> dict[str, dict[str, int]]:
     mesh = init_device_mesh("cpu", (world,))
     for layer in hf_plan.model.layers:
         parallelize_module(
-            layer.mlp, mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()}
+            layer.mlp,
+            mesh,
+            {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()},
         )
     x = torch.randn(2, 5, 32)
     out = {}
@@ -406,7 +410,9 @@ def test_from_pretrained_errors(checkpoints, tmp_path):
         tphf.from_pretrained(transformers.GemmaForCausalLM, bad)
     tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:, :-1].contiguous()
     save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.weight: expected shape \(32, 37\), got \(32, 36\)"):
+    with pytest.raises(
+        ValueError, match=r"model.layers.0.mlp.down_proj.weight: expected shape \(32, 37\), got \(32, 36\)"
+    ):
         tphf.from_pretrained(transformers.GemmaForCausalLM, bad)
     (bad / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=r"expected model.safetensors or model.safetensors.index.json"):

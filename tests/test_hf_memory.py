@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from rankpool import run_fresh
 
 pytest.importorskip("transformers")
@@ -35,7 +34,7 @@ def _held(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _load_and_measure(loader, path: str) -> tuple[torch.nn.Module, int]:  # noqa: ANN001
+def _load_and_measure(loader, path: str) -> tuple[torch.nn.Module, int]:
     _reset_peak()
     before = _peak()
     model = loader(path)
@@ -49,7 +48,7 @@ def _measure(rank: int, world: int, path: str, warmup: str) -> dict[str, float]:
     import transformers
 
     import tp_ffn.hf as tphf
-    import tp_ffn.hf.files as files
+    from tp_ffn.hf import files
 
     files.CHUNK_BYTES = CHUNK
     cls = transformers.LlamaForCausalLM
@@ -66,7 +65,7 @@ def _measure(rank: int, world: int, path: str, warmup: str) -> dict[str, float]:
 def test_peak_memory_is_what_the_rank_keeps(tmp_path):
     import transformers
 
-    def save(where, **sizes):  # noqa: ANN001, ANN003
+    def save(where, **sizes):
         config = transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **sizes)
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(config).save_pretrained(where, max_shard_size="20MB")

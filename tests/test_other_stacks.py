@@ -13,11 +13,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from rankpool import run_ranks
 from reference import rel_err
+from torch import nn
+
 from tp_ffn import FeedForward, ParallelFeedForward, shard_bounds, split_sequence
+from tp_ffn.diagnostics import count_collectives
 
 DIM, HEADS, HIDDEN = 24, 6, 37
 
@@ -47,7 +48,7 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def parallelize(block: Block, mesh, sequence_parallel: bool, dtensor_residual: bool) -> None:  # noqa: ANN001
+def parallelize(block: Block, mesh, sequence_parallel: bool, dtensor_residual: bool) -> None:
     """The README's example: attention and norms by a parallelize_module plan, the FFN by tp_ffn."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -85,7 +86,7 @@ def parallelize(block: Block, mesh, sequence_parallel: bool, dtensor_residual: b
     parallelize_module(block, mesh, plan)
 
 
-def _run(rank: int, world: int) -> dict[str, float]:
+def _run(rank: int, world: int) -> dict[str, object]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
@@ -124,12 +125,21 @@ def _run(rank: int, world: int) -> dict[str, float]:
             out[f"{name} grad {key}"] = rel_err(g, ref)
         full, sd = tp_ffn.hf.full_state_dict(block), dense.state_dict()
         out[f"{name} full_state_dict"] = 0.0 if all(torch.equal(full[k], v) for k, v in sd.items()) else 1.0
+        with torch.no_grad():
+            normed = block.ffn_norm(DTensor.from_local(local, mesh, [Shard(1)]) if dtr else local)
+            with count_collectives() as n:
+                block.feed_forward(normed)
+        out[f"{name} FFN collectives"] = dict(n)
     return out
 
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("world", [2, 3])
 def test_ffn_beside_a_parallelize_module_plan(world):
-    for rank, errs in enumerate(run_ranks(world, _run, timeout=180)):
-        bad = {k: v for k, v in errs.items() if not v < 1e-12}
+    for rank, got in enumerate(run_ranks(world, _run, timeout=180)):
+        # The boundary adds no communication: the FFN's own, as without the plan.
+        assert got.pop("plain FFN collectives") == {"all_reduce": 1}, (rank, got)
+        for name in ("torchtitan SP", "DTensor residual"):
+            assert got.pop(f"{name} FFN collectives") == {"all_gather": 1, "reduce_scatter": 1}, (rank, name)
+        bad = {k: v for k, v in got.items() if not v < 1e-12}
         assert not bad, f"W={world} rank {rank}: {bad}"

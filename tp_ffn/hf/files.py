@@ -57,7 +57,7 @@ class SafetensorsDir:
             self.files.append(path)
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
-                    for key in f.keys():
+                    for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                         sl = f.get_slice(key)
                         if weight_map is None or weight_map.get(key) == name:
                             self.file_of[key] = path
@@ -80,7 +80,9 @@ class SafetensorsDir:
                 return FLOAT_DTYPES[self.dtype[key]]
         return None
 
-    def read_into(self, key: str, out: Tensor, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> None:
+    def read_into(
+        self, key: str, out: Tensor, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> None:
         """``out.copy_(tensor[r0:r1, c0:c1])`` (cast to ``out``'s dtype and device), ``CHUNK_BYTES`` of stored
         rows at a time. ``rows`` / ``cols`` default to the whole dimension; ``cols`` needs a 2-D tensor."""
         from safetensors import safe_open

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..groups import GroupLike
 from ..layers import ColumnParallelLinear, RowParallelLinear
-from .files import FLOAT_DTYPES, SafetensorsDir
+from .files import SafetensorsDir
 from .mlp import parallelize_mlp
 
 __all__ = ["from_pretrained"]
@@ -71,7 +71,9 @@ class _LoadOptions:
         if kwargs.pop("trust_remote_code", None):
             raise ValueError("trust_remote_code: expected False (no checkpoint may run code), got True")
         if kwargs.pop("use_safetensors", None) is False:
-            raise ValueError("use_safetensors: expected True or None (only safetensors checkpoints are read), got False")
+            raise ValueError(
+                "use_safetensors: expected True or None (only safetensors checkpoints are read), got False"
+            )
         opts = cls()
         dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
@@ -103,9 +105,7 @@ def _parse_device(value: Any) -> torch.device:
             return torch.device(value)
         except RuntimeError:
             pass
-    raise ValueError(
-        f"device_map: expected one device for the whole model (e.g. 'cuda:0', 0, 'cpu'), got {value!r}"
-    )
+    raise ValueError(f"device_map: expected one device for the whole model (e.g. 'cuda:0', 0, 'cpu'), got {value!r}")
 
 
 def _transformers_major() -> int:
@@ -123,7 +123,9 @@ def _resolve_class_and_config(model_class: type, root: Path, opts: _LoadOptions)
         raise TypeError(f"model_class: expected a transformers model class, got {type(model_class).__name__}")
     auto = not issubclass(model_class, PreTrainedModel)
     if auto and not hasattr(model_class, "_model_mapping"):
-        raise TypeError(f"model_class: expected a transformers PreTrainedModel or Auto class, got {model_class.__name__}")
+        raise TypeError(
+            f"model_class: expected a transformers PreTrainedModel or Auto class, got {model_class.__name__}"
+        )
     if opts.config is not None:
         if not isinstance(opts.config, PretrainedConfig):
             raise TypeError(f"config: expected a transformers PretrainedConfig, got {type(opts.config).__name__}")
@@ -210,7 +212,7 @@ def _targets(model: nn.Module) -> dict[int, _Target]:
     return targets
 
 
-def _key_mapper(model: nn.Module, model_keys: list[str], ckpt_keys: set[str]):  # noqa: ANN202
+def _key_mapper(model: nn.Module, model_keys: list[str], ckpt_keys: set[str]):
     """Model key -> checkpoint key, adding or removing ``base_model_prefix`` as from_pretrained does
     (a ``LlamaModel`` checkpoint into ``LlamaForCausalLM``, or the reverse)."""
     prefix = getattr(model, "base_model_prefix", "")
@@ -268,7 +270,9 @@ def _load(model: nn.Module, files: SafetensorsDir, device: torch.device) -> None
     ignore.append(re.compile(r"rotary_emb\.inv_freq"))  # once saved, now computed
     unexpected = sorted(k for k in set(files.shape) - used if not any(p.search(k) for p in ignore))
     if unexpected:
-        warnings.warn(f"{files.root}: tensors the model has no place for were not loaded: {unexpected[:10]}", stacklevel=3)
+        warnings.warn(
+            f"{files.root}: tensors the model has no place for were not loaded: {unexpected[:10]}", stacklevel=3
+        )
 
 
 def from_pretrained(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -48,26 +48,12 @@ class ParallelMLP(ParallelFeedForward):
     so ``state_dict()`` has the keys of the dense MLP, holding this rank's shards.
     """
 
-    _HF_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    _HF_NAMES: ClassVar[dict[str, str]] = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
-    def __init__(
-        self,
-        hidden_size: int,
-        intermediate_size: int,
-        *,
-        bias: bool = False,
-        activation: str = "silu",
-        group: GroupLike = None,
-        fuse_gate_up: bool = False,
-        overlap_comm: bool = True,
-        comm_chunks: int = 1,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(
-            hidden_size, intermediate_size, bias=bias, activation=activation, group=group,
-            fuse_gate_up=fuse_gate_up, overlap_comm=overlap_comm, comm_chunks=comm_chunks, dtype=dtype, device=device,
-        )  # fmt: skip
+    def __init__(self, hidden_size: int, intermediate_size: int, **options: Any) -> None:
+        """``options``: those of :class:`~tp_ffn.ParallelFeedForward` (``bias``, ``activation``, ``group``,
+        the execution modes, ``dtype``, ``device``)."""
+        super().__init__(hidden_size, intermediate_size, **options)
         # Hugging Face's order (gate, up, down), so state_dict() lists the keys as the dense MLP did.
         for name in ("up_proj", "down_proj"):
             self._modules[name] = self._modules.pop(name)
@@ -157,12 +143,16 @@ def _check_mlp(mlp: nn.Module, path: str) -> tuple[int, int, bool]:
     dtensor = _dtensor_type()
     for n, layer in zip(_PROJECTIONS, (gate, up, down)):
         if isinstance(layer.weight, dtensor):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - the model's state, not the argument's type
                 f"{path}.{n}.weight: expected a full tensor, got a DTensor (sharded by a tensor-parallel plan such as "
                 "Hugging Face's tp_plan): leave the MLPs out of that plan and let tp_ffn shard them"
             )
     intermediate, hidden = gate.weight.shape
-    expected = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate)}
+    expected = {
+        "gate_proj": (intermediate, hidden),
+        "up_proj": (intermediate, hidden),
+        "down_proj": (hidden, intermediate),
+    }
     for n, layer in zip(_PROJECTIONS, (gate, up, down)):
         if tuple(layer.weight.shape) != expected[n]:
             raise ValueError(
