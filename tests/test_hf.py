@@ -429,3 +429,9 @@ def test_from_pretrained_auto_class_and_base_model(checkpoints):
     ref = transformers.Qwen2Model.from_pretrained(checkpoints["qwen2"])
     tphf.parallelize_mlp(ref)
     assert _bitwise_same(base, ref) == []
+    # Config overrides go to the config, as with transformers; a config object is taken as it is.
+    longer = tphf.from_pretrained(transformers.Qwen2ForCausalLM, checkpoints["qwen2"], max_position_embeddings=128)
+    assert longer.config.max_position_embeddings == 128
+    config = transformers.Qwen2Config.from_pretrained(checkpoints["qwen2"], rms_norm_eps=1e-3)
+    given = tphf.from_pretrained(transformers.Qwen2ForCausalLM, checkpoints["qwen2"], config=config)
+    assert given.config.rms_norm_eps == 1e-3
