@@ -308,12 +308,13 @@ def test_meta_shards_into_tp(meta, world):
         assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want), i
 
 
-def test_meta_vocab_parallel_embedding_and_unknown_vocab(meta, tmp_path):
-    # Llama 3 splits tok_embeddings on the vocabulary; Llama 2 writes "vocab_size": -1.
+def test_meta_embedding_dim_split_and_unknown_vocab(meta, tmp_path):
+    # The export splits tok_embeddings on the vocabulary (Llama 3); Llama 2 splits it on the
+    # embedding dimension and writes "vocab_size": -1.
     src = meta["root"] / "mp2"
     shards = [torch.load(src / f"consolidated.0{i}.pth", weights_only=True) for i in range(2)]
-    emb = torch.cat([s["tok_embeddings.weight"] for s in shards], 1)
-    for s, block in zip(shards, torch.tensor_split(emb, 2, 0)):
+    emb = torch.cat([s["tok_embeddings.weight"] for s in shards], 0)
+    for s, block in zip(shards, torch.tensor_split(emb, 2, 1)):
         s["tok_embeddings.weight"] = block.clone()
     for i, s in enumerate(shards):
         torch.save(s, tmp_path / f"consolidated.0{i}.pth")
