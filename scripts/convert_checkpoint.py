@@ -4,17 +4,18 @@
     python scripts/convert_checkpoint.py --from meta --to hf --max-seq-len 4096 SRC DST  # Meta (any shard count) -> HF
     python scripts/convert_checkpoint.py --from meta --to meta --num-shards 8 SRC DST    # reshard a Meta checkpoint
     python scripts/convert_checkpoint.py --from hf --to meta --force SRC DST             # replace a non-empty DST
-    python scripts/convert_checkpoint.py --from hf --to meta --num-shards 2 --meta-embedding-split dim SRC DST  # Llama 2
+    python scripts/convert_checkpoint.py --from hf --to meta --meta-embedding-split dim SRC DST  # Llama 1/2's layout
 
 SRC is a Hugging Face directory (config.json + model.safetensors, or sharded safetensors with
 model.safetensors.index.json) or a Meta one (params.json + consolidated.XX.pth). Tensors keep
 their dtype and values bit for bit; only the q/k rows are permuted between the two rotary
 conventions. Meta shards split tok_embeddings.weight by vocabulary, as Llama 3's code and
 llama-models load it (VocabParallelEmbedding); --meta-embedding-split dim writes Llama 1/2's
-layout (ParallelEmbedding, split on the embedding dimension). DST is written into a hidden sibling directory and renamed into place at the end, so
-an interrupted run never leaves a DST that looks complete; a non-empty DST is refused without
---force. The whole model is held in memory once. Loading a checkpoint straight into a
-tensor-parallel model needs no conversion: see tp_ffn.models.load_pretrained.
+layout (ParallelEmbedding, split on the embedding dimension). DST is written into a hidden
+sibling directory and renamed into place at the end, so an interrupted run never leaves a DST
+that looks complete; a non-empty DST is refused without --force. The whole model is held in
+memory once. Loading a checkpoint straight into a tensor-parallel model needs no conversion: see
+tp_ffn.models.load_pretrained.
 """
 
 from __future__ import annotations

@@ -95,15 +95,52 @@ def _init_from_master(
     return master
 
 
-class ColumnParallelLinear(core.ColumnParallelLinear):
-    """fairscale's ``ColumnParallelLinear(in, out, bias, gather_output, init_method, stride, keep_master_weight_for_test)``.
+class _MasterInit:
+    """fairscale's initialisation, and ``get_master_weight``, for a layer with one sharded ``weight``.
+
+    The layer has ``weight``, ``tp``, ``shard_dim``, ``shard_sizes``, ``start``, ``end`` and
+    ``master_shape``. ``init_method`` is ``None`` while tp_ffn's linear constructor runs: it calls
+    ``reset_parameters``, which must draw nothing before the fairscale constructor has set it.
+    """
+
+    init_method: InitMethod | None = None
+
+    @property
+    def master_shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``; the embeddings' ``(num_embeddings, embedding_dim)``."""
+        return self.out_features, self.in_features
+
+    def _init_like_fairscale(self, init_method: InitMethod, stride: int, keep_master_weight_for_test: bool) -> None:
+        self.stride = _check_stride(stride, self.shard_sizes)
+        self.keep_master_weight_for_test = bool(keep_master_weight_for_test)
+        self.init_method = init_method
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the master weight with ``init_method``, keep this rank's block, zero the bias."""
+        if self.init_method is None:
+            return
+        master = _init_from_master(
+            self.weight, self.master_shape, self.shard_dim, self.tp, self.start, self.end, self.init_method, self.stride
+        )
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            with torch.no_grad():
+                bias.zero_()
+        self.master_weight = master if self.keep_master_weight_for_test else None
+
+    def get_master_weight(self) -> Tensor:
+        """The full weight (``master_shape``), gathered from every rank (a collective)."""
+        return all_gather_along(self.weight.detach(), self.tp.group, self.shard_dim, self.shard_sizes)
+
+
+class ColumnParallelLinear(_MasterInit, core.ColumnParallelLinear):
+    """fairscale's ``ColumnParallelLinear(in, out, bias, gather_output, init_method, stride,
+    keep_master_weight_for_test)``.
 
     ``y = x A^T + b`` with ``A [out, in]`` split by rows: ``x [*, in]`` -> ``y [*, n_r]``, or
     ``[*, out]`` with ``gather_output`` (one all-gather). Backward all-reduces the input gradient.
     """
-
-    # None while tp_ffn's constructor runs (it calls reset_parameters before init_method is known).
-    init_method: InitMethod | None = None
 
     def __init__(
         self,
@@ -122,27 +159,11 @@ class ColumnParallelLinear(core.ColumnParallelLinear):
             in_features, out_features, bias, gather_output=gather_output, group=get_model_parallel_group(),
             dtype=dtype, device=device,
         )  # fmt: skip
-        self.stride = _check_stride(stride, self.shard_sizes)
-        self.keep_master_weight_for_test = bool(keep_master_weight_for_test)
-        self.init_method = init_method
-        self.reset_parameters()
+        self._init_like_fairscale(init_method, stride, keep_master_weight_for_test)
 
     @property
     def output_size_per_partition(self) -> int:
         return self.end - self.start
-
-    def reset_parameters(self) -> None:
-        """Draw the master weight with ``init_method`` and keep this rank's rows; zero the bias."""
-        if self.init_method is None:
-            return
-        master = _init_from_master(
-            self.weight, (self.out_features, self.in_features), 0, self.tp, self.start, self.end,
-            self.init_method, self.stride,
-        )  # fmt: skip
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.zero_()
-        self.master_weight = master if self.keep_master_weight_for_test else None
 
     def forward(self, input_: Tensor) -> Tensor:
         y = super().forward(input_)
@@ -150,20 +171,15 @@ class ColumnParallelLinear(core.ColumnParallelLinear):
         # next reductions (a norm, a softmax) then sum in the same order as they would after fairscale.
         return y.contiguous() if self.gather_output else y
 
-    def get_master_weight(self) -> Tensor:
-        """The full ``[out, in]`` weight, gathered from every rank (a collective)."""
-        return all_gather_along(self.weight.detach(), self.tp.group, 0, self.shard_sizes)
 
-
-class RowParallelLinear(core.RowParallelLinear):
-    """fairscale's ``RowParallelLinear(in, out, bias, input_is_parallel, init_method, stride, keep_master_weight_for_test)``.
+class RowParallelLinear(_MasterInit, core.RowParallelLinear):
+    """fairscale's ``RowParallelLinear(in, out, bias, input_is_parallel, init_method, stride,
+    keep_master_weight_for_test)``.
 
     ``y = x A^T + b`` with ``A [out, in]`` split by columns: ``x [*, n_r]`` with
     ``input_is_parallel``, else ``x [*, in]`` of which this rank takes its columns; one all-reduce of
     the partial products, then the whole bias, once: ``y [*, out]``.
     """
-
-    init_method: InitMethod | None = None
 
     def __init__(
         self,
@@ -182,31 +198,11 @@ class RowParallelLinear(core.RowParallelLinear):
             in_features, out_features, bias, input_is_parallel=input_is_parallel, group=get_model_parallel_group(),
             dtype=dtype, device=device,
         )  # fmt: skip
-        self.stride = _check_stride(stride, self.shard_sizes)
-        self.keep_master_weight_for_test = bool(keep_master_weight_for_test)
-        self.init_method = init_method
-        self.reset_parameters()
+        self._init_like_fairscale(init_method, stride, keep_master_weight_for_test)
 
     @property
     def input_size_per_partition(self) -> int:
         return self.end - self.start
-
-    def reset_parameters(self) -> None:
-        """Draw the master weight with ``init_method`` and keep this rank's columns; zero the bias."""
-        if self.init_method is None:
-            return
-        master = _init_from_master(
-            self.weight, (self.out_features, self.in_features), 1, self.tp, self.start, self.end,
-            self.init_method, self.stride,
-        )  # fmt: skip
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.zero_()
-        self.master_weight = master if self.keep_master_weight_for_test else None
-
-    def get_master_weight(self) -> Tensor:
-        """The full ``[out, in]`` weight, gathered from every rank (a collective)."""
-        return all_gather_along(self.weight.detach(), self.tp.group, 1, self.shard_sizes)
 
 
 def _check_ids(ids: Tensor, num_embeddings: int) -> None:
@@ -228,7 +224,7 @@ def _normalise_padding_idx(padding_idx: int | None, num_embeddings: int) -> int 
     return padding_idx % num_embeddings
 
 
-class _ParallelEmbedding(nn.Module):
+class _ParallelEmbedding(_MasterInit, nn.Module):
     """What both embeddings share: nn.Embedding's options, the group, this rank's block, fairscale's init."""
 
     def __init__(
@@ -268,17 +264,11 @@ class _ParallelEmbedding(nn.Module):
         shape = [num_embeddings, embedding_dim]
         shape[shard_dim] = self.end - self.start
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
-        self.keep_master_weight_for_test = bool(keep_master_weight_for_test)
-        self.init_method = init_method
-        self.reset_parameters()
+        self._init_like_fairscale(init_method, 1, keep_master_weight_for_test)
 
-    def reset_parameters(self) -> None:
-        """Draw the master ``[num_embeddings, embedding_dim]`` with ``init_method`` and keep this rank's block."""
-        master = _init_from_master(
-            self.weight, (self.num_embeddings, self.embedding_dim), self.shard_dim, self.tp, self.start, self.end,
-            self.init_method, 1,
-        )  # fmt: skip
-        self.master_weight = master if self.keep_master_weight_for_test else None
+    @property
+    def master_shape(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim
 
     def extra_repr(self) -> str:
         what = ("num_embeddings", "embedding_dim")[self.shard_dim]

@@ -103,20 +103,18 @@ def _meta_params_dict(cfg: LlamaConfig) -> dict[str, Any]:
     }
 
 
-def _embedding_split_dim(cfg: LlamaConfig, num_shards: int, embedding_split: str) -> int:
-    """The dim of ``tok_embeddings.weight [vocab, dim]`` that Meta shards split: ``"vocab"`` 0, ``"dim"`` 1."""
+def _embedding_split_dim(embedding_split: str) -> int:
+    """The dim of ``tok_embeddings.weight [vocab, dim]`` that Meta shards split: ``"vocab"`` 0, ``"dim"`` 1.
+
+    No size check of its own: ``dim`` is at least every k/v projection's row count, which
+    ``_check_num_shards`` already bounds the shard count by.
+    """
     if embedding_split not in META_EMBEDDING_SPLITS:
         raise ValueError(
             f"embedding_split: expected 'vocab' (Llama 3, VocabParallelEmbedding) or 'dim' (Llama 2, "
             f"ParallelEmbedding), got {embedding_split!r}"
         )
-    d = META_EMBEDDING_SPLITS[embedding_split]
-    size = (cfg.vocab_size, cfg.dim)[d]
-    if isinstance(num_shards, int) and num_shards > size:
-        raise ValueError(
-            f"num_shards: expected at most {size} (tok_embeddings split on {embedding_split!r}), got {num_shards}"
-        )
-    return d
+    return META_EMBEDDING_SPLITS[embedding_split]
 
 
 def _write_json(data: Mapping[str, Any], file: Path) -> None:
@@ -234,7 +232,7 @@ def export_meta(
     not, and assumes 10000). Collective and atomic as :func:`export_hf`.
     """
     _check_num_shards(model.cfg, num_shards)
-    embedding_dim = _embedding_split_dim(model.cfg, num_shards, embedding_split)
+    embedding_dim = _embedding_split_dim(embedding_split)
     dest = Path(path)
     _on_rank0(model.tp, lambda: _check_destination(dest, overwrite))
     full = _gather(model)
@@ -274,9 +272,9 @@ def convert_checkpoint(
     _check_destination(dst_path, overwrite)
     fmt = detect_format(src_path)
     cfg = config_from_pretrained(src_path, max_seq_len=max_seq_len)
+    embedding_dim = _embedding_split_dim(embedding_split)
     if to == "meta":
         _check_num_shards(cfg, num_shards)
-    embedding_dim = _embedding_split_dim(cfg, num_shards if to == "meta" else 1, embedding_split)
     layout = weight_layout(cfg)
     with ExitStack() as stack:
         reader: HFReader | MetaReader = HFReader(src_path, stack) if fmt == "hf" else MetaReader(src_path)
