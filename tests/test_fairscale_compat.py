@@ -376,11 +376,13 @@ def _layers_vs_fairscale(rank: int, world: int) -> tuple[dict[str, float], dict[
             res = []
             for module in (mappings, fs_mappings):
                 xx = x.clone().requires_grad_()
-                y = getattr(module, fn)(xx.clone())  # fairscale's reduce writes into its input
+                arg = xx.clone()
+                y = getattr(module, fn)(arg)
                 y.backward(gy)
-                res.append((y.detach(), xx.grad))
+                res.append((y.detach(), xx.grad, torch.equal(arg, x)))
             errors[f"{fn}: output"] = rel_err(res[0][0], res[1][0])
             errors[f"{fn}: input grad"] = rel_err(res[0][1], res[1][1])
+            same[f"{fn}: leaves its input as it was"] = res[0][2]  # fairscale's reduce writes into it
     finally:
         fs_initialize.destroy_model_parallel()
         initialize.destroy_model_parallel()
@@ -587,15 +589,17 @@ def _layout(rank: int, world: int) -> tuple[list[tuple[dict, dict]], dict[str, s
     from tp_ffn.fairscale import initialize
 
     pairs = []
+    printed = io.StringIO()
     for mp, pp in GRIDS:
         with contextlib.redirect_stdout(io.StringIO()):
             fs_initialize.initialize_model_parallel(mp, pp)
-        initialize.initialize_model_parallel(mp, pp, model_parallel_backend="gloo")
+        with contextlib.redirect_stdout(printed):
+            initialize.initialize_model_parallel(mp, pp, model_parallel_backend="gloo")
         pairs.append((_describe(initialize), _describe(fs_initialize)))
         fs_initialize.destroy_model_parallel()
         initialize.destroy_model_parallel()
 
-    errors = {}
+    errors = {"printed": printed.getvalue()}
 
     def error_of(fn, *args) -> str:
         try:
@@ -623,6 +627,7 @@ def test_initialize_groups_are_fairscales_and_misuse_is_refused():
         if rank == 1:  # spot-check the layout itself: model-parallel ranks are contiguous
             assert pairs[1][0]["model group"] == [0, 1] and pairs[1][0]["data group"] == [1, 3]
             assert pairs[4][0]["pipeline ranks"] == [1, 3] and pairs[4][0]["data group"] == [1]
+        assert errors["printed"] == ""  # fairscale prints the sizes on rank 0
         assert errors["before"].startswith("RuntimeError: model parallel group is not initialized")
         assert errors["initialized before"] == "False" and errors["initialized after"] == "True"
         assert errors["not dividing"] == (
@@ -631,6 +636,17 @@ def test_initialize_groups_are_fairscales_and_misuse_is_refused():
         )
         assert errors["zero"].startswith("ValueError: initialize_model_parallel: model_parallel_size: expected")
         assert errors["twice"].startswith("RuntimeError: initialize_model_parallel: model parallel is already")
+
+
+def test_fairscale_modules_not_provided():
+    # fairscale's CUDA RNG tracker / activation checkpointing, vocab-parallel cross-entropy and utils.
+    import tp_ffn.fairscale
+
+    for name in ("random", "cross_entropy", "utils"):
+        with pytest.raises(ModuleNotFoundError, match=f"No module named 'tp_ffn.fairscale.{name}'"):
+            importlib.import_module(f"tp_ffn.fairscale.{name}")
+    for name in ("get_cuda_rng_tracker", "model_parallel_cuda_manual_seed", "vocab_parallel_cross_entropy"):
+        assert not hasattr(tp_ffn.fairscale, name)
 
 
 def test_initialize_without_torch_distributed_says_so():
