@@ -380,11 +380,17 @@ class ParallelEmbedding(_ParallelEmbedding):
         rows = ids.unique()
         piece = self.weight[rows].abs()
         inf = self.norm_type == float("inf")
-        acc = piece.amax(-1) if inf else piece.pow(self.norm_type).sum(-1)
-        if self.tp.size > 1:
-            dist.all_reduce(acc, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=self.tp.group)
-        norm = acc if inf else acc.pow(1.0 / self.norm_type)
-        scale = torch.where(norm > self.max_norm, self.max_norm / (norm + 1e-7), torch.ones_like(norm))
+        if inf:
+            norm = piece.amax(-1)
+            if self.tp.size > 1:
+                dist.all_reduce(norm, op=dist.ReduceOp.MAX, group=self.tp.group)
+        else:
+            norm = piece.pow(self.norm_type).sum(-1)
+            if self.tp.size > 1:
+                dist.all_reduce(norm, group=self.tp.group)
+            norm = norm.pow(1.0 / self.norm_type)
+        # torch's embedding_renorm_: rows longer than max_norm are scaled by max_norm / (norm + 1e-7).
+        scale = (self.max_norm / (norm + 1e-7)).masked_fill(norm <= self.max_norm, 1.0)
         self.weight[rows] *= scale.unsqueeze(-1)
 
     def forward(self, input_: Tensor) -> Tensor:
