@@ -536,6 +536,11 @@ def _defaults(rank: int, world: int) -> dict[str, str]:
         state = torch.get_rng_state()
         with torch.device("meta"):
             seen["default device meta"] = kinds(build())
+        torch.set_default_device("meta")  # as llama-models' generation.py sets its device
+        try:
+            seen["set_default_device(meta)"] = kinds(build())
+        finally:
+            torch.set_default_device(None)
         seen["meta device draws nothing"] = str(torch.equal(state, torch.get_rng_state()))
         seen["dtype=bfloat16 keyword"] = kinds([layers.ColumnParallelLinear(8, 8, dtype=torch.bfloat16)])
         try:
@@ -555,7 +560,7 @@ def test_parameters_follow_default_dtype_and_device(world):
     for seen in run_ranks(world, _defaults, timeout=60):
         assert seen["set_default_dtype(float64)"] == "torch.float64@cpu"
         assert seen["set_default_tensor_type(DoubleTensor)"] == "torch.float64@cpu"
-        assert seen["default device meta"] == "torch.float32@meta"
+        assert seen["default device meta"] == seen["set_default_device(meta)"] == "torch.float32@meta"
         assert seen["meta device draws nothing"] == "True"
         assert seen["dtype=bfloat16 keyword"] == "torch.bfloat16@cpu"
         assert seen["stride error"].startswith("stride: 2 needs every rank's block to be the same size and divisible")
