@@ -104,7 +104,7 @@ def test_cache_and_position_errors():
         model(tokens, cache=model.new_cache(3))
     with pytest.raises(ValueError, match=r"batch 2 x 8 positions; .* batch 2 x 12 positions"):
         model(tokens, start_pos=8, cache=model.new_cache(2, 8))
-    with pytest.raises(ValueError, match=r"max_seq_len=24 positions, got 4 from 22"):
+    with pytest.raises(ValueError, match=r"positions below max_seq_len=24, got \[22, 26\)"):
         model(tokens, start_pos=22)
     with pytest.raises(ValueError, match=r"start_pos: expected an int >= 0, got -1"):
         model(tokens, start_pos=-1)

@@ -335,7 +335,7 @@ class Transformer(nn.Module):
             raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
         if start_pos + s > self.cfg.max_seq_len:
             raise ValueError(
-                f"tokens: expected at most max_seq_len={self.cfg.max_seq_len} positions, got {s} from {start_pos}"
+                f"tokens: expected positions below max_seq_len={self.cfg.max_seq_len}, got [{start_pos}, {start_pos + s})"
             )
         if self.sequence_parallel and s % self.tp.size:
             raise ValueError(
@@ -349,7 +349,8 @@ class Transformer(nn.Module):
             h = split_sequence(h, self.tp.group)
         cos, sin = self.rope(start_pos, s)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if cache is None else cache.layers[i], start_pos)
+            # Training calls the blocks exactly as before (activation checkpointing, compile, FSDP2 wrap them).
+            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache.layers[i], start_pos)
         return self.output(self.norm(h))
 
     def _check_cache(self, cache: KVCache, batch: int, end: int) -> None:
