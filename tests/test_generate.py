@@ -235,6 +235,11 @@ def test_greedy_limits_of_the_filters():
     want = generate(model, PROMPTS, 10, temperature=0)
     assert generate(model, PROMPTS, 10, temperature=1.0, top_k=1, generator=g) == want
     assert generate(model, PROMPTS, 10, temperature=1.5, top_k=0, top_p=1e-9, generator=g) == want
+    # None switches a filter off, as 0 (top-k) and 1 (top-p) do.
+    for off in ({"top_k": None, "top_p": None}, {"top_k": 0, "top_p": 1.0}):
+        g = torch.Generator().manual_seed(5)
+        got = sample_next_token(logits, temperature=1.0, generator=g, **off)
+        assert torch.equal(got, sample_next_token(logits, temperature=1.0, generator=torch.Generator().manual_seed(5)))
 
 
 P = [0.5, 0.25, 0.15, 0.1]
@@ -269,7 +274,7 @@ def test_sampling_distribution(kw, want):
         ({"temperature": -0.1}, r"temperature: expected a number >= 0 \(0: greedy\), got -0.1"),
         ({"temperature": float("nan")}, r"temperature: expected a number >= 0"),
         ({"top_k": -1}, r"top_k: expected an int >= 0 \(0 or None: no top-k filter\), got -1"),
-        ({"top_p": 0.0}, r"top_p: expected a number in \(0, 1\] \(1: no nucleus filter\), got 0.0"),
+        ({"top_p": 0.0}, r"top_p: expected a number in \(0, 1\] \(1 or None: no nucleus filter\), got 0.0"),
         ({"top_p": 1.5}, r"top_p: expected a number in \(0, 1\]"),
     ],
 )

@@ -8,7 +8,7 @@ hold the two against each other).
 Picking a token, in Hugging Face's order: ``temperature`` divides the logits (0: greedy, the
 argmax; then ``top_k`` and ``top_p`` do nothing), ``top_k`` keeps the k likeliest tokens (0 or
 None: all), ``top_p`` keeps the smallest set of likeliest tokens whose probability reaches p
-(nucleus sampling; 1.0: all), and one token is drawn from what is left with ``generator``.
+(nucleus sampling; 1.0 or None: all), and one token is drawn from what is left with ``generator``.
 
 The window: a model has positions ``[0, max_seq_len)``. A prompt longer than that keeps its last
 ``max_seq_len`` tokens. When the context fills the window, its oldest half is dropped and the
@@ -56,14 +56,17 @@ def load_checkpoint_model(
     return model.eval(), info
 
 
-def check_sampling(*, temperature: float, top_k: int | None, top_p: float) -> None:
-    """Raise ``ValueError`` naming the first argument out of range: temperature >= 0, top_k >= 0, 0 < top_p <= 1."""
+def check_sampling(*, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ``ValueError`` naming the first argument out of range: temperature >= 0, top_k >= 0, 0 < top_p <= 1.
+
+    ``top_k`` 0 or None and ``top_p`` 1 or None switch that filter off.
+    """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature: expected a number >= 0 (0: greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
         raise ValueError(f"top_k: expected an int >= 0 (0 or None: no top-k filter), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected a number in (0, 1] (1: no nucleus filter), got {top_p!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected a number in (0, 1] (1 or None: no nucleus filter), got {top_p!r}")
 
 
 def sample_next_token(
@@ -71,7 +74,7 @@ def sample_next_token(
     *,
     temperature: float,
     top_k: int | None = None,
-    top_p: float = 1.0,
+    top_p: float | None = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """One token per row of ``logits [b, vocab]``: ``[b, 1]`` int64, on the device of ``logits``.
@@ -86,7 +89,7 @@ def sample_next_token(
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
+    if top_p is not None and top_p < 1:
         ordered, order = logits.sort(dim=-1, descending=True)
         probs = ordered.softmax(-1)
         # Drop a token when the likelier ones already reach top_p; the likeliest always stays.
@@ -139,7 +142,7 @@ def generate(
     *,
     temperature: float = 0.8,
     top_k: int | None = 40,
-    top_p: float = 1.0,
+    top_p: float | None = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     stop_tokens: Collection[int] = (),
