@@ -14,8 +14,8 @@ The window: a model has positions ``[0, max_seq_len)``. A prompt longer than tha
 ``max_seq_len`` tokens. When the context fills the window, its oldest half is dropped and the
 newest ``max_seq_len // 2`` tokens are run again from position 0 (one prefill; llama.cpp's context
 shift also halves, nanoGPT crops to the window by recomputing every step). Generation therefore
-goes on past ``max_seq_len``, each token seeing at least ``max_seq_len // 2`` tokens before it;
-``use_cache=False`` uses the same windows, so both give the same tokens.
+goes on past ``max_seq_len``, each token beyond it seeing at least ``max_seq_len // 2`` tokens
+before it; ``use_cache=False`` uses the same windows, so both give the same tokens.
 """
 
 from __future__ import annotations
