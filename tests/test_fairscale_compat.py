@@ -246,6 +246,7 @@ dist.destroy_process_group()
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(shutil.which("sed") is None, reason="needs the sed program")
 def test_the_readme_sed_line_on_a_file_without_fairscale_installed(ckpts, tmp_path):
+    assert f"sed -i '{SED_SCRIPT}' model.py" in (ROOT / "README.md").read_text()  # the line the README shows
     shutil.copy(META_SRC, tmp_path / "model.py")
     subprocess.run(["sed", "-i", SED_SCRIPT, "model.py"], cwd=tmp_path, check=True)
     text = (tmp_path / "model.py").read_text()
