@@ -233,6 +233,13 @@ def _collectives(rank: int, world: int) -> dict[str, dict[str, int]]:
         with count_collectives() as whole:
             model(tokens(), labels=tokens()).loss.backward()
         out[name] = {"forward": fwd["all_reduce"], "backward": bwd["all_reduce"], "model": dict(whole)}
+    # MLPs already sharded by such a plan are refused, and the model is left as it was.
+    try:
+        tphf.parallelize_mlp(hf_plan)
+    except ValueError as e:
+        out["refused"] = "got a DTensor" in str(e) and not any(
+            isinstance(m, tphf.ParallelMLP) for m in hf_plan.modules()
+        )
     return out
 
 
@@ -246,6 +253,7 @@ def test_one_backward_all_reduce_per_mlp():
         assert got["hf_plan"]["forward"] == 1 and got["hf_plan"]["backward"] == 2, (rank, got)
         assert got["tp_ffn"]["model"] == {"all_reduce": 4}, (rank, got)
         assert got["hf_plan"]["model"] == {"all_reduce": 6}, (rank, got)
+        assert got["refused"] is True, (rank, got)
 
 
 def _compiled(rank: int, world: int) -> dict[str, object]:

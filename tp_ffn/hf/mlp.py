@@ -129,21 +129,18 @@ def _is_hf_mlp(module: nn.Module) -> bool:
     return all(type(children.get(n)) is nn.Linear for n in _PROJECTIONS)
 
 
-def _dtensor_type() -> type | tuple[()]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return ()
-    return DTensor
+def _is_dtensor(t: object) -> bool:
+    # Duck-typed: DTensor's public home is torch.distributed.tensor from torch 2.5 on (the package's
+    # minimum is 2.4), and what matters here is only that it is sharded and can be made whole.
+    return isinstance(t, Tensor) and hasattr(t, "placements") and hasattr(t, "full_tensor")
 
 
 def _check_mlp(mlp: nn.Module, path: str) -> tuple[int, int, bool]:
     """``(hidden_size, intermediate_size, bias)`` of an HF MLP; ``ValueError`` naming what does not fit."""
     gate, up, down = (mlp._modules[n] for n in _PROJECTIONS)
-    dtensor = _dtensor_type()
     for n, layer in zip(_PROJECTIONS, (gate, up, down)):
-        if isinstance(layer.weight, dtensor):
-            raise ValueError(  # noqa: TRY004 - the model's state, not the argument's type
+        if _is_dtensor(layer.weight):
+            raise ValueError(
                 f"{path}.{n}.weight: expected a full tensor, got a DTensor (sharded by a tensor-parallel plan such as "
                 "Hugging Face's tp_plan): leave the MLPs out of that plan and let tp_ffn shard them"
             )
@@ -275,8 +272,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         prefix = f"{path}." if path else ""
         for key, value in gathered[id(module)].items():
             out[prefix + key] = value
-    dtensor = _dtensor_type()
     for key, value in out.items():
-        if isinstance(value, dtensor):
+        if _is_dtensor(value):
             out[key] = value.full_tensor()
     return out
