@@ -198,3 +198,66 @@ def test_frozen_inputs_and_autocast_dtypes():
 def test_unknown_activation_is_one_clear_error():
     with pytest.raises(ValueError, match="activation: expected one of"):
         swiglu_linear(torch.ones(1, 2), torch.ones(1, 2), torch.ones(3, 2), "tanh")
+
+
+def _kept_compiled(rank: int, world: int) -> dict[str, tuple]:
+    """As :func:`_kept`, the block under torch.compile (inductor): AOTAutograd partitions forward
+    and backward anew and decides for itself what to save."""
+    import torch._dynamo as dynamo
+
+    out = {}
+    cases = {"overlap (default)": {}, "sequence parallel": {"sequence_parallel": True}}
+    if world > 1:
+        cases["fused+overlap+chunked"] = {"fuse_gate_up": True, "comm_chunks": 3}
+    for name, options in cases.items():
+        torch.manual_seed(0)
+        par = ParallelFeedForward(DIM, HIDDEN, **options)
+        x = torch.randn(BATCH, SEQ, DIM)
+        x = (split_sequence(x, par.tp.group) if par.sequence_parallel else x).requires_grad_()
+        dynamo.reset()
+        compiled = torch.compile(par, fullgraph=True)
+        with saved_for_backward(par.parameters()) as saved:
+            y = compiled(x)
+        y.sum().backward()
+        out[name] = (saved.numel, BATCH * SEQ, par.w1.end - par.w1.start)
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [1, 2])
+def test_compiled_block_keeps_two_hidden_tensors(world):
+    for rank, got in enumerate(run_ranks(world, _kept_compiled, timeout=280)):
+        for name, (kept, tokens, n_r) in got.items():
+            assert kept <= tokens * (DIM + 2 * n_r), (world, rank, name, kept / tokens, DIM + 2 * n_r)
+
+
+_CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+)
+
+
+def compiled_kernels(device: str, activation: str) -> tuple[list[str], list[str]]:
+    """The names of the kernels inductor generates for :func:`swiglu_linear`'s forward and its
+    backward (C++ kernels on the CPU, Triton on CUDA); GEMMs are library calls, not among them."""
+    import re
+
+    import torch._dynamo as dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    g, u = (torch.randn(64, 96, device=device, requires_grad=True) for _ in range(2))
+    w = torch.randn(48, 96, device=device, requires_grad=True)
+    dynamo.reset()
+    fn = torch.compile(lambda g, u, w: swiglu_linear(g, u, w, activation), fullgraph=True)
+    _, (forward, backward) = run_and_get_code(lambda: fn(g, u, w).sum().backward())
+    kernel = re.compile(r"^(\w+) = async_compile\.(?:triton|cpp\w*)\(", re.MULTILINE)
+    return kernel.findall(forward), kernel.findall(backward)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
+def test_compiled_elementwise_is_one_kernel_each_way(device):
+    """Under inductor the elementwise work is one kernel forward (act(g) * u) and one backward
+    (the recomputed product and both input gradients)."""
+    for activation in ("silu", "gelu_tanh"):
+        forward, backward = compiled_kernels(device, activation)
+        assert len(forward) == 1 and len(backward) == 1, (device, activation, forward, backward)

@@ -105,8 +105,11 @@ class _GateUp(torch.autograd.Function):
         group, seq_dim = ctx.group, ctx.sequence_dim
         x, w1, w3 = ctx.saved_tensors
         if ctx.fused:
-            w = torch.cat((w1, w3))
-            d = torch.cat((dg, du), dim=-1).reshape(-1, w.shape[0])
+            # [w3; w1], not the forward's [w1; w3]: under torch.compile forward and backward are one
+            # graph, where an identical concatenation would be merged with the forward's (CSE) and
+            # then kept from forward, a weight-sized copy, since it feeds a GEMM. Same products.
+            w = torch.cat((w3, w1))
+            d = torch.cat((du, dg), dim=-1).reshape(-1, w.shape[0])
         else:
             dg, du = dg.reshape(-1, w1.shape[0]), du.reshape(-1, w3.shape[0])
         x2 = x.reshape(-1, x.shape[-1])
@@ -127,11 +130,12 @@ class _GateUp(torch.autograd.Function):
         # Weight gradients: computed while the collective above is in flight.
         dw1 = dw3 = db1 = db3 = None
         if ctx.fused:
+            n3 = w.shape[0] - ctx.n1
             dw = d.t() @ x2
-            dw1, dw3 = dw[: ctx.n1], dw[ctx.n1 :]
+            dw3, dw1 = dw[:n3], dw[n3:]
             if ctx.has_bias:
                 db = d.sum(0)
-                db1, db3 = db[: ctx.n1], db[ctx.n1 :]
+                db3, db1 = db[:n3], db[n3:]
         else:
             dw1, dw3 = dg.t() @ x2, du.t() @ x2
             if ctx.has_bias:

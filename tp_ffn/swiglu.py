@@ -18,7 +18,10 @@ The derivative comes from the same ATen kernels autograd calls for ``F.silu`` / 
 ``F.relu`` (``silu_backward``, ``gelu_backward``, ``threshold_backward``) on the same operands, so
 the input gradients are bit for bit those of the plain composition in eager mode. The body is
 ordinary ATen ops: ``torch.compile`` traces it, and inductor fuses the elementwise lines into one
-kernel forward (``act(g) * u``) and one backward (``h``, ``du``, ``dg``).
+kernel forward (``act(g) * u``) and one backward (``h``, ``du``, ``dg``). Under compile the saved
+set is chosen anew (AOTAutograd partitions the joint forward-backward graph itself); the backward
+is written so that the partition still keeps only ``g`` and ``u`` (see :func:`act_mul_backward`;
+``tests/test_swiglu.py`` measures it).
 
 :func:`swiglu` is the activation and product alone (``act(g) * u``, saving ``g`` and ``u``), for
 code that applies the down projection itself and keeps ``h`` anyway.
@@ -87,7 +90,10 @@ def act_mul_backward(
     a = ACTIVATIONS[activation](g)
     du = dh * a
     dg = _BACKWARD[activation](dh * u, g, a)
-    return dg, du, (a * u if need_h else None)
+    # u * a, not a * u: under torch.compile the forward and backward are traced into one graph,
+    # where a node identical to the forward's product would be merged with it (CSE) and then
+    # kept from forward, since it feeds a GEMM, instead of recomputed here. (Same value.)
+    return dg, du, (u * a if need_h else None)
 
 
 def swiglu_linear_backward(
