@@ -181,9 +181,9 @@ def test_hf_logits_tp1(hf):
     # Negative control: the same tensors without undoing HF's q/k permutation.
     raw = load_file(hf["single"] / "model.safetensors")
     renamed = {}
-    from tp_ffn.models.weights import _layout
+    from tp_ffn.models.weight_names import weight_layout
 
-    for e in _layout(model.cfg):
+    for e in weight_layout(model.cfg):
         renamed[e.name] = raw[e.hf]
     model.load_state_dict(renamed)
     with torch.no_grad():
@@ -417,11 +417,11 @@ def test_hf_bad_checkpoint_leaves_model_untouched(hf, tmp_path, edit, match):
 
 
 def test_read_error_after_validation_leaves_model_untouched(hf, monkeypatch):
-    from tp_ffn.models import weights
+    from tp_ffn.models.hf_files import HFReader
 
     model = Transformer(config_from_hf(hf["single"]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    real, calls = weights._HFReader.read, []
+    real, calls = HFReader.read, []
 
     def flaky(self, *args):
         calls.append(args[0].name)
@@ -429,7 +429,7 @@ def test_read_error_after_validation_leaves_model_untouched(hf, monkeypatch):
             raise OSError("I/O error")
         return real(self, *args)
 
-    monkeypatch.setattr(weights._HFReader, "read", flaky)
+    monkeypatch.setattr(HFReader, "read", flaky)
     with pytest.raises(OSError, match="I/O error"):
         load_hf_checkpoint(model, hf["single"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
