@@ -317,7 +317,7 @@ def run(cfg: BenchConfig) -> list[Result]:
     threads = torch.get_num_threads()
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = init_device_mesh(device.type, (world,)) if "torch-tp" in cfg.candidates else None
     torch.manual_seed(0)
     dense = FeedForward(cfg.dim, cfg.hidden_dim).to(device)
     x = torch.randn(1, cfg.tokens, cfg.dim, device=device)
@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.update(
                 RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0")
             )
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # The step times and GEMM rates are reduced as CPU tensors: gloo carries those beside NCCL.
+        dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo")
     try:
         results = run(cfg)
         world = dist.get_world_size()

@@ -79,21 +79,23 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def act_mul(g: Tensor, u: Tensor, activation: str) -> Tensor:
     """``act(g) * u`` without autograd bookkeeping of its own (the callers' functions hold it)."""
-    return ACTIVATIONS[activation](g) * u
+    # Written u * act(g) so that it never equals the backward's act(g) * u (see act_mul_backward).
+    return u * ACTIVATIONS[activation](g)
 
 
 def act_mul_backward(
-    dh: Tensor, g: Tensor, u: Tensor, activation: str, *, need_h: bool = False
+    dh: Tensor, g: Tensor, u: Tensor, activation: str, *, need_h: bool = False, reuse_dh: bool = False
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(dg, du, h)`` for ``h = act(g) * u`` from the gradient ``dh`` and the saved ``g``, ``u``;
-    ``h`` (recomputed) only with ``need_h``. All ``[*, n]``."""
+    ``h`` (recomputed) only with ``need_h``. All ``[*, n]``. ``reuse_dh``: ``dh`` is a buffer the
+    caller owns, which becomes ``du`` (one allocation fewer in eager mode)."""
     a = ACTIVATIONS[activation](g)
-    du = dh * a
     dg = _BACKWARD[activation](dh * u, g, a)
-    # u * a, not a * u: under torch.compile the forward and backward are traced into one graph,
-    # where a node identical to the forward's product would be merged with it (CSE) and then
-    # kept from forward, since it feeds a GEMM, instead of recomputed here. (Same value.)
-    return dg, du, (u * a if need_h else None)
+    du = dh.mul_(a) if reuse_dh else dh * a
+    # a * u, where the forward has u * a: under torch.compile forward and backward are traced into
+    # one graph, where a node identical to the forward's product would be merged with it (CSE) and
+    # then kept from forward, since it feeds a GEMM, instead of recomputed here. (Same value.)
+    return dg, du, (a.mul_(u) if need_h else None)
 
 
 def swiglu_linear_backward(
@@ -105,7 +107,7 @@ def swiglu_linear_backward(
     dg = du = dw = None
     if needs[0] or needs[1]:
         dh = (dy2 @ w).view(g.shape)
-        dg, du, h = act_mul_backward(dh, g, u, activation, need_h=needs[2])
+        dg, du, h = act_mul_backward(dh, g, u, activation, need_h=needs[2], reuse_dh=True)
         dg, du = (dg if needs[0] else None), (du if needs[1] else None)
     elif needs[2]:
         h = act_mul(g, u, activation)
