@@ -493,7 +493,8 @@ def markdown(report: dict[str, Any]) -> str:
     where = env.get("device") or "no CUDA device"
     lines.append(
         f"{report['started']}, {where}, torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
-        f"Python {env['python']}, commit {env['commit']}; {report['total_s']:.0f} s of a {report['deadline_s']:.0f} s deadline."
+        f"Python {env['python']}, fairscale {'present' if env.get('fairscale') else 'absent'}, commit {env['commit']}; "
+        f"{report['total_s']:.0f} s of a {report['deadline_s']:.0f} s deadline."
     )
     if report.get("rehearsal"):
         lines.append("\nRehearsal on the CPU at tiny shapes: the machinery, not GPU figures.")
