@@ -46,8 +46,11 @@ def generate(
     temperature: float = 0.8,
     top_k: int | None = 40,
     generator: torch.Generator | None = None,
+    top_p: float | None = None,
 ) -> list[int]:
     """Continue ``prompt`` (token ids) by ``max_new_tokens`` sampled tokens; ``temperature=0`` is greedy.
+    ``top_k`` keeps the k likeliest tokens, then ``top_p`` the smallest set of them whose
+    probability reaches p (nucleus sampling); ``None`` disables either.
 
     Every TP rank computes the same full logits; the token TP rank 0 draws is broadcast so that
     the ranks cannot drift apart even if their floating-point results differed in the last bit.
@@ -59,19 +62,30 @@ def generate(
     tokens = torch.tensor([prompt], dtype=torch.int64, device=device)
     for _ in range(max_new_tokens):
         logits = model(tokens[:, -model.cfg.max_seq_len :])[:, -1, :].float()
-        nxt = _pick(logits, temperature, top_k, generator)
+        nxt = _pick(logits, temperature, top_k, generator, top_p)
         if tp.size > 1:
             dist.broadcast(nxt, src=dist.get_global_rank(tp.group, 0), group=tp.group)
         tokens = torch.cat([tokens, nxt], dim=1)
     return tokens[0, len(prompt) :].tolist()
 
 
-def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+def _pick(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None,
+    top_p: float | None = None,
+) -> Tensor:
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+        # Drop a token when the likelier ones alone already reach top_p (the likeliest always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
