@@ -198,5 +198,5 @@ def test_importing_the_package_loads_no_tokenizer_library():
         "loaded = [m for m in ('tokenizers', 'tiktoken', 'sentencepiece', 'transformers') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
