@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--init-std", type=float, default=0.02, help="std of the random weights (HF's initializer_range)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         intermediate_size=llama_ffn_hidden_dim(args.dim, multiple_of=32), max_position_embeddings=args.max_seq_len,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=bos,
-        eos_token_id=tok.token_to_id("</s>"), torch_dtype="float32",
+        eos_token_id=tok.token_to_id("</s>"), torch_dtype="float32", initializer_range=args.init_std,
     )  # fmt: skip
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).float()
