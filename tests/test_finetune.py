@@ -55,10 +55,20 @@ def setup(tmp_path_factory) -> dict:
     paragraphs = [p for p in (ROOT / "README.md").read_text().split("\n\n") if p.strip()]
     data = root / "readme.jsonl"
     data.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
-    base = dict(
-        init_from=str(pre), data=str(data), token_cache=str(root / "cache"), seq_len=SEQ, batch_size=BATCH,
-        val_sequences=NVAL, val_every=5, steps=10, lr=1e-3, warmup_steps=2, seed=0, progress=False,
-    )  # fmt: skip
+    base = {
+        "init_from": str(pre),
+        "data": str(data),
+        "token_cache": str(root / "cache"),
+        "seq_len": SEQ,
+        "batch_size": BATCH,
+        "val_sequences": NVAL,
+        "val_every": 5,
+        "steps": 10,
+        "lr": 1e-3,
+        "warmup_steps": 2,
+        "seed": 0,
+        "progress": False,
+    }
     return {"root": root, "pre": pre, "data": data, "base": base}
 
 
@@ -247,11 +257,19 @@ def test_meta_tokenizers_train_and_export(tmp_path, kind):
     path = tmp_path / "tok" / "tokenizer.model"
     (make_tiktoken_file if kind == "tiktoken" else make_sentencepiece_model)(path)
     tok = resolve_tokenizer(str(path))
-    kw = dict(
-        preset="tiny", model_args={"vocab_size": tok.vocab_size + 3}, tokenizer=str(path), steps=2, seq_len=SEQ,
-        batch_size=4, corpus_bytes=60_000, val_sequences=2, token_cache=str(tmp_path / "cache"),
-        ckpt_dir=str(tmp_path / "ck"), progress=False,
-    )  # fmt: skip
+    kw = {
+        "preset": "tiny",
+        "model_args": {"vocab_size": tok.vocab_size + 3},
+        "tokenizer": str(path),
+        "steps": 2,
+        "seq_len": SEQ,
+        "batch_size": 4,
+        "corpus_bytes": 60_000,
+        "val_sequences": 2,
+        "token_cache": str(tmp_path / "cache"),
+        "ckpt_dir": str(tmp_path / "ck"),
+        "progress": False,
+    }
     run_ranks(1, _train, kw, timeout=240)
     assert tokenizer_from_checkpoint(tmp_path / "ck").fingerprint == tok.fingerprint
     _check_hf_export(tmp_path / "ck", tmp_path / "hf", "Grüße, tokens 12345!")
@@ -271,7 +289,14 @@ def test_meta_tokenizers_train_and_export(tmp_path, kind):
 
 def test_vocabulary_that_does_not_fit_is_refused_before_training(tmp_path):
     path = make_tiktoken_file(tmp_path / "tokenizer.model")
-    kw = dict(preset="tiny", tokenizer=str(path), steps=2, seq_len=SEQ, ckpt_dir=str(tmp_path / "ck"), progress=False)
+    kw = {
+        "preset": "tiny",
+        "tokenizer": str(path),
+        "steps": 2,
+        "seq_len": SEQ,
+        "ckpt_dir": str(tmp_path / "ck"),
+        "progress": False,
+    }
     with pytest.raises(AssertionError, match=r"vocab_size \(256\) must be >= \d+ for its tiktoken tokenizer"):
         run_ranks(1, _train, kw, timeout=120)
     assert not (tmp_path / "ck").exists()
