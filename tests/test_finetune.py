@@ -313,3 +313,25 @@ def test_top_p_keeps_the_smallest_nucleus():
         seen = {_pick(logits, 1.0, None, g, top_p).item() for _ in range(300)}
         assert seen == support, (top_p, seen)
     assert _pick(logits, 0.0, None, g, 0.1).item() == 0  # greedy ignores top-p
+
+
+def _sample_with_fixed_continuation(rank: int, world: int, pre: str, continuation: list[int]) -> str:
+    import contextlib
+    import io
+
+    sample = _script("sample")
+    sample.generate = lambda model, prompt, n, **kw: list(continuation)  # what the model "wrote"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert sample.main(["--init-from", pre, "--prompt", "x", "--max-new-tokens", "4"]) == 0
+    return out.getvalue()
+
+
+@pytest.mark.timeout(300)
+def test_sample_ends_at_eos(setup):
+    tok = resolve_tokenizer("auto", init_from=setup["pre"])
+    a, b = tok.encode(" alpha"), tok.encode(" beta")
+    out = run_ranks(1, _sample_with_fixed_continuation, str(setup["pre"]), [*a, tok.eos_id, *b], timeout=120)[0]
+    assert out.splitlines()[-1] == "x alpha", out
+    out = run_ranks(1, _sample_with_fixed_continuation, str(setup["pre"]), [*a, *b], timeout=120)[0]
+    assert out.splitlines()[-1] == "x alpha beta", out
