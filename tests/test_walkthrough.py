@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def walkthrough_block() -> str:
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- walkthrough -->\n```bash\n(.*?)\n```\n<!-- /walkthrough -->", text, re.S)
+    block = re.search(r"<!-- walkthrough -->\n```bash\n(.*?)\n```\n<!-- /walkthrough -->", text, re.DOTALL)
     assert block, "README.md has no walk-through block"
     return block.group(1)
 
@@ -34,9 +34,9 @@ def test_readme_walkthrough(tmp_path):
     )  # fmt: skip
     out = r.stdout
     assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
-    evals = [float(v) for v in re.findall(r"^eval: .* val_loss ([\d.]+), val_ppl", out, re.M)]
+    evals = [float(v) for v in re.findall(r"^eval: .* val_loss ([\d.]+), val_ppl", out, re.MULTILINE)]
     assert len(evals) == 2 and evals[1] < evals[0] - 0.5, out
-    assert re.search(r"^--- sample 1\nThe tokenizer", out, re.M), out
-    assert re.search(r"^transformers: The tokenizer", out, re.M), out
+    assert re.search(r"^--- sample 1\nThe tokenizer", out, re.MULTILINE), out
+    assert re.search(r"^transformers: The tokenizer", out, re.MULTILINE), out
     assert (tmp_path / "walk" / "hf" / "tokenizer.json").is_file()
     assert (tmp_path / "cache" / "tokens").is_dir(), "the token cache went to $TP_FFN_CACHE"
