@@ -186,5 +186,6 @@ def validation_count(data: Tensor, seq_len: int, wanted: int) -> int:
 
 
 def _gather(data: Tensor, starts: Tensor, seq_len: int) -> Tensor:
-    idx = starts[:, None] + torch.arange(seq_len + 1, dtype=torch.int64)
-    return data[idx].long()
+    # Slices widened one by one: uint16 / uint32 tensors (token files) have copy kernels in every
+    # torch this package supports, but not every indexing kernel.
+    return torch.stack([data[s : s + seq_len + 1].long() for s in starts.tolist()])
