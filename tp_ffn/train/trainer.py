@@ -331,7 +331,9 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         f"batch {plan.batch_size} x {cfg.seq_len} = {plan.batch_size * cfg.seq_len} tokens "
         f"(micro {plan.micro_batch} x grad accum {plan.grad_accum} x dp {plan.dp}), sequence parallel {cfg.sequence_parallel}, "
         f"dtype {cfg.dtype}, ffn fuse_gate_up={cfg.ffn_fuse_gate_up} overlap_comm={cfg.ffn_overlap_comm} "
-        f"comm_chunks={cfg.ffn_comm_chunks}\ntokenizer: {tokenizer.describe()}\ndata: {corpus.describe()}"
+        f"comm_chunks={cfg.ffn_comm_chunks}\n"
+        + ("" if tokenizer.kind == "bytes" else f"tokenizer: {tokenizer.describe()}\n")
+        + f"data: {corpus.describe()}"
     )
     t.build(None if resume_info is not None else cfg.init_from)
 
