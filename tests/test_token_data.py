@@ -6,6 +6,7 @@ a builder's error reaches them, a missing builder times out)."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from pathlib import Path
@@ -209,6 +210,23 @@ def test_builder_error_reaches_the_waiting_rank(tmp_path):
     out = run_ranks(2, _shared, str(root), str(tmp_path / "cache"), str(tmp_path / "tok"), True, timeout=180)
     assert out[0]["error"] == out[1]["error"] and "bad.jsonl line 1" in out[1]["error"]
     assert out[1]["seconds"] < 30
+
+
+def test_stale_files_of_dead_builders_are_removed(tmp_path):
+    root = _write_data(tmp_path / "d")
+    cache = CacheOptions(tmp_path / "cache", timeout=60)
+    src, tok = find_data(str(root)), Counting()
+    cache.directory.mkdir()
+    path = token_file_path(cache.directory, src, tok)
+    old_tmp, new_tmp = Path(f"{path}.tmp-host-1"), Path(f"{path}.tmp-host-2")
+    old_fail, new_fail = cache.directory / ".failed-old", cache.directory / ".failed-new"
+    for f in (old_tmp, new_tmp, old_fail, new_fail):
+        f.write_bytes(b"x")
+    for f in (old_tmp, old_fail):
+        os.utime(f, (time.time() - 120, time.time() - 120))
+    load_tokens(src, tok, cache)
+    assert not old_tmp.exists() and not old_fail.exists()
+    assert new_tmp.exists() and new_fail.exists(), "a builder that may still be alive keeps its files"
 
 
 def test_waiting_without_a_builder_times_out(tmp_path):

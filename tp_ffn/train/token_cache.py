@@ -1,7 +1,7 @@
 """Tokenize ``--data`` once into a memory-mapped token file that every rank reads.
 
 The file is named by what it holds, ``<data fingerprint>-<tokenizer fingerprint>.tokens`` in the
-cache directory (``--token-cache``; default ``$TP_FFN_CACHE`` or ``~/.cache/tp_ffn/tokens``)::
+cache directory (``--token-cache``; default ``$TP_FFN_CACHE/tokens`` or ``~/.cache/tp_ffn/tokens``)::
 
     bytes 0 .. 7       b"TPFFNTOK"
     bytes 8 .. 4095    JSON header, space padded: version, dtype (uint16 up to 65,536 ids, else
@@ -14,10 +14,10 @@ A file whose magic, header, size, fingerprints or digest do not match is rebuilt
 One rank builds (``builder=True``; the trainer picks global rank 0): it writes a temporary file in
 the same directory and renames it into place, so a reader never sees half a file. The other ranks
 poll for the finished file; they fail with one clear line when the builder reports an error
-(through a ``.failed-<nonce>`` file of this attempt in the cache directory) or when the builder's temporary file has not
-grown for ``timeout`` seconds (a builder on another machine that cannot see the directory, or one
-that died). No collective runs while they wait, so a long tokenization cannot time out a process
-group.
+(through a ``.failed-<nonce>`` file of this attempt in the cache directory) or when the builder's
+temporary file has not grown for ``timeout`` seconds (a builder on another machine that cannot see
+the directory, or one that died; a later builder removes such leftovers). No collective runs while
+they wait, so a long tokenization cannot time out a process group.
 """
 
 from __future__ import annotations
@@ -223,6 +223,18 @@ def _last_progress(path: Path) -> float:
     return newest
 
 
+def _remove_stale(options: CacheOptions, path: Path) -> None:
+    """Temporary files of builders that died, and old failure reports: anything of theirs untouched
+    for longer than a waiting rank would wait."""
+    now = time.time()
+    for old in [*path.parent.glob(f"{path.name}.tmp-*"), *options.directory.glob(".failed-*")]:
+        try:
+            if now - old.stat().st_mtime > options.timeout:
+                old.unlink()
+        except FileNotFoundError:
+            continue
+
+
 def load_tokens(source: DataSource, tokenizer: Tokenizer, options: CacheOptions) -> Tensor:
     """The token stream of ``source`` under ``tokenizer``, from the cache (built first if needed).
 
@@ -238,6 +250,7 @@ def load_tokens(source: DataSource, tokenizer: Tokenizer, options: CacheOptions)
             return read_token_file(path, header)
         try:
             options.directory.mkdir(parents=True, exist_ok=True)
+            _remove_stale(options, path)
             log(f"token cache: {'building' if why == 'absent' else f'rebuilding ({why})'} {path}")
             t0 = time.perf_counter()
             header = write_token_file(path, source, tokenizer, progress=options.progress)
