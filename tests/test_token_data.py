@@ -236,3 +236,11 @@ def test_waiting_without_a_builder_times_out(tmp_path):
     with pytest.raises(UsageError, match=r"waited 1 s for rank 0 to write .* without progress; is .* on a file system"):
         load_tokens(find_data(str(root)), Counting(), opts)
     assert time.monotonic() - t0 < 10
+
+
+def test_progress_bar_over_the_input_bytes(tmp_path, capsys):
+    root = _write_data(tmp_path / "d")
+    src = find_data(str(root))
+    load_tokens(src, Counting(), CacheOptions(tmp_path / "cache", progress=True))
+    err = capsys.readouterr().err
+    assert "tokenize" in err and "100%" in err, err
