@@ -200,3 +200,17 @@ def test_importing_the_package_loads_no_tokenizer_library():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
+
+
+def test_reading_a_tokenizer_runs_no_code_from_its_directory(toks, tmp_path):
+    """A tokenizer directory asking for custom code (transformers' auto_map) is read as data: the
+    code is never imported."""
+    d = tmp_path / "remote"
+    shutil.copytree(toks["hf"], d)
+    marker = tmp_path / "ran"
+    (d / "tokenization_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = resolve_tokenizer("auto", init_from=d)
+    assert tok.decode(tok.encode("safe")) == "safe" and not marker.exists()
