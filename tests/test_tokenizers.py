@@ -66,10 +66,19 @@ def test_llama2_and_llama3_conventions(toks):
     assert tt.vocab_size == n + 256 and (tt.bos_id, tt.eos_id) == (n, n + 1)
     assert tt.decode([tt.bos_id, tt.eos_id]) == "<|begin_of_text|><|end_of_text|>"
     assert tt.decode([n + 9]) == "<|eot_id|>" and tt.decode([n + 255]) == "<|reserved_special_token_250|>"
-    # Meta's pattern: digits in groups of at most three, so no token spans the 3|4 border of "1234567".
-    pieces = [tt.decode([i]) for i in tt.encode("1234567")]
-    ends = {sum(len(p) for p in pieces[: k + 1]) for k in range(len(pieces))}
-    assert {3, 6, 7} <= ends, pieces
+
+
+def test_llama3_pretokenization_groups_digits_by_three(tmp_path):
+    """Meta's pattern splits digit runs into groups of at most three before BPE: with merges that
+    could make "1234" and "1234567", "1234567" still encodes as 123 | 4 56 | 7."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for t in (b"12", b"123", b"1234", b"56", b"567", b"1234567"):
+        ranks[t] = len(ranks)
+    path = tmp_path / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    tt = resolve_tokenizer(str(path))
+    assert [tt.decode([i]) for i in tt.encode("1234567")] == ["123", "4", "56", "7"]
+    assert [tt.decode([i]) for i in tt.encode("x 1234567")] == ["x", " ", "123", "4", "56", "7"]
 
 
 def test_special_token_text(toks):
