@@ -23,7 +23,7 @@ import typing
 import torch
 
 from tp_ffn.train import UsageError
-from tp_ffn.train.generate import generate, load_checkpoint_model
+from tp_ffn.train.generate import check_sampling, generate, load_checkpoint_model
 from tp_ffn.train.parallelize import init_runtime
 
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--top-p", type=float, default=1.0, help="then among the fewest whose probability reaches p (1: all)"
     )
+    p.add_argument(
+        "--no-kv-cache", action="store_true", help="recompute the whole context for every token (slow; for checks)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return p
@@ -66,13 +69,10 @@ def _load(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Modu
         model, info = load_checkpoint_model(args.ckpt_dir, device=device)
         tok = tokenizer_from_checkpoint(info.path) if args.tokenizer == "auto" else resolve_tokenizer(args.tokenizer)
         return model, tok, f"{info.path} (step {info.step})"
-    from tp_ffn.models import Transformer, config_from_pretrained, load_pretrained
+    from tp_ffn.models.llama import Transformer
 
     try:
-        cfg = config_from_pretrained(args.init_from)
-        torch.manual_seed(0)  # nothing is drawn on the meta device; kept for identical builds
-        model = Transformer(cfg, device="meta")
-        load_pretrained(model, args.init_from, device=device)
+        model = Transformer.from_pretrained(args.init_from, device=device)
     except (OSError, ValueError) as e:
         raise UsageError(f"--init-from {args.init_from}: {e}") from None
     tok = resolve_tokenizer(args.tokenizer, init_from=args.init_from)
@@ -85,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.max_new_tokens < 0 or args.num_samples < 1:
             raise UsageError("--max-new-tokens must be >= 0 and --num-samples >= 1")
-        if not 0 < args.top_p <= 1:
-            raise UsageError(f"--top-p: expected a value in (0, 1], got {args.top_p}")
+        try:
+            check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        except ValueError as e:
+            name, _, problem = str(e).partition(":")  # the message names the keyword: say the flag
+            raise UsageError(f"--{name.replace('_', '-')}:{problem}") from None
         rt = init_runtime(args.device)
         rank = rt.rank
         try:
@@ -114,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                     args.max_new_tokens,
                     temperature=args.temperature,
                     top_k=args.top_k or None,
+                    top_p=args.top_p,
                     generator=gen,
-                    top_p=args.top_p if args.top_p < 1 else None,
+                    use_cache=not args.no_kv_cache,
+                    stop_tokens=() if tok.eos_id is None else (tok.eos_id,),
                 )
-                if tok.eos_id is not None and tok.eos_id in out:
-                    out = out[: out.index(tok.eos_id)]
                 if rank == 0:
                     print(f"--- sample {i + 1}\n{tok.decode(shown + out)}", flush=True)
         finally:

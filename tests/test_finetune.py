@@ -304,34 +304,30 @@ def test_vocabulary_that_does_not_fit_is_refused_before_training(tmp_path):
         TrainConfig(eval_only=True)
 
 
-def test_top_p_keeps_the_smallest_nucleus():
-    from tp_ffn.train.generate import _pick
-
-    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    g = torch.Generator().manual_seed(0)
-    for top_p, support in ((0.45, {0}), (0.7, {0, 1}), (0.81, {0, 1, 2}), (0.99, {0, 1, 2, 3})):
-        seen = {_pick(logits, 1.0, None, g, top_p).item() for _ in range(300)}
-        assert seen == support, (top_p, seen)
-    assert _pick(logits, 0.0, None, g, 0.1).item() == 0  # greedy ignores top-p
-
-
-def _sample_with_fixed_continuation(rank: int, world: int, pre: str, continuation: list[int]) -> str:
+def _sample_with_fixed_continuation(rank: int, world: int, pre: str, continuation: list[int]) -> tuple[str, list]:
     import contextlib
     import io
 
     sample = _script("sample")
-    sample.generate = lambda model, prompt, n, **kw: list(continuation)  # what the model "wrote"
+    asked = []
+
+    def generate(model, prompt, n, *, stop_tokens=(), **kw):
+        asked.append((prompt, sorted(stop_tokens)))
+        out = list(continuation)  # what the model "wrote", up to the first stop token (generate's contract)
+        cut = [i for i, t in enumerate(out) if t in stop_tokens]
+        return out[: cut[0]] if cut else out
+
+    sample.generate = generate
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert sample.main(["--init-from", pre, "--prompt", "x", "--max-new-tokens", "4"]) == 0
-    return out.getvalue()
+    return out.getvalue(), asked
 
 
 @pytest.mark.timeout(300)
-def test_sample_ends_at_eos(setup):
+def test_sample_ends_at_eos_and_starts_with_bos(setup):
     tok = resolve_tokenizer("auto", init_from=setup["pre"])
     a, b = tok.encode(" alpha"), tok.encode(" beta")
-    out = run_ranks(1, _sample_with_fixed_continuation, str(setup["pre"]), [*a, tok.eos_id, *b], timeout=120)[0]
+    out, asked = run_ranks(1, _sample_with_fixed_continuation, str(setup["pre"]), [*a, tok.eos_id, *b], timeout=120)[0]
     assert out.splitlines()[-1] == "x alpha", out
-    out = run_ranks(1, _sample_with_fixed_continuation, str(setup["pre"]), [*a, *b], timeout=120)[0]
-    assert out.splitlines()[-1] == "x alpha beta", out
+    assert asked == [([tok.bos_id, *tok.encode("x")], [tok.eos_id])]

@@ -34,6 +34,7 @@ def export_checkpoint(
     num_shards: int = 1,
     overwrite: bool = False,
     progress: Progress | None = None,
+    embedding_split: str | None = None,
 ) -> Path:
     """Write the training checkpoint ``src`` (a ``--ckpt-dir``: its newest; or a ``step_N``
     directory) to ``dst`` as ``to`` = ``"hf"`` or ``"meta"``; returns the step directory read.
@@ -41,7 +42,10 @@ def export_checkpoint(
     Hugging Face: ``transformers``' ``LlamaForCausalLM.from_pretrained`` and ``AutoTokenizer``
     load it and give the training model's logits and token ids. Meta: ``consolidated.XX.pth`` in
     ``num_shards`` shards, ``params.json``, and the tokenizer's files (``tokenizer.model`` for
-    Meta's formats). Weights keep the checkpoint's dtype (float32 master weights). Raises
+    Meta's formats); the embedding is split as ``embedding_split`` says (``None``: by dimension
+    for a SentencePiece tokenizer, Llama 2's layout, else by vocabulary, Llama 3's; see
+    :func:`~tp_ffn.models.export.export_meta`). Weights keep the checkpoint's dtype (float32 master
+    weights). Raises
     :class:`UsageError` for a damaged checkpoint, ``ValueError`` / ``FileExistsError`` as
     :func:`~tp_ffn.models.export.write_pretrained`.
     """
@@ -59,8 +63,9 @@ def export_checkpoint(
             extra=lambda d: save_hf_tokenizer(tok, d, model_max_length=cfg.max_seq_len),
         )  # fmt: skip
     else:
+        split = embedding_split or ("dim" if tok.kind == "sentencepiece" else "vocab")
         write_pretrained(
             load_full_tensors(info.path), cfg, dst, to=to, num_shards=num_shards, overwrite=overwrite,
-            progress=progress, extra=lambda d: save_meta_tokenizer(tok, d),
+            progress=progress, extra=lambda d: save_meta_tokenizer(tok, d), embedding_split=split,
         )  # fmt: skip
     return info.path
