@@ -104,7 +104,7 @@ def _local_parameters(rank: int, world: int, tp: int) -> tuple[int, int]:
 def test_parameters_per_rank_are_the_busiest_ranks_share(world, tp):
     """The plan counts the parameters of the busiest rank (rank 0: first in both tensor_split and
     FSDP2's chunks) exactly, and no rank holds more."""
-    rows = run_ranks(world, _local_parameters, tp, timeout=180, check=False)
+    rows = run_ranks(world, _local_parameters, tp, timeout=180)
     assert rows[0][0] == rows[0][1]
     assert all(held <= planned for held, planned in rows)
 

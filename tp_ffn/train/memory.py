@@ -15,7 +15,7 @@ piece of that over dp, padded as FSDP2 pads it to ``ceil(rows / dp)`` rows)::
     logits        12 bytes per token and vocabulary entry: the loss's fp32 log-softmax output, the
                   gradient coming into it and the one it returns (every TP rank holds the full
                   logits: the output head gathers them)
-    runtime       what a rank grows by beyond its tensors (CPU: code pages, gloo, allocator; 64
+    runtime       what a rank grows by beyond its tensors (CPU: code pages, gloo, allocator; 32
                   MiB, measured on tiny runs; CUDA: cuBLAS / NCCL workspaces, 1 GiB, not measured)
 
 The peak is ``parameters + AdamW + runtime + max(backward start, backward end, optimizer step)``:
@@ -82,9 +82,9 @@ __all__ = [
 ]
 
 GiB = 2**30
-# Growth beyond the tensors: CPU measured on the tiny and small presets (scripts/memory_check.py,
-# 0.04-0.07 GiB); CUDA (cuBLAS / NCCL workspaces, allocator slack) not measured yet.
-RUNTIME_BYTES = {"cpu": 64 * 2**20, "cuda": 1 * GiB}
+# Growth beyond the tensors: CPU measured on the tiny preset (scripts/memory_check.py, 0.02-0.04 GiB
+# with freed blocks returned to the system); CUDA (cuBLAS / NCCL workspaces, allocator slack) not measured yet.
+RUNTIME_BYTES = {"cpu": 32 * 2**20, "cuda": 1 * GiB}
 
 
 @dataclass(frozen=True)
@@ -118,13 +118,15 @@ class FFNSaved:
 @dataclass(frozen=True)
 class Workload:
     """What the plan needs besides the layout: tokens per sequence, compute dtype (``float32`` or
-    ``bfloat16``), sequence parallelism, what the feed-forward block keeps, and the device type."""
+    ``bfloat16``), sequence parallelism, what the feed-forward block keeps, the device type, and
+    whether the run trains (``--eval-only``: no gradients, optimizer state or saved activations)."""
 
     seq_len: int
     dtype: str
     sequence_parallel: bool
     ffn: FFNSaved
     device_type: str = "cpu"
+    training: bool = True
 
     @property
     def act_bytes(self) -> int:
@@ -294,8 +296,13 @@ def estimate(cfg: LlamaConfig, layout: Layout, work: Workload) -> MemoryEstimate
     logits = 3 * log_softmax
 
     params, grads, adam = 4 * p_local, 4 * p_local, 8 * p_local
-    optimizer_tmp = 4 * p_local if work.device_type == "cuda" else 2 * 4 * max(_fsdp(r, c, dp) for r, c in block + root)
     runtime = RUNTIME_BYTES.get(work.device_type, RUNTIME_BYTES["cpu"])
+    if not work.training:  # a forward without autograd: one block's tensors at a time, the loss's fp32 logits
+        unsharded = a * (root_full + 2 * block_full)
+        logits = tokens * cfg.vocab_size * (a + 4 + 4)
+        peak = params + runtime + unsharded + one_layer + logits
+        return MemoryEstimate(params, 0, 0, unsharded, one_layer, logits, runtime, peak)
+    optimizer_tmp = 4 * p_local if work.device_type == "cuda" else 2 * 4 * max(_fsdp(r, c, dp) for r, c in block + root)
     peak = (
         params
         + adam
@@ -407,7 +414,7 @@ def plan_memory(
     }
     ffn = measure_ffn_saved(tp_group, dtype=dtype, device=device, sequence_parallel=cfg.sequence_parallel, modes=modes)
     layout = Layout(plan.tp, plan.dp, plan.micro_batch, cfg.activation_checkpointing)
-    work = Workload(cfg.seq_len, cfg.dtype, cfg.sequence_parallel and plan.tp > 1, ffn, device.type)
+    work = Workload(cfg.seq_len, cfg.dtype, cfg.sequence_parallel and plan.tp > 1, ffn, device.type, not cfg.eval_only)
     return check_memory(mcfg, layout, available_memory(device), batch_size=plan.batch_size, work=work, force=cfg.force)
 
 
