@@ -150,6 +150,22 @@ def test_refusal_is_one_line_with_the_numbers_and_what_would_fit():
         check_memory(SMALL, now, tiny, batch_size=16, work=WORK, force=False)
 
 
+def test_suggested_world_is_a_layout_train_py_accepts():
+    """llama2-7b at the defaults (batch 16) with 18.8 GiB per rank: the smallest world that holds it
+    is named with a dp that divides the batch and a tp that divides the heads (7 ranks would fit by
+    memory, but --dp 7 does not split 16 sequences)."""
+    from tp_ffn.models.llama import PRESETS
+
+    cfg = PRESETS["llama2-7b"]
+    work = Workload(128, "float32", False, FFNSaved(4, 8))
+    with pytest.raises(UsageError) as e:
+        check_memory(
+            cfg, Layout(1, 1, 16, False), Budget(int(18.8 * 2**30), "b"), batch_size=16, work=work, force=False
+        )
+    w, tp, dp = map(int, re.search(r"(\d+) ranks with .* would: --tp (\d+) --dp (\d+)", str(e.value)).groups())
+    assert w == tp * dp and 16 % dp == 0 and cfg.n_heads % tp == 0, str(e.value)
+
+
 def test_cpu_budget_is_memavailable_shared_by_the_local_ranks():
     meminfo = Path("/proc/meminfo").read_text().splitlines()
     kib = next(int(ln.split()[1]) for ln in meminfo if ln.startswith("MemAvailable:"))
@@ -224,7 +240,13 @@ def test_freed_activations_leave_the_resident_set(mode, kept_mib):
         pytest.skip("needs Linux /proc")
     env = {k: v for k, v in _env().items() if not k.startswith("MALLOC_")}
     r = subprocess.run(
-        [sys.executable, "-c", _HOLES, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100, check=False
+        [sys.executable, "-c", _HOLES, mode],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     low, high = kept_mib

@@ -16,7 +16,8 @@ piece of that over dp, padded as FSDP2 pads it to ``ceil(rows / dp)`` rows)::
                   gradient coming into it and the one it returns (every TP rank holds the full
                   logits: the output head gathers them)
     runtime       what a rank grows by beyond its tensors (CPU: code pages, gloo, allocator; 32
-                  MiB, measured on tiny runs; CUDA: cuBLAS / NCCL workspaces, 1 GiB, not measured)
+                  MiB, measured on tiny runs; CUDA: cuBLAS / NCCL workspaces, 1 GiB, not measured);
+                  on CPU train.py makes glibc return freed blocks (:func:`release_freed_memory`)
 
 The peak is ``parameters + AdamW + runtime + max(backward start, backward end, optimizer step)``:
 at the start of backward the activations and logits are all alive but no gradient yet (they are
@@ -370,7 +371,7 @@ def suggest(cfg: LlamaConfig, now: Layout, budget: int, *, batch_size: int, work
         shown = [f"{' '.join(_flags(o, now))} ({_gib(t)} GiB)" for o, t in fitting[:2]]
         return "would fit: " + " or ".join(shown)
     for w in range(world + 1, 4097):
-        for tp in (t for t in range(w, 0, -1) if w % t == 0 and _valid_tp(cfg, t, work)):
+        for tp in (t for t in range(w, 0, -1) if w % t == 0 and _valid_tp(cfg, t, work) and batch_size % (w // t) == 0):
             layout = Layout(tp, w // tp, 1, True)
             total = estimate(cfg, layout, work).total
             if total <= budget:
@@ -460,9 +461,9 @@ def release_freed_memory() -> bool:
 
     By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), so
     activations, gathered parameters and gradients of a training step are then served from its
-    heap, whose freed memory it keeps: on CPU the resident set grew to 1.2-2.1x the live tensors in
-    ``scripts/memory_check.py`` (100 M parameters; FSDP2 over dp 2 the most), where the plan counts
-    the tensors. Left alone when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or without glibc.
+    heap, whose freed memory it keeps: in ``scripts/memory_check.py`` (100 M parameters, CPU) the
+    resident set peaked 1.3-2.1x higher than with this setting (FSDP2 over dp 2 the most), while the
+    plan counts the tensors. Left alone when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or without glibc.
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
