@@ -89,6 +89,21 @@ def test_saved_activations_are_what_the_model_keeps(world, tp, dtype, sp, mode, 
             assert wrong < measured
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("dtype, a", [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_ffn_fit_recovers_what_the_block_keeps(mode, dtype, a):
+    """The start-up fit of the feed-forward block's saved bytes, at world size 1: the two-tensor
+    SwiGLU keeps its input and g, u (dim + 2 n_r elements per token) in every mode, nothing per
+    weight or per call; checked at a width the fit never saw."""
+    fit = measure_ffn_saved(None, dtype=dtype, device=torch.device("cpu"), sequence_parallel=False, modes=MODES[mode])
+    assert (fit.per_token_dim, fit.per_token_hidden, fit.per_weight, fit.constant, fit.per_token) == (a, 2 * a, 0, 0, 0)
+    with saved_bytes() as kept:
+        from tp_ffn import ParallelFeedForward
+
+        ParallelFeedForward(24, 40, dtype=dtype, **MODES[mode])(torch.randn(2, 5, 24, dtype=dtype).requires_grad_())
+    assert sum(kept.values()) == fit.bytes(10, 24, 40)
+
+
 def _local_parameters(rank: int, world: int, tp: int) -> tuple[int, int]:
     from tp_ffn.train.parallelize import build_mesh, parallelize
 
