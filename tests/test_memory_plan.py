@@ -3,6 +3,7 @@ refusal is one line before anything is allocated, and the suggestions fit."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -266,3 +267,19 @@ def test_freed_activations_leave_the_resident_set(mode, kept_mib):
     assert r.returncode == 0, r.stderr[-2000:]
     low, high = kept_mib
     assert low <= float(r.stdout) <= high, r.stdout
+
+
+@pytest.mark.timeout(300)
+def test_memory_check_script_tabulates_plan_and_peak(tmp_path):
+    """scripts/memory_check.py (a smoke test: one configuration; the figures are in docs/benchmarks.md)."""
+    cmd = [sys.executable, "scripts/memory_check.py", "--only", "tiny tp1", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=280, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "memory_check.json").read_text())
+    assert row["name"] == "tiny tp1" and row["measured_gib"] > 0 and row["compared_gib"] > 0
+    assert row["error_pct"] == pytest.approx(100 * (row["compared_gib"] - row["measured_gib"]) / row["measured_gib"])
+    assert "| tiny tp1 | 1 |" in (tmp_path / "memory_check.md").read_text()
+    bad = subprocess.run(
+        [*cmd[:2], "--only", "huge"], cwd=ROOT, env=_env(), capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2 and "unknown ['huge']" in bad.stderr
