@@ -19,16 +19,14 @@ from tp_ffn.models.llama import LlamaConfig, Transformer
 from tp_ffn.train import UsageError
 from tp_ffn.train.memory import (
     Budget,
-    FFNSaved,
     Layout,
     Workload,
     available_memory,
     check_memory,
     estimate,
-    measure_ffn_saved,
     saved_activation_bytes,
-    saved_bytes,
 )
+from tp_ffn.train.memory_use import FFNSaved, measure_ffn_saved, saved_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small, uneven where it can be: hidden 171 splits 86 / 85 over 2 ranks; GQA (4 heads, 2 kv heads).
@@ -231,7 +229,7 @@ def test_refusal_under_torchrun_is_one_line_from_rank_0():
 
 _HOLES = """
 import sys, torch
-from tp_ffn.train.memory import release_freed_memory
+from tp_ffn.train.memory_use import release_freed_memory
 if sys.argv[1] == "release":
     assert release_freed_memory()
 def rss():

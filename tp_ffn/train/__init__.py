@@ -14,6 +14,9 @@ One responsibility per module, dependencies pointing one way (trainer -> the res
     optim.py        AdamW, warmup + cosine, clipping by the true global gradient norm
     checkpoint.py   atomic DCP checkpoints that reshard over TP and dp
     metrics.py      JSONL metrics, progress bar, loss plot
+    flops.py        model FLOPs per token, MFU and the peak it is held against
+    memory.py       the memory plan: per-rank estimate, budget, refusal and what would fit
+    memory_use.py   measuring memory: saved activations, a run's peak, the CPU allocator setting
     generate.py     sampling from a checkpoint (scripts/sample.py)
     export.py       a training checkpoint as a Hugging Face / Meta directory (convert_checkpoint.py --from train)
     trainer.py      the loop, --eval-only

@@ -17,7 +17,7 @@ piece of that over dp, padded as FSDP2 pads it to ``ceil(rows / dp)`` rows)::
                   logits: the output head gathers them)
     runtime       what a rank grows by beyond its tensors (CPU: code pages, gloo, allocator; 32
                   MiB, measured on tiny runs; CUDA: cuBLAS / NCCL workspaces, 1 GiB, not measured);
-                  on CPU train.py makes glibc return freed blocks (:func:`release_freed_memory`)
+                  on CPU train.py makes glibc return freed blocks (:func:`~tp_ffn.train.memory_use.release_freed_memory`)
 
 The peak is ``parameters + AdamW + runtime + max(backward start, backward end, optimizer step)``:
 at the start of backward the activations and logits are all alive but no gradient yet (they are
@@ -35,7 +35,7 @@ parallelism else ``T``; ``a`` = 2 bytes in bf16, 4 in fp32; ``h_r = n_heads / tp
   the repeated k and v and the output of the attention kernel (``4 a h_r head_dim``) and its
   log-sum-exp (``4 h_r``); in bf16 also FSDP2's bf16 copies of the rotary tables;
 * the feed-forward block: whatever :class:`~tp_ffn.ParallelFeedForward` keeps, measured at start-up
-  (:func:`measure_ffn_saved`) because that block chooses it (its execution modes differ, and a
+  (:func:`~tp_ffn.train.memory_use.measure_ffn_saved`) because that block chooses it (its execution modes differ, and a
   block that recomputes its activation keeps less): tiny blocks on the real TP group, with the
   run's dtype, modes and sequence parallelism, fitted to ``T (c_d dim + c_n n_r + c_t) + c_w dim n_r + c``.
 
@@ -49,19 +49,16 @@ The budget is the device's: CUDA ``torch.cuda.mem_get_info`` free bytes of this 
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..models.llama import LlamaConfig
 from .config import ParallelPlan, TrainConfig, UsageError
+from .memory_use import FFNSaved, measure_ffn_saved
 
 __all__ = [
     "Budget",
@@ -72,13 +69,9 @@ __all__ = [
     "available_memory",
     "check_memory",
     "estimate",
-    "measure_ffn_saved",
     "memory_report",
-    "peak_bytes",
     "plan_memory",
-    "release_freed_memory",
-    "reset_peak",
-    "saved_bytes",
+    "saved_activation_bytes",
     "suggest",
 ]
 
@@ -96,26 +89,6 @@ class Layout:
     dp: int
     micro_batch: int
     activation_checkpointing: bool
-
-
-@dataclass(frozen=True)
-class FFNSaved:
-    """Bytes the feed-forward block keeps for backward: ``tokens (per_token_dim dim + per_token_hidden
-    n_r + per_token) + per_weight dim n_r + constant`` (``tokens``: of the full sequence; ``n_r``:
-    this rank's rows)."""
-
-    per_token_dim: float
-    per_token_hidden: float
-    per_weight: float = 0.0
-    constant: float = 0.0
-    per_token: float = 0.0
-
-    def bytes(self, tokens: int, dim: int, n_r: int) -> float:
-        return (
-            tokens * (self.per_token_dim * dim + self.per_token_hidden * n_r + self.per_token)
-            + self.per_weight * dim * n_r
-            + self.constant
-        )
 
 
 @dataclass(frozen=True)
@@ -172,62 +145,6 @@ class Budget:
 
 def _gib(n: float) -> str:
     return f"{n / GiB:.2f}"
-
-
-# ---------------------------------------------------------------------------------------------
-# What the feed-forward block keeps: measured on tiny blocks.
-
-
-@contextmanager
-def saved_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[dict[int, int]]:
-    """``with saved_bytes() as kept: ...`` then ``sum(kept.values())``: bytes of every buffer autograd
-    keeps for backward of the code inside, each storage once; parameters (and views of them) and the
-    storages of ``exclude`` (e.g. a model's buffers) are held anyway and not counted."""
-    kept: dict[int, int] = {}
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t if t._base is None else t._base
-        storage = t.untyped_storage()
-        if not isinstance(base, nn.Parameter) and storage.data_ptr() not in skip:
-            kept.setdefault(storage.data_ptr(), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield kept
-
-
-def measure_ffn_saved(
-    group: Any, *, dtype: torch.dtype, device: torch.device, sequence_parallel: bool, modes: Mapping[str, Any]
-) -> FFNSaved:
-    """Fit what :class:`~tp_ffn.ParallelFeedForward` keeps for backward from five tiny blocks built
-    on ``group`` (every rank of it must call this at once: the blocks communicate) with ``modes``
-    (``fuse_gate_up``, ``overlap_comm``, ``comm_chunks``), in ``dtype``, their input requiring grad
-    as in the model. Microseconds of compute; the model's widths are never allocated."""
-    from ..ffn import ParallelFeedForward
-    from ..groups import resolve_group
-
-    tp = resolve_group(group).size
-    sp = sequence_parallel and tp > 1
-    t0 = 4 * tp  # tokens: two sequences (with one, a gathered sequence would be laid out as in the model only by luck)
-
-    def kept(tokens: int, dim: int, n_r: int) -> int:
-        ffn = ParallelFeedForward(
-            dim, n_r * tp, group=group, sequence_parallel=sp, dtype=dtype, device=device, **modes
-        )  # fmt: skip
-        seq = tokens // 2
-        x = torch.randn(2, seq // tp if sp else seq, dim, dtype=dtype, device=device).requires_grad_()
-        with saved_bytes() as k:
-            ffn(x)
-        return sum(k.values())
-
-    p0, p1, p2, p3, p4 = kept(t0, 8, 16), kept(2 * t0, 8, 16), kept(t0, 16, 16), kept(t0, 8, 32), kept(t0, 16, 32)
-    c_w = ((p4 - p2) - (p3 - p0)) / 128
-    c_d = (p2 - p0 - 128 * c_w) / (8 * t0)
-    c_n = (p3 - p0 - 128 * c_w) / (16 * t0)
-    c_t = (p1 - p0) / t0 - 8 * c_d - 16 * c_n
-    const = p0 - t0 * (8 * c_d + 16 * c_n + c_t) - 128 * c_w
-    return FFNSaved(c_d, c_n, c_w, const, c_t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,36 +336,6 @@ def plan_memory(
     return check_memory(mcfg, layout, available_memory(device), batch_size=plan.batch_size, work=work, force=cfg.force)
 
 
-def reset_peak(device: torch.device) -> int:
-    """Start measuring the peak memory of this process; returns the baseline :func:`peak_bytes` will
-    be compared with (CPU: the resident set now; CUDA: bytes allocated now)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:  # Linux: resets VmHWM to the current RSS
-            f.write("5")
-    except OSError:
-        pass  # not Linux, or not allowed here: the peak then counts from the process's start
-    return _status_bytes("VmRSS:")
-
-
-def peak_bytes(device: torch.device) -> int:
-    """Peak allocated (CUDA) or peak resident (CPU, VmHWM) bytes since :func:`reset_peak`."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return _status_bytes("VmHWM:")
-
-
-def _status_bytes(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` in bytes (0 where there is none)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
-    except (OSError, StopIteration):
-        return 0
-
-
 def memory_report(measured: float, est: MemoryEstimate, device: torch.device) -> str:
     """The run's last memory line: the measured peak (the busiest rank's growth since the plan)
     against the estimate (on CUDA without the runtime part, which the allocator does not see)."""
@@ -460,23 +347,3 @@ def memory_report(measured: float, est: MemoryEstimate, device: torch.device) ->
         f"peak {_gib(measured)} GiB on the busiest rank ({how}), estimated {_gib(expected)} GiB "
         f"({(expected - measured) / max(measured, 1):+.0%})"
     )
-
-
-def release_freed_memory() -> bool:
-    """Make glibc hand every allocation of 128 KiB or more its own mapping, returned to the system
-    when freed (``mallopt(M_MMAP_THRESHOLD, 128 KiB)``); True when set.
-
-    By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), so
-    activations, gathered parameters and gradients of a training step are then served from its
-    heap, whose freed memory it keeps: in ``scripts/memory_check.py`` (100 M parameters, CPU) the
-    resident set peaked 1.3-2.1x higher than with this setting (FSDP2 over dp 2 the most), while the
-    plan counts the tensors. Left alone when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or without glibc.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_mmap_threshold = -3  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 128 * 1024))

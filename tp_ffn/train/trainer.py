@@ -27,7 +27,8 @@ from .config import ParallelPlan, TrainConfig, UsageError
 from .data import Corpus, Windows, load_corpus, validation_batch, validation_count
 from .flops import measure_peak, mfu, model_flops_per_token
 from .layout import param_blocks
-from .memory import memory_report, peak_bytes, plan_memory, release_freed_memory, reset_peak
+from .memory import memory_report, plan_memory
+from .memory_use import peak_bytes, release_freed_memory, reset_peak
 from .metrics import MetricsLog, Progress, plot_metrics
 from .optim import WarmupCosine, build_optimizer, build_scheduler, clip_grad_norm_, init_adamw_state
 from .parallelize import Runtime, build_mesh, init_runtime, parallelize
