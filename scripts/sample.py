@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest bytes (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--no-verify-checkpoint",
+        dest="verify_checkpoint",
+        action="store_false",
+        help="skip comparing the checkpoint's data files with their SHA-256 digests (no pickled code runs either way)",
+    )
     return p
 
 
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         rt = init_runtime(args.device)
         rank = rt.rank
         try:
-            model, info = load_checkpoint_model(args.ckpt_dir, device=rt.device)
+            model, info = load_checkpoint_model(args.ckpt_dir, device=rt.device, verify=args.verify_checkpoint)
             if rank == 0:
                 print(f"# {info.path} (step {info.step}), tp {rt.world}, temperature {args.temperature}", flush=True)
             gen = torch.Generator().manual_seed(args.seed)

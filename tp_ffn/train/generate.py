@@ -17,16 +17,24 @@ __all__ = ["generate", "load_checkpoint_model"]
 
 
 def load_checkpoint_model(
-    path: str | os.PathLike, *, group: GroupLike = None, device: torch.device | str | None = None
+    path: str | os.PathLike,
+    *,
+    group: GroupLike = None,
+    device: torch.device | str | None = None,
+    verify: bool = True,
 ) -> tuple[Transformer, ckpt.CheckpointInfo]:
     """The model of a checkpoint, this rank's TP shard of it.
 
     ``path`` is a ``--ckpt-dir`` (its newest complete checkpoint is used) or one ``step_N``
     directory. ``group`` is the TP group (``None``: the default group, or a world of one). Reads
     only the model's tensors, whatever TP / dp layout wrote them. Collective when ``group`` has
-    several ranks.
+    several ranks. The checkpoint is checked first (:func:`~tp_ffn.train.checkpoint.verify_checkpoint`;
+    ``verify=False`` skips the data files' digests) and read without running pickled code; a bad one
+    raises :class:`UsageError` before the model is built.
     """
     info = ckpt.open_checkpoint(path)
+    tp = resolve_group(group)
+    ckpt.verify_checkpoint(info, digests=verify, group=tp.group if tp.size > 1 else None)
     try:
         cfg = LlamaConfig(**info.meta["model"])
     except (KeyError, TypeError, ValueError) as e:

@@ -245,6 +245,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             return info
 
         resume_info = agree(discover)
+        if resume_info is not None:  # before anything is written: each rank digests its share, all agree
+            ckpt.verify_checkpoint(resume_info, digests=cfg.verify_checkpoint, group=dist.group.WORLD)
         if rt.rank == 0:
             ckpt.remove_stale_tmp(cfg.ckpt_dir)
 
