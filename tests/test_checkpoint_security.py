@@ -17,14 +17,12 @@ ranks disagree when the verdict is not gathered.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import pickle
 import re
-import runpy
 import shutil
 import subprocess
 import sys
@@ -35,15 +33,14 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from rankpool import run_ranks
+from scriptmain import ROOT, script_error
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-from tp_ffn.train import TrainConfig, UsageError, train
+from tp_ffn.train import TrainConfig, UsageError, safe_dcp, train
 from tp_ffn.train import checkpoint as ck
-from tp_ffn.train import safe_dcp
 from tp_ffn.train.generate import load_checkpoint_model
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = dict(
     preset="tiny", model_args={"n_layers": 1}, seq_len=16, batch_size=2, corpus_bytes=20_000, val_every=0,
     val_sequences=2, warmup_steps=1, seed=0, progress=False, steps=2, ckpt_every=1,
@@ -238,32 +235,14 @@ def _api_tensors(d: Path) -> str | None:
     return None
 
 
-def _script_main(rank: int, world: int, script: str, argv: list[str]) -> tuple[int, str]:
-    """``scripts/<script>``'s ``main(argv)`` in this process: its exit status and what it wrote to stderr."""
-    main = runpy.run_path(str(ROOT / "scripts" / script))["main"]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main(argv)
-    return rc, err.getvalue()
-
-
-def _script_error(script: str, argv: list[str]) -> str | None:
-    rc, err = run_ranks(1, _script_main, script, argv, timeout=120)[0]
-    if rc == 0:
-        return None
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"{script}: error: "), (rc, err)
-    return lines[0][len(f"{script}: error: ") :]
-
-
 def _sample(d: Path) -> str | None:
-    return _script_error("sample.py", ["--ckpt-dir", str(d), "--max-new-tokens", "2"])
+    return script_error("sample.py", ["--ckpt-dir", str(d), "--max-new-tokens", "2"])
 
 
 def _resume(d: Path, model_args: str = "n_layers=1") -> str | None:
     argv = [*TRAIN_ARGV, "--ckpt-dir", str(d)]
     argv[argv.index("n_layers=1")] = model_args
-    return _script_error("train.py", argv)
+    return script_error("train.py", argv)
 
 
 PATHS = {"load_checkpoint_model": _api_model, "load_full_tensors": _api_tensors, "sample.py": _sample}
@@ -332,12 +311,12 @@ def test_negative_control_same_size_damage_loads_silently_without_digests(pristi
 def test_no_verify_checkpoint_flag_skips_only_the_digests(pristine, tmp_path):
     d, _ = _hostile_copy(pristine, tmp_path, "same-size-overwrite")
     assert _sample(d) is not None
-    assert _script_error("sample.py", ["--ckpt-dir", str(d), "--max-new-tokens", "2", "--no-verify-checkpoint"]) is None
+    assert script_error("sample.py", ["--ckpt-dir", str(d), "--max-new-tokens", "2", "--no-verify-checkpoint"]) is None
     h, marker = _hostile_copy(pristine, tmp_path, "metadata-code")
-    error = _script_error("sample.py", ["--ckpt-dir", str(h), "--no-verify-checkpoint"])
+    error = script_error("sample.py", ["--ckpt-dir", str(h), "--no-verify-checkpoint"])
     assert error is not None and "refused as unsafe" in error and not marker.exists()
     argv = [*TRAIN_ARGV, "--ckpt-dir", str(d), "--no-verify-checkpoint"]
-    assert _script_error("train.py", argv) is None
+    assert script_error("train.py", argv) is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,8 +344,9 @@ def test_sample_script_process_refuses_metadata_code(pristine, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_train_resume_under_torchrun_refuses_with_one_line(pristine, tmp_path):
-    """Two ranks: rank 0 digests the only data file, rank 1 none; both stop (an agreed verdict, no hang)."""
-    d, marker = _hostile_copy(pristine, tmp_path, "same-size-overwrite")
+    """Two ranks: rank 0 digests the only data file, rank 1 none; both exit with status 2 (the verdict is
+    agreed: without it rank 1 would go on and be killed by torchrun when rank 0 fails)."""
+    d, _ = _hostile_copy(pristine, tmp_path, "same-size-overwrite")
     before = _snapshot(d)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py"]
     argv = [*TRAIN_ARGV, "--ckpt-dir", str(d), "--tp", "2", "--timeout", "60"]
@@ -375,7 +355,7 @@ def test_train_resume_under_torchrun_refuses_with_one_line(pristine, tmp_path):
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("train.py: error:")]
     assert len(lines) == 1, r.stdout + r.stderr
     assert lines[0].endswith("is damaged: __0_0.distcp does not match its digest"), lines[0]
-    assert "exitcode  : 2" in r.stderr  # torchrun's summary of the worker's exit status
+    assert r.stderr.count("exitcode  : 2") == 2, r.stderr  # torchrun's summary: each worker's exit status
     # No worker printed a traceback (torchrun's own report of the failed group is not ours to silence).
     assert "tp_ffn/" not in r.stderr and 'scripts/train.py", line' not in r.stderr, r.stderr
     assert _snapshot(d) == before
@@ -483,7 +463,14 @@ def test_every_global_of_a_real_index_is_allowed(pristine):
 
 
 @pytest.mark.parametrize(
-    "global_name", ["builtins eval", "os system", "torch load", "torch.distributed.checkpoint.filesystem FileSystemReader", "builtins getattr"]
+    "global_name",
+    [
+        "builtins eval",
+        "os system",
+        "torch load",
+        "torch.distributed.checkpoint.filesystem FileSystemReader",
+        "builtins getattr",
+    ],
 )
 def test_globals_outside_the_index_are_refused(tmp_path, global_name):
     module, name = global_name.split()
@@ -564,7 +551,10 @@ def test_tensor_records_must_be_stored_zip_archives(pristine, tmp_path):
     with open(step / ".metadata", "wb") as f:
         pickle.dump(md, f)
     _rewrite_meta(step)
-    with pytest.raises(ck.DamagedCheckpointError, match=r"__0_1\.distcp: the record of 'model\.norm\.weight': it is not a torch\.save zip"):
+    with pytest.raises(
+        ck.DamagedCheckpointError,
+        match=r"__0_1\.distcp: the record of 'model\.norm\.weight': it is not a torch\.save zip",
+    ):
         ck.load_full_tensors(step)
     # Negative control: DCP's own reader takes it.
     sd = {"model.norm.weight": torch.zeros(128)}
@@ -585,3 +575,29 @@ def test_fifo_in_place_of_a_checkpoint_file_is_refused_without_blocking(pristine
         (step / name).unlink()
         (step / name).write_bytes(saved)
     assert ck.load_full_tensors(d / NEWEST)  # negative control: restored, it loads
+
+
+@pytest.mark.timeout(300)
+def test_bench_digest_smoke(tmp_path):
+    """scripts/bench_digest.py runs end to end on a tiny model and reports what the README quotes."""
+    out = tmp_path / "digest.json"
+    cmd = [
+        sys.executable,
+        "scripts/bench_digest.py",
+        "--dim",
+        "64",
+        "--layers",
+        "1",
+        "--vocab",
+        "256",
+        "--repeats",
+        "1",
+    ]
+    cmd += ["--dir", str(tmp_path / "ck"), "--out", str(out), "--algorithms", "sha256,blake2b"]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert 0 < result["median"]["digest_s"] < result["median"]["save_s"]
+    assert set(result["hash_MBps"]) == {"sha256", "blake2b"} and all(v > 0 for v in result["hash_MBps"].values())
+    assert set(result["verify"]) == {"with_digests_s", "without_digests_s"}
+    assert not (tmp_path / "ck").exists()  # the scratch checkpoints are removed

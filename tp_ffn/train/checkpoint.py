@@ -358,7 +358,7 @@ def remove_stale_tmp(ckpt_dir: str | os.PathLike) -> list[Path]:
     removed = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(_TMP_PREFIX) and p.is_dir():
+            if p.name.startswith(_TMP_PREFIX) and p.is_dir() and not p.is_symlink():  # never into a link
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed

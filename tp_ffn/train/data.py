@@ -15,8 +15,10 @@ Sequence ``q`` is window ``perm_e[q mod n]`` of epoch ``e = q // n``, where ``pe
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
+import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,17 +65,7 @@ def load_corpus(data: str | None, *, corpus_bytes: int, val_fraction: float, seq
     too short to hold one training and one validation sequence.
     """
     if data is not None:
-        path = Path(data)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise UsageError(f"--data: no such file: {data}") from None
-        except OSError as e:
-            raise UsageError(f"--data: cannot read {data}: {e.strerror or e}") from None
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"--data: {data} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raw = _read_text_file(data)
         source = f"--data {data}"
     else:
         chunks, size = [], 0
@@ -94,6 +86,49 @@ def load_corpus(data: str | None, *, corpus_bytes: int, val_fraction: float, seq
         )
     t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     return Corpus(t[: n - n_val], t[n - n_val :], source, hashlib.sha256(raw).hexdigest()[:16])
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _read_text_file(data: str) -> bytes:
+    """The bytes of the ``--data`` file, refused unless it is a regular file of UTF-8 text that fits in memory.
+
+    A FIFO or a device (``/dev/zero``) would block forever or never end; the corpus is held in memory
+    (twice while it is loaded), so a file above a quarter of the machine's memory is refused up front.
+    """
+    try:
+        st = os.stat(data)
+    except FileNotFoundError:
+        raise UsageError(f"--data: no such file: {data}") from None
+    except OSError as e:  # a link loop, a permission, ...
+        raise UsageError(f"--data: cannot read {data}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, device or socket"
+        raise UsageError(f"--data: expected a regular file of UTF-8 text, {data} is {what}")
+    limit = memory_bytes() // 4
+    if limit and st.st_size > limit:
+        raise UsageError(
+            f"--data: {data} is {st.st_size / 2**30:.1f} GiB; the corpus is held in memory, and this machine's "
+            f"{memory_bytes() / 2**30:.1f} GiB allow at most {limit / 2**30:.1f} GiB"
+        )
+    try:
+        raw = Path(data).read_bytes()
+    except OSError as e:
+        raise UsageError(f"--data: cannot read {data}: {e.strerror or e}") from None
+    decoder, view, step = codecs.getincrementaldecoder("utf-8")(), memoryview(raw), 1 << 24
+    for i in range(0, len(raw) + 1, step):  # in pieces: a decoded copy of the whole file could be 4x its size
+        pending = len(decoder.getstate()[0])
+        try:
+            decoder.decode(view[i : i + step], final=i + step > len(raw))
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--data: {data} is not UTF-8 text (byte {i - pending + e.start}: {e.reason})") from None
+    return raw
 
 
 class Windows:
