@@ -275,7 +275,8 @@ def _check_model(info: CheckpointInfo, md: Metadata) -> None:
             info.path, f"{META}'s model config has {cfg.n_layers} layers; {INDEX} holds {len(stored)} model tensors"
         )
     expected = {e.name: e.shape for e in weight_layout(cfg)}
-    diff = [f"{k}: config {expected.get(k)}, stored {stored.get(k)}" for k in sorted(set(expected) | set(stored)) if expected.get(k) != stored.get(k)]  # fmt: skip
+    names = sorted(set(expected) | set(stored))
+    diff = [f"{k}: config {expected.get(k)}, stored {stored.get(k)}" for k in names if expected.get(k) != stored.get(k)]
     if diff:
         raise damaged(info.path, f"{META}'s model config does not match the tensors in {INDEX} ({'; '.join(diff[:3])})")
 
@@ -301,6 +302,8 @@ def verify_checkpoint(
     data files (file ``i`` on rank ``i % world``), so the checkpoint is read once in all, and the
     ranks agree on the verdict: every rank raises the same error, or none does.
     A checkpoint written before digests were recorded passes with a one-line notice on stderr.
+    The data files are digested before DCP reads them, not as it reads them: one replaced in between
+    is still read only by the restricted reader (no code runs), but unverified.
     Raises :class:`DamagedCheckpointError` or :class:`UnsafeCheckpointError` (both :class:`UsageError`).
     """
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)

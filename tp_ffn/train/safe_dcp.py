@@ -280,6 +280,8 @@ def check_index(md: object, sizes: Mapping[str, int], root: str | os.PathLike) -
     entries, records = md.state_dict_metadata, md.storage_data
     if not isinstance(entries, dict) or not isinstance(records, dict):
         raise damaged(root, f"{INDEX} has no table of entries and records")
+    if md.storage_meta is not None and not isinstance(md.storage_meta, StorageMeta):
+        raise damaged(root, f"{INDEX} has a {type(md.storage_meta).__name__} where DCP keeps its StorageMeta")
     spans: dict[str, list[tuple[int, int]]] = {}
     for index, rec in records.items():
         if not isinstance(index, MetadataIndex) or not isinstance(rec, _dcp_fs._StorageInfo):
