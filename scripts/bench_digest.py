@@ -1,6 +1,6 @@
 """What the checkpoint digests cost: hash throughput, and the digests' share of a save and a resume.
 
-    OMP_NUM_THREADS=1 python scripts/bench_digest.py --repeats 3 --out bench_out/digest.json
+    OMP_NUM_THREADS=1 python scripts/bench_digest.py --repeats 3
 
 One process builds a float32 Llama model (default: dim 2048, 3 layers, vocabulary 32000: 1.14 GB of
 weights) and saves it with the training job's own code (``TrainingState.save``: DCP writer, fsync,
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--repeats", type=int, default=3, help="saves to time (the median is reported)")
-    p.add_argument("--dir", type=Path, default=Path("bench_out/digest_ckpt"), help="scratch --ckpt-dir (emptied)")
-    p.add_argument("--out", type=Path, default=Path("bench_out/digest.json"))
+    p.add_argument("--dir", type=Path, default=Path("runs/bench_digest/ckpt"), help="scratch --ckpt-dir (emptied)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench_digest/digest.json"))
     p.add_argument("--algorithms", default=",".join(_hashers()), help="hashes whose throughput to measure")
     p.add_argument("--drop-caches", action="store_true", help="verify from disk, not the page cache (root only)")
     args = p.parse_args(argv)
