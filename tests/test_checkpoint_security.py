@@ -17,6 +17,7 @@ ranks disagree when the verdict is not gathered.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -601,3 +602,45 @@ def test_bench_digest_smoke(tmp_path):
     assert set(result["hash_MBps"]) == {"sha256", "blake2b"} and all(v > 0 for v in result["hash_MBps"].values())
     assert set(result["verify"]) == {"with_digests_s", "without_digests_s"}
     assert not (tmp_path / "ck").exists()  # the scratch checkpoints are removed
+
+
+def test_tensor_records_are_read_weights_only_whatever_the_environment(pristine, tmp_path, monkeypatch):
+    d, marker = _hostile_copy(pristine, tmp_path, "tensor-record-code")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ck.UnsafeCheckpointError, match=r"__0_1\.distcp was refused as unsafe"):
+        ck.load_full_tensors(d / NEWEST)
+    assert not marker.exists()
+    # Negative control: with this variable set, a torch.load that leaves weights_only to the default runs it.
+    with pytest.warns(UserWarning):
+        torch.load(d / NEWEST / "__0_1.distcp")
+    assert marker.exists()
+
+
+def _unsafe_reads(source: str) -> list[str]:
+    """Calls in ``source`` that could read a checkpoint around the safe reader: ``dcp.load`` without a
+    ``storage_reader``, DCP's ``FileSystemReader``, plain unpickling, ``weights_only=False``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        if name.endswith(("dcp.load", "checkpoint.load")) and "storage_reader" not in keywords:
+            found.append(ast.unparse(node))
+        if name.endswith("FileSystemReader") and not name.endswith("SafeFileSystemReader"):
+            found.append(ast.unparse(node))
+        if name in ("pickle.load", "pickle.loads", "pickle.Unpickler") or keywords.get("weights_only") == "False":
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_every_checkpoint_read_in_the_code_goes_through_the_safe_reader():
+    """A guard for code added later (e.g. a conversion that reads training checkpoints)."""
+    files = [p for d in ("tp_ffn", "scripts") for p in sorted((ROOT / d).rglob("*.py")) if p.name != "safe_dcp.py"]
+    assert len(files) > 20
+    found = {str(p.relative_to(ROOT)): calls for p in files if (calls := _unsafe_reads(p.read_text()))}
+    assert found == {}
+    # Negative control: each pattern is caught.
+    bad = "dcp.load(sd, checkpoint_id=p)\ndcp.FileSystemReader(p)\npickle.load(f)\ntorch.load(f, weights_only=False)\n"
+    assert len(_unsafe_reads(bad)) == 4
+    assert _unsafe_reads("dcp.load(sd, storage_reader=ck.checkpoint_reader(info))\nSafeFileSystemReader(p)\n") == []

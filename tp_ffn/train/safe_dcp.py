@@ -11,9 +11,12 @@ DCP's default                            here
                                          instances of DCP's metadata dataclasses
 bytes entries: ``torch.load(...,         refused: in the index (``BytesStorageMetadata``) and in
 weights_only=False)`` in the planner     ``read_data`` (``LoadItemType.BYTE_IO``)
-tensor records: ``torch.load(...,        kept, after checking that each record is a ``torch.save``
-weights_only=True)``                     zip archive of stored (uncompressed) members no larger
-                                         than the record; an ``UnpicklingError`` is a refusal
+tensor records: ``torch.load(...,        read here, with ``weights_only=True`` given explicitly
+weights_only=True)`` in 2.13             (not left to a release's DCP or default, nor to
+                                         ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``), after checking that
+                                         each record is a ``torch.save`` zip archive of stored
+                                         (uncompressed) members no larger than the record; an
+                                         ``UnpicklingError`` is a refusal
 ``relative_path`` joined to the          a plain file name of a regular file in the directory;
 directory as written                     offset and length inside it, records not overlapping
 stream transforms (``_extension``)       refused (nothing here writes them)
@@ -440,6 +443,10 @@ class SafeFileSystemReader(FileSystemReader):
         return md
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Each tensor record read with ``torch.load(weights_only=True)`` given explicitly (so neither
+        this torch's default nor ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` can turn it off), after
+        :func:`_check_record`; then narrowed to the requested piece and copied where the planner says,
+        as DCP's own ``read_data`` does. A bytes entry is refused."""
         per_file: dict[str, list[Any]] = {}
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
@@ -448,17 +455,31 @@ class SafeFileSystemReader(FileSystemReader):
         for name, items in per_file.items():
             with open(self.root / name, "rb") as f:
                 for item in items:
-                    rec = self.storage_data[item.storage_index]
-                    why = _check_record(f, rec.offset, rec.length)
-                    if why is not None:
-                        raise damaged(self.root, f"{name}: the record of {item.storage_index.fqn!r}: {why}")
-            try:
-                super().read_data(LoadPlan(items), planner).wait()
-            except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met more than tensor data
-                raise unsafe(self.root, name, f"a tensor record asks for more than tensor data: {e}") from None
+                    self._read_tensor(f, name, item, planner)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+    def _read_tensor(self, f: BinaryIO, name: str, item: Any, planner: LoadPlanner) -> None:
+        rec, fqn = self.storage_data[item.storage_index], item.storage_index.fqn
+        why = _check_record(f, rec.offset, rec.length)
+        if why is not None:
+            raise damaged(self.root, f"{name}: the record of {fqn!r}: {why}")
+        try:
+            tensor = torch.load(_Window(f, rec.offset, rec.length), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # the weights-only unpickler met more than tensor data
+            raise unsafe(self.root, name, f"a tensor record asks for more than tensor data: {e}") from None
+        if not isinstance(tensor, torch.Tensor):
+            raise damaged(self.root, f"{name}: the record of {fqn!r} holds a {type(tensor).__name__}, not a tensor")
+        for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+            tensor = tensor.narrow(dim, start, length)
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != tensor.size():
+            raise damaged(
+                self.root, f"{name}: the record of {fqn!r} gives {tuple(tensor.shape)}, not {tuple(target.shape)}"
+            )
+        target.copy_(tensor)
+        planner.commit_tensor(item, target)
 
 
 def unwrap_refusal(e: BaseException) -> UsageError | None:
