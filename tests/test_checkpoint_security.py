@@ -246,7 +246,19 @@ def _resume(d: Path, model_args: str = "n_layers=1") -> str | None:
     return script_error("train.py", argv)
 
 
-PATHS = {"load_checkpoint_model": _api_model, "load_full_tensors": _api_tensors, "sample.py": _sample}
+def _convert(d: Path) -> str | None:
+    out = d.parent / f"{d.name}-as-hf"
+    error = script_error(
+        "convert_checkpoint.py", ["--from", "train", "--to", "hf", str(d), str(out)], prog="convert_checkpoint"
+    )
+    assert (error is None) == out.exists(), "a refused conversion wrote its destination"
+    return error
+
+
+PATHS = {
+    "load_checkpoint_model": _api_model, "load_full_tensors": _api_tensors, "sample.py": _sample,
+    "convert_checkpoint.py --from train": _convert,
+}  # fmt: skip
 
 
 @pytest.mark.timeout(300)

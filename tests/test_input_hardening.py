@@ -213,27 +213,46 @@ def test_data_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to(tmp_path / "loop2")
     (tmp_path / "loop2").symlink_to(loop)
+    inside = tmp_path / "dir"  # a --data directory holding a FIFO, a link to a device and a link loop
+    inside.mkdir()
+    (inside / "a.txt").write_text("text " * 100)
+    os.mkfifo(inside / "b.txt")
+    with_device, with_loop = tmp_path / "dir2", tmp_path / "dir3"
+    with_device.mkdir()
+    (with_device / "zero.txt").symlink_to("/dev/zero")
+    with_loop.mkdir()
+    (with_loop / "x.txt").symlink_to(with_loop / "x.txt")
     cases = {
-        str(fifo): r"--data: expected a regular file of UTF-8 text, .*fifo is a FIFO, device or socket",
-        "/dev/zero": r"--data: expected a regular file of UTF-8 text, /dev/zero is a FIFO, device or socket",
-        str(tmp_path): r"--data: expected a regular file of UTF-8 text, .* is a directory",
+        str(fifo): r"--data: expected regular files of UTF-8 text or JSON lines, .*fifo is a FIFO, device or socket",
+        "/dev/zero": r"--data: expected regular files .*, /dev/zero is a FIFO, device or socket",
         str(loop): r"--data: cannot read .*loop: Too many levels of symbolic links",
+        str(inside): r"--data: expected regular files .*dir/b\.txt is a FIFO, device or socket",
+        str(with_device): r"--data: expected regular files .*dir2/zero\.txt is a FIFO, device or socket",
+        str(with_loop): r"--data: cannot read .*dir3/x\.txt: Too many levels of symbolic links",
     }
     for path, pattern in cases.items():
         t0 = time.perf_counter()
         with pytest.raises(UsageError, match=pattern):
             _corpus(path)
         assert time.perf_counter() - t0 < 5, path
-    good = tmp_path / "good.txt"
-    good.write_text("text " * 100)
-    assert _corpus(str(good)).train.numel() > 0  # negative control
+    (inside / "b.txt").unlink()
+    assert _corpus(str(inside)).train.numel() > 0  # negative control: the same directory without the FIFO
+
+
+def test_jsonl_nested_deeper_than_the_parser_is_one_error(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "fine " * 50}) + "\n" + "[" * 100_000 + "\n")
+    with pytest.raises(UsageError, match=r"d\.jsonl line 2: not a JSON object \(maximum recursion depth"):
+        _corpus(str(f))
+    f.write_text(json.dumps({"text": "fine " * 50}) + "\n")
+    assert _corpus(str(f)).train.numel() > 0  # negative control
 
 
 def test_data_larger_than_memory_allows_is_refused_before_reading(tmp_path, monkeypatch):
     f = tmp_path / "big.txt"
     f.write_text("a" * 5000)
     monkeypatch.setattr(data_mod, "memory_bytes", lambda: 16_000)  # a machine with 16 kB: at most 4 kB of data
-    with pytest.raises(UsageError, match=r"--data: .*big\.txt is 0\.0 GiB; the corpus is held in memory"):
+    with pytest.raises(UsageError, match=r"--data: .*big\.txt is 0\.0 GiB; the byte-level corpus is held in memory"):
         _corpus(str(f))
     monkeypatch.setattr(data_mod, "memory_bytes", lambda: 40_000)
     assert _corpus(str(f)).train.numel() > 0  # negative control

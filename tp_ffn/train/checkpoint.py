@@ -51,6 +51,7 @@ import secrets
 import shutil
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -509,11 +510,21 @@ class TrainingState:
         return sd
 
     def save(
-        self, ckpt_dir: str | os.PathLike, step: int, position: int, meta: dict[str, Any], *, keep_last: int = 0
+        self,
+        ckpt_dir: str | os.PathLike,
+        step: int,
+        position: int,
+        meta: dict[str, Any],
+        *,
+        keep_last: int = 0,
+        extra_files: Mapping[str, Path] | None = None,
     ) -> Path | None:
         """:func:`save_atomic` of the whole training state."""
         sd = self.state_dict(step=step, position=position)
-        return save_atomic(ckpt_dir, step, sd, meta, planner=BlockSavePlanner(self.blocks), keep_last=keep_last)
+        return save_atomic(
+            ckpt_dir, step, sd, meta, planner=BlockSavePlanner(self.blocks), keep_last=keep_last,
+            extra_files=extra_files,
+        )  # fmt: skip
 
     def load(self, info: CheckpointInfo, *, model_only: bool = False) -> tuple[int, int]:
         """Load ``info`` into the model (and optimizer, scheduler, RNG); return ``(step, position)``.
@@ -592,6 +603,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _copy_synced(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _broadcast(value: Any) -> Any:
     if not _is_dist():
         return value
@@ -613,13 +630,15 @@ def save_atomic(
     *,
     planner: DefaultSavePlanner | None = None,
     keep_last: int = 0,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> Path | None:
     """Save ``state`` as ``ckpt_dir/step_<step>`` (collective); ``None`` when it already exists.
 
     ``meta`` goes to ``meta.json`` with the format, step, world size and each file's size and
     SHA-256 added (each rank digests the files it wrote, right after writing them, while they are
-    still in the page cache);
-    ``planner`` is DCP's (a :class:`BlockSavePlanner` for sharded state).
+    still in the page cache); ``planner`` is DCP's (a :class:`BlockSavePlanner` for sharded state).
+    ``extra_files`` (name -> source, e.g. the tokenizer's files) are copied into the checkpoint beside
+    DCP's, and listed and digested in ``meta.json`` like them.
     ``keep_last > 0`` then deletes all but the newest ``keep_last`` complete checkpoints.
     """
     root = Path(ckpt_dir)
@@ -638,7 +657,10 @@ def save_atomic(
     dcp.save(
         state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), planner=planner, no_dist=not _is_dist()
     )
-    files = _digest_written_files(tmp, rank)
+    if rank == 0:
+        for name, src in (extra_files or {}).items():
+            _copy_synced(Path(src), tmp / name)
+    files = _digest_written_files(tmp, rank)  # after the copies: rank 0 lists and digests them too
     if rank == 0:
         full_meta = {
             "format": FORMAT, "step": step, "world": dist.get_world_size() if _is_dist() else 1,
