@@ -357,8 +357,10 @@ def test_sample_script_process_refuses_metadata_code(pristine, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_train_resume_under_torchrun_refuses_with_one_line(pristine, tmp_path):
-    """Two ranks: rank 0 digests the only data file, rank 1 none; both exit with status 2 (the verdict is
-    agreed: without it rank 1 would go on and be killed by torchrun when rank 0 fails)."""
+    """Two ranks (rank 0 digests the only data file, rank 1 none): one error line, exit status 2, the
+    directory unchanged. That both ranks reach the verdict is held in
+    test_ranks_share_the_digests_and_agree_on_the_verdict: here torchrun stops the other worker as
+    soon as one exits, so which exit codes it reports depends on which rank is faster."""
     d, _ = _hostile_copy(pristine, tmp_path, "same-size-overwrite")
     before = _snapshot(d)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py"]
@@ -368,7 +370,7 @@ def test_train_resume_under_torchrun_refuses_with_one_line(pristine, tmp_path):
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("train.py: error:")]
     assert len(lines) == 1, r.stdout + r.stderr
     assert lines[0].endswith("is damaged: __0_0.distcp does not match its digest"), lines[0]
-    assert r.stderr.count("exitcode  : 2") == 2, r.stderr  # torchrun's summary: each worker's exit status
+    assert "exitcode  : 2" in r.stderr, r.stderr  # torchrun's summary of the worker that stopped first
     # No worker printed a traceback (torchrun's own report of the failed group is not ours to silence).
     assert "tp_ffn/" not in r.stderr and 'scripts/train.py", line' not in r.stderr, r.stderr
     assert _snapshot(d) == before

@@ -137,8 +137,8 @@ def test_config_file_that_is_not_a_small_regular_file(pretrained, tmp_path, name
 def test_train_init_from_a_lying_config_is_one_line(pretrained, tmp_path):
     d = _copy(pretrained["hf"], tmp_path / "hf")
     _edit_json(d / "config.json", num_hidden_layers=10**6)
-    argv = ["--init-from", str(d), "--steps", "1", "--seq-len", "16", "--batch-size", "2", "--corpus-bytes", "20000",
-            "--no-progress"]  # fmt: skip
+    argv = ["--init-from", str(d), "--tokenizer", "bytes", "--steps", "1", "--seq-len", "16", "--batch-size", "2",
+            "--corpus-bytes", "20000", "--no-progress"]  # fmt: skip
     error = script_error("train.py", argv)
     assert error is not None and error.startswith(f"--init-from {d}: {d / 'config.json'} describes"), error
     assert script_error("train.py", ["--init-from", str(pretrained["hf"]), *argv[2:]]) is None  # negative control
