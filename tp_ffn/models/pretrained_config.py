@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from ..files import regular_size
 from .config_bounds import check_config_fits
 from .llama import LlamaConfig
 from .meta_files import load_torch_file, meta_shard_files
@@ -74,16 +73,11 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     A FIFO or device in its place is refused before it is opened (reading it could block forever
     or never end), and so is a file larger than :data:`JSON_MAX_BYTES`.
     """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no {what} here") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path}: expected the {what} as a regular file, found something else (mode {st.st_mode:o})")
-    if st.st_size > JSON_MAX_BYTES:
-        raise ValueError(f"{path}: {st.st_size} bytes is far more than a {what}; refusing to read it")
+    size = regular_size(path, lambda why: ValueError(f"{path}: the {what} {why}"))
+    if size is None:
+        raise ValueError(f"{path}: no {what} here")
+    if size > JSON_MAX_BYTES:
+        raise ValueError(f"{path}: {size} bytes is far more than a {what}; refusing to read it")
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read())

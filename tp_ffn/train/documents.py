@@ -15,11 +15,11 @@ import glob
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import regular_size
 from .config import UsageError
 
 __all__ = ["DataSource", "find_data", "iter_documents", "regular_file"]
@@ -45,20 +45,11 @@ class DataSource:
 
 
 def regular_file(path: Path) -> Path:
-    """``path`` if it is a regular file (links followed); else :class:`UsageError` saying what it is.
-
-    A FIFO would block the first read forever and a device (``/dev/zero``) never end; a link loop
-    cannot be opened.
-    """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise UsageError(f"--data: no such file: {path}") from None
-    except OSError as e:
-        raise UsageError(f"--data: cannot read {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        what = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, device or socket"
-        raise UsageError(f"--data: expected regular files of UTF-8 text or JSON lines, {path} is {what}")
+    """``path`` if it is a regular file (links followed); else :class:`UsageError` saying what it is
+    (see :func:`tp_ffn.files.regular_size`)."""
+    why = "; expected regular files of UTF-8 text or JSON lines"
+    if regular_size(path, lambda what: UsageError(f"--data: {path} {what}{why}")) is None:
+        raise UsageError(f"--data: no such file: {path}")
     return path
 
 

@@ -40,7 +40,6 @@ import math
 import os
 import pathlib
 import pickle
-import stat
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,6 +61,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.futures import Future
 
+from ..files import regular_size
 from .config import UsageError
 from .digests import file_digest
 
@@ -108,26 +108,9 @@ def damaged(root: str | os.PathLike, reason: str) -> DamagedCheckpointError:
 
 
 def regular_file_size(path: Path) -> int | None:
-    """Size of the regular file at ``path`` (symbolic links followed); ``None`` when nothing is there.
-
-    Raises :class:`DamagedCheckpointError` for anything else (a directory, FIFO, device, socket, or a
-    link loop): reading a FIFO or a device could block forever or never end.
-    """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise damaged(path.parent, f"{path.name} cannot be read ({e.strerror or e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise damaged(path.parent, f"{path.name} is not a regular file ({_file_kind(st.st_mode)})")
-    return st.st_size
-
-
-def _file_kind(mode: int) -> str:
-    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
-             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}  # fmt: skip
-    return next((what for test, what in kinds.items() if test(mode)), "not a file")
+    """Size of the regular file at ``path`` (links followed); ``None`` when nothing is there;
+    :class:`DamagedCheckpointError` for a directory, FIFO, device, socket or link loop."""
+    return regular_size(path, lambda why: damaged(path.parent, f"{path.name} {why}"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,10 +227,9 @@ def read_index(
 
 def _size_if_regular(p: Path) -> int | None:
     try:
-        st = os.stat(p)
-    except OSError:
+        return regular_size(p, ValueError)
+    except ValueError:  # not a regular file: not one the checkpoint can refer to
         return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def is_plain_name(name: object) -> bool:
