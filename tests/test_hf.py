@@ -204,6 +204,35 @@ def test_from_pretrained_equals_load_then_parallelize(checkpoints):
         assert not bad, f"rank {rank}: {bad}"
 
 
+def _deepcopied(rank: int, world: int) -> dict[str, object]:
+    """A parallelized model deep-copied the way TRL's reference models, EMA and AveragedModel copy it."""
+    par = build("llama", mlp_bias=True).train()
+    tphf.parallelize_mlp(par)
+    twin = copy.deepcopy(par)
+    mlp, twin_mlp = par.model.layers[0].mlp, twin.model.layers[0].mlp
+    x = tokens()
+    with torch.no_grad():
+        same_logits = torch.equal(twin(x).logits, par(x).logits)
+    before = {k: v.clone() for k, v in par.state_dict().items()}
+    twin(x, labels=x).loss.backward()
+    torch.optim.SGD(twin.parameters(), lr=0.1).step()
+    return {
+        "same logits": same_logits,
+        "same group": twin_mlp.tp.group is mlp.tp.group,
+        "own parameters": twin_mlp.gate_proj.weight is not mlp.gate_proj.weight,
+        "original untouched": all(torch.equal(v, before[k]) for k, v in par.state_dict().items()),
+        "copy trained": not torch.equal(twin_mlp.down_proj.weight, mlp.down_proj.weight),
+    }
+
+
+@pytest.mark.timeout(120)
+def test_deepcopy_of_a_parallelized_model():
+    """At W=2 a parallelized model deep-copies (a ProcessGroup cannot be pickled: the copy shares the group) into
+    an independent model with the same logits, whose training leaves the original as it was."""
+    for rank, got in enumerate(run_ranks(2, _deepcopied, timeout=100)):
+        assert all(got.values()), (rank, got)
+
+
 def _collectives(rank: int, world: int) -> dict[str, dict[str, int]]:
     """All-reduces in forward and backward of one MLP: tp_ffn's block against Hugging Face's tp_plan for
     the MLP (gate_proj and up_proj "colwise", down_proj "rowwise", as in LlamaConfig.base_model_tp_plan
