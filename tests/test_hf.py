@@ -426,11 +426,14 @@ def test_from_pretrained_errors(checkpoints, tmp_path):
     for kwargs, match in (
         ({"tp_plan": "auto"}, r"tp_plan: not supported by tp_ffn.hf.from_pretrained"),
         ({"device_map": "auto"}, r"device_map: expected one device"),
+        ({"device_map": {"model": "cpu", "lm_head": "cpu"}}, r"device_map: expected one device"),
         ({"torch_dtype": "float7"}, r"dtype: expected a torch.dtype"),
         ({"trust_remote_code": True}, r"trust_remote_code: expected False"),
     ):
         with pytest.raises(ValueError, match=match):
             tphf.from_pretrained(cls, path, **kwargs)
+    # accelerate's / TRL's spelling of one device for the whole model: {"": device}.
+    assert tphf.from_pretrained(cls, path, device_map={"": "cpu"}).lm_head.weight.device == torch.device("cpu")
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['not_an_option'\]"):
         tphf.from_pretrained(cls, path, not_an_option=1)
     with pytest.raises(ValueError, match=r"path: expected a local checkpoint directory"):

@@ -95,9 +95,12 @@ def _parse_dtype(value: Any) -> torch.dtype | str | None:
 
 
 def _parse_device(value: Any) -> torch.device:
-    """``device_map``: one device for the whole model (each rank holds its model on one device)."""
+    """``device_map``: one device for the whole model (each rank holds its model on one device), also in
+    accelerate's spelling ``{"": device}``."""
     if value is None:
         return torch.device("cpu")
+    if isinstance(value, Mapping) and list(value) == [""]:
+        value = value[""]
     if isinstance(value, int) and not isinstance(value, bool):
         return torch.device("cuda", value)
     if isinstance(value, (str, torch.device)) and str(value) not in ("auto", "balanced", "sequential"):
@@ -296,7 +299,7 @@ def from_pretrained(
     checkpoint with its ``model.safetensors.index.json``).
 
     Keyword arguments as in transformers: ``torch_dtype`` / ``dtype`` (a dtype, its name or ``"auto"``),
-    ``device_map`` (one device, e.g. ``f"cuda:{local_rank}"``), ``attn_implementation``, ``config``, and
+    ``device_map`` (one device, e.g. ``f"cuda:{local_rank}"`` or ``{"": local_rank}``), ``attn_implementation``, ``config``, and
     config overrides; anything else is an error naming it. Tied weights are tied, the model is returned in
     eval mode with its generation config. Missing weights are a ``ValueError``; checkpoint tensors the model
     has no place for a warning. Every rank of ``group`` must call it.
