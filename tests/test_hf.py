@@ -326,9 +326,14 @@ def test_compile_does_not_break_on_the_mlp():
 
 
 def test_import_tp_ffn_does_not_import_transformers():
-    code = "import sys, tp_ffn, tp_ffn.hf; print('transformers' in sys.modules, 'accelerate' in sys.modules)"
+    """The core imports no adapter (tp_ffn.hf, tp_ffn.fairscale); tp_ffn.hf imports neither transformers nor
+    accelerate until from_pretrained runs."""
+    code = (
+        "import sys, tp_ffn; print(sorted(m for m in sys.modules if m.startswith(('tp_ffn.hf', 'tp_ffn.fairscale'))))\n"
+        "import tp_ffn.hf; print('transformers' in sys.modules, 'accelerate' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"], out
+    assert out.stdout.split() == ["[]", "False", "False"], out
 
 
 def test_activation_errors():
