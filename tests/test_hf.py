@@ -204,6 +204,39 @@ def test_from_pretrained_equals_load_then_parallelize(checkpoints):
         assert not bad, f"rank {rank}: {bad}"
 
 
+def _new_head(rank: int, world: int, path: str) -> dict[str, object]:
+    import warnings
+
+    cls = transformers.Qwen2ForSequenceClassification
+    torch.manual_seed(rank)  # generators differ across ranks (e.g. seeded per data-parallel rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = tphf.from_pretrained(cls, path, torch_dtype=torch.float32, num_labels=3)
+    ref = cls.from_pretrained(path, torch_dtype=torch.float32, num_labels=3)
+    tphf.parallelize_mlp(ref)
+    score = ours.score.weight.detach()
+    gathered = [torch.empty_like(score) for _ in range(world)]
+    dist.all_gather(gathered, score)
+    mine, theirs = dict(ours.named_parameters()), dict(ref.named_parameters())
+    return {
+        "warned": any("newly initialized: ['score.weight']" in str(w.message) for w in caught),
+        "same head on every rank": all(torch.equal(g, score) for g in gathered),
+        "head drawn by _init_weights": 0.5 < score.std().item() / ours.config.initializer_range < 1.5,
+        "the rest loaded": all(torch.equal(v, theirs[k]) for k, v in mine.items() if k != "score.weight"),
+        "runs": tuple(ours(tokens(batch=1)).logits.shape) == (1, 3),
+    }
+
+
+@pytest.mark.timeout(120)
+def test_from_pretrained_initialises_a_new_head(checkpoints):
+    """As transformers does, a head the checkpoint lacks (a sequence-classification head on a causal-LM
+    checkpoint) is drawn by the model's _init_weights with a warning, here the same on every rank (the head is
+    replicated); every other tensor is loaded as transformers loads it. A missing MLP weight stays an error
+    (test_from_pretrained_errors)."""
+    for rank, got in enumerate(run_ranks(2, _new_head, checkpoints["qwen2"], timeout=100)):
+        assert all(got.values()), (rank, got)
+
+
 def _deepcopied(rank: int, world: int) -> dict[str, object]:
     """A parallelized model deep-copied the way TRL's reference models, EMA and AveragedModel copy it."""
     par = build("llama", mlp_bias=True).train()
@@ -451,7 +484,7 @@ def test_from_pretrained_errors(checkpoints, tmp_path):
     (bad / "config.json").write_text((__import__("pathlib").Path(checkpoints["gemma"]) / "config.json").read_text())
     tensors = load_file(os.path.join(checkpoints["gemma"], "model.safetensors"))
     save_file({k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}, str(bad / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"lacks 1 parameters of the model: \['model.layers.1.mlp.up_proj.weight'\]"):
+    with pytest.raises(ValueError, match=r"lacks 1 MLP weights of the model: \['model.layers.1.mlp.up_proj.weight'\]"):
         tphf.from_pretrained(transformers.GemmaForCausalLM, bad)
     tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:, :-1].contiguous()
     save_file(tensors, str(bad / "model.safetensors"))
