@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     except (ValueError, FileExistsError, UsageError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as argparse's own errors
     shards = f" in {args.num_shards} shard(s)" if args.target_format == "meta" else ""
     print(f"wrote {args.target_format} checkpoint{shards} to {args.dst}")
     return 0

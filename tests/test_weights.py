@@ -417,6 +417,17 @@ def test_convert_script(hf, tmp_path):
     assert config_from_hf(tmp_path / "hf") == config_from_hf(hf["single"])
     assert not (tmp_path / "hf" / "keep.txt").exists()
     _same_files(hf["single"], tmp_path / "hf")
+    # Bad input found after the arguments parse: one line, status 2 (as argparse's own), nothing written.
+    for args, message in (
+        (("--from", "meta", "--to", "hf", str(hf["sharded"])), "--from meta: but"),
+        (
+            ("--from", "hf", "--to", "meta", "--num-shards", "100000", str(hf["sharded"])),
+            "num_shards: expected at most",
+        ),
+    ):
+        r = script(*args, str(tmp_path / "refused"))
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "refused").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ turns that into a :class:`TPGroup` once, at construction, so that no layer consu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -37,6 +37,10 @@ class TPGroup:
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
             raise ValueError(f"TPGroup: expected 0 <= rank < size, got rank={self.rank}, size={self.size}")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TPGroup:
+        # A ProcessGroup cannot be copied (nor pickled); a deep-copied module talks over the same group.
+        return self
 
 
 def resolve_group(group: GroupLike) -> TPGroup:
