@@ -4,8 +4,10 @@
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 scripts/sample.py --ckpt-dir runs/tiny \
         --prompt "import " --num-samples 3 --temperature 0.7
 
-Any TP size reads any checkpoint (the one a tp 2 x dp 2 run wrote loads at tp 1 or tp 4). Rank 0
-prints each sample: the prompt, then the continuation. Errors: one line on rank 0, exit status 2.
+Any TP size reads any checkpoint (the one a tp 2 x dp 2 run wrote loads at tp 1 or tp 4) whose
+heads it divides. Rank 0 prints each sample: the prompt, then the continuation. Errors: one line,
+exit status 2; the ranks agree on the checkpoint first, so one that some ranks cannot see (a
+relative --ckpt-dir, a node without the mount) is reported, naming what each rank saw.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import typing
 import torch
 
 from tp_ffn.train import UsageError
-from tp_ffn.train.generate import generate, load_checkpoint_model
+from tp_ffn.train.consensus import report_error
+from tp_ffn.train.generate import check_sampling, generate, load_checkpoint_model
 from tp_ffn.train.parallelize import init_runtime
 
 
@@ -36,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="def ", help="text to continue (UTF-8 bytes are the tokens)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate per sample")
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0: greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest bytes (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -44,35 +47,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    rank = 0
     try:
         args = build_parser().parse_args(argv)
         if args.max_new_tokens < 0 or args.num_samples < 1:
             raise UsageError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+        prompt = list(args.prompt.encode("utf-8"))
+        check_sampling(prompt, args.temperature, args.top_k)
         rt = init_runtime(args.device)
-        rank = rt.rank
+        ok = False
         try:
             model, info = load_checkpoint_model(args.ckpt_dir, device=rt.device)
-            if rank == 0:
+            if rt.rank == 0:
                 print(f"# {info.path} (step {info.step}), tp {rt.world}, temperature {args.temperature}", flush=True)
             gen = torch.Generator().manual_seed(args.seed)
-            prompt = list(args.prompt.encode("utf-8"))
             for i in range(args.num_samples):
                 out = generate(
-                    model,
-                    prompt,
-                    args.max_new_tokens,
-                    temperature=args.temperature,
-                    top_k=args.top_k or None,
+                    model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                     generator=gen,
-                )
-                if rank == 0:
+                )  # fmt: skip
+                if rt.rank == 0:
                     print(f"--- sample {i + 1}\n{bytes(prompt + out).decode('utf-8', errors='replace')}", flush=True)
+            ok = True
+        except UsageError as e:
+            if not e.agreed and rt.world > 1:
+                e.rank = rt.rank  # seen by this rank alone: it reports it
+            raise
         finally:
-            rt.shutdown()
+            rt.shutdown(synchronize=ok)
     except UsageError as e:
-        if rank == 0:
-            print(f"sample.py: error: {e}", file=sys.stderr, flush=True)
+        report_error("sample.py", e)
         return 2
     return 0
 

@@ -252,10 +252,29 @@ class Transformer(nn.Module):
             sequence_parallel=self.sequence_parallel,
             **kw,
         )
-        cos, sin = precompute_rope(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Not in the state dict (derived from the config); to_empty() wipes them: see init_buffers.
         rope_device = None if device is None or torch.device(device).type == "meta" else device
-        self.register_buffer("rope_cos", cos.to(rope_device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(rope_device), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0, device=rope_device), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0, device=rope_device), persistent=False)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Compute the rotary tables ``rope_cos, rope_sin [max_seq_len, head_dim / 2]`` (float32) on
+        their current device; on ``meta`` they stay empty placeholders of the right shape."""
+        cos, sin = precompute_rope(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos = cos.to(self.rope_cos.device)
+        self.rope_sin = sin.to(self.rope_sin.device)
+
+    def reset_parameters(self) -> None:
+        """What this module itself holds: the rotary tables (:meth:`init_buffers`); it has no
+        parameters of its own, and draws no random numbers.
+
+        PyTorch's meta-device recipe (build under ``device="meta"``, ``to_empty(device=...)``, then
+        ``reset_parameters()`` on every module that has one, in ``modules()`` order, after the same
+        seed) then gives the model a direct build gives, bit for bit.
+        """
+        self.init_buffers()
 
     def forward(self, tokens: Tensor) -> Tensor:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):

@@ -3,6 +3,8 @@
 One responsibility per module, dependencies pointing one way (trainer -> the rest)::
 
     config.py       TrainConfig (the command line, validated in one place), ParallelPlan, UsageError
+    consensus.py    decisions taken from what each rank sees, agreed by every rank; reporting errors once
+    outputs.py      before step 1: the output paths can be written, and --ckpt-dir is shared by every rank
     data.py         byte-level corpus (stdlib sources or --data), the resumable training stream
     layout.py       where each rank's block of every parameter sits in the full model
     parallelize.py  process group, ("dp", "tp") mesh, activation checkpointing, compile, FSDP2
