@@ -316,3 +316,47 @@ def test_schedule_length_of_older_checkpoints():
     steps, note = lr_schedule_steps(cfg, {"args": {"steps": 60}})  # written before meta.json recorded it
     assert steps == 60 and "--lr-schedule-steps 120" in note
     assert lr_schedule_steps(cfg, {"lr_schedule_steps": 200, "args": {"steps": 60}}) == (200, None)
+
+
+def _agree_cases(rank: int, world: int) -> dict[str, str]:
+    from tp_ffn.train.consensus import agree
+
+    out = {}
+    cases = {
+        "value": lambda: agree(
+            lambda: "step_10" if rank == 0 else "nothing", what="the newest checkpoint", describe=str
+        ),
+        "same value": lambda: agree(lambda: 7, what="x", describe=str),
+        "error on one": lambda: agree(lambda: _raise_if(rank == 1, "--data: no such file: x"), what="--data"),
+        "same error": lambda: agree(lambda: _raise_if(True, "bad"), what="y"),
+    }
+    for name, case in cases.items():
+        try:
+            out[name] = f"value {case()!r}"
+        except UsageError as e:
+            out[name] = f"UsageError {e} agreed={e.agreed}"
+    try:  # a bug (not a UsageError) on one rank: re-raised there, named on the others, nobody waits
+        agree(lambda: _raise_if(rank == 1, "boom", OSError), what="z")
+    except (OSError, RuntimeError) as e:
+        out["crash"] = f"{type(e).__name__} {e}"
+    return out
+
+
+def _raise_if(cond: bool, message: str, kind: type[Exception] = UsageError) -> None:
+    if cond:
+        raise kind(message)
+
+
+@pytest.mark.timeout(60)
+def test_agree_compares_what_each_rank_found():
+    r0, r1 = run_ranks(2, _agree_cases, timeout=30)
+    for got in (r0, r1):
+        assert got["value"] == (
+            "UsageError the ranks disagree about the newest checkpoint: rank 0: step_10; rank 1: nothing agreed=True"
+        )
+        assert got["same value"] == "value 7"
+        assert got["error on one"] == (
+            "UsageError the ranks disagree about --data: rank 0: no error; rank 1: --data: no such file: x agreed=True"
+        )
+        assert got["same error"] == "UsageError bad agreed=True"
+    assert r0["crash"] == "RuntimeError rank 1 failed while checking z: OSError: boom" and r1["crash"] == "OSError boom"

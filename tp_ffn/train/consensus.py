@@ -41,7 +41,7 @@ def _rank_list(ranks: list[int]) -> str:
 def agree(
     fn: Callable[[], T],
     *,
-    what: str,
+    what: str = "what each rank found",
     describe: Callable[[T], str] | None = None,
     where: str | None = None,
     group: ProcessGroup | None = None,
