@@ -10,8 +10,10 @@ model.safetensors.index.json) or a Meta one (params.json + consolidated.XX.pth).
 their dtype and values bit for bit; only the q/k rows are permuted between the two rotary
 conventions. DST is written into a hidden sibling directory and renamed into place at the end, so
 an interrupted run never leaves a DST that looks complete; a non-empty DST is refused without
---force. The whole model is held in memory once. Loading a checkpoint straight into a
-tensor-parallel model needs no conversion: see tp_ffn.models.load_pretrained.
+--force. The whole model is held in memory once. --num-shards must give every shard whole attention
+heads (a common divisor of n_heads and n_kv_heads), as Meta's model code requires: other counts are
+refused (key/value heads are not replicated). Errors: one line, exit status 2. Loading a checkpoint
+straight into a tensor-parallel model needs no conversion: see tp_ffn.models.load_pretrained.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     except (ValueError, FileExistsError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     shards = f" in {args.num_shards} shard(s)" if args.target_format == "meta" else ""
     print(f"wrote {args.target_format} checkpoint{shards} to {args.dst}")
     return 0

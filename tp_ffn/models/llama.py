@@ -74,12 +74,17 @@ class LlamaConfig:
     def hidden_dim(self) -> int:
         return llama_ffn_hidden_dim(self.dim, multiple_of=self.multiple_of, ffn_dim_multiplier=self.ffn_dim_multiplier)
 
+    def tp_sizes(self) -> list[int]:
+        """The tensor-parallel sizes (and Meta shard counts) that give every rank whole heads: the
+        common divisors of ``n_heads`` and ``n_kv_heads``."""
+        return [n for n in range(1, self.kv_heads + 1) if self.n_heads % n == 0 and self.kv_heads % n == 0]
+
     def check_tp(self, tp: int) -> None:
         """Raise ``ValueError`` unless the heads split evenly over ``tp`` ranks."""
         if self.n_heads % tp or self.kv_heads % tp:
             raise ValueError(
                 f"tp: n_heads ({self.n_heads}) and n_kv_heads ({self.kv_heads}) must both be divisible by the "
-                f"tensor-parallel size, got tp={tp}"
+                f"tensor-parallel size, got tp={tp} (sizes that split them: {', '.join(map(str, self.tp_sizes()))})"
             )
 
     def num_params(self) -> int:

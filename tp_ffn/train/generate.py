@@ -40,7 +40,7 @@ def load_checkpoint_model(
         try:
             cfg.check_tp(tp.size)
         except ValueError:
-            fits = [str(n) for n in range(1, cfg.kv_heads + 1) if cfg.n_heads % n == 0 and cfg.kv_heads % n == 0]
+            fits = [str(n) for n in cfg.tp_sizes()]
             raise UsageError(
                 f"checkpoint {info.path}: the model's n_heads ({cfg.n_heads}) and n_kv_heads ({cfg.kv_heads}) must "
                 f"both be divisible by the tensor-parallel size ({tp.size}); run it on "
