@@ -126,7 +126,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--candidates", default=",".join(ALL), help="comma-separated subset of " + ",".join(ALL))
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--out", default="bench_out", help="directory for bench.json and bench.png")
+    p.add_argument(
+        "--out", default="runs/bench", help="directory for bench.json, bench.md and bench.png (runs/ is not tracked)"
+    )
     a = p.parse_args(argv)
     dim, hidden, tokens = PRESETS[a.preset]
     dtypes = ("float32", "bfloat16") if a.dtype == "both" else (a.dtype,)
@@ -373,7 +375,7 @@ def print_table(summary: dict) -> None:
         f"world size {summary['world_size']} on {summary['device']}, {summary['threads_per_rank']} thread(s) per rank; "
         f"machine GEMM rate {', '.join(f'{k} {v:.0f}' for k, v in summary['gemm_rate_gflops'].items())} GFLOP/s"
     )
-    head = f"{'candidate':<17} {'dtype':<9} {'median ms':>9} {'p10-p90 ms':>14} {'tokens/s':>9} {'GFLOP/s':>8} {'of GEMM':>7} {'vs local':>8} {'vs fairsc':>9} {'vs torch':>8} {'collectives/step':<28} {'MiB moved':>9} {'peak MiB':>8}"
+    head = f"{'candidate':<17} {'dtype':<9} {'median ms':>9} {'p10-p90 ms':>14} {'tokens/s':>9} {'GFLOP/s':>8} {'of GEMM':>7} {'vs local':>8} {'vs fairsc':>9} {'vs torch':>8} {'vs dense':>8} {'collectives/step':<28} {'MiB moved':>9} {'peak MiB':>8}"
     print(head)
     for r in summary["rows"]:
         if "median_ms" not in r:
@@ -384,6 +386,7 @@ def print_table(summary: dict) -> None:
         print(
             f"{r['name']:<17} {r['dtype']:<9} {r['median_ms']:>9.1f} {r['p10_ms']:>6.1f}-{r['p90_ms']:<7.1f} {r['tokens_per_s']:>9.0f} "
             f"{r['gflops']:>8.1f} {r['gemm_fraction']:>7.2f} {rel('vs_local'):>8} {rel('vs_fairscale'):>9} {rel('vs_torch-tp'):>8} "
+            f"{rel('vs_dense'):>8} "
             f"{coll:<28} {r['comm_mib']:>9.1f} {r['peak_mib']:>8.1f}"
         )
 
@@ -392,19 +395,19 @@ def markdown(summary: dict) -> str:
     """The table as Markdown, for docs/benchmarks.md."""
     lines = [
         "| candidate | dtype | median ms | p10-p90 ms | tokens/s | GFLOP/s | of GEMM rate | vs local | vs fairscale "
-        "| vs torch-tp | collectives/step | MiB moved | peak MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| vs torch-tp | vs dense | collectives/step | MiB moved | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in summary["rows"]:
         if "median_ms" not in r:
-            lines.append(f"| {r['name']} | {r['dtype']} | skipped: {r['note']} |" + " |" * 10)
+            lines.append(f"| {r['name']} | {r['dtype']} | skipped: {r['note']} |" + " |" * 11)
             continue
         coll = ", ".join(f"{k} {v}" for k, v in sorted(r["collectives"].items())) or "none"
         rel = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         lines.append(
             f"| {r['name']} | {r['dtype']} | {r['median_ms']:.1f} | {r['p10_ms']:.1f}-{r['p90_ms']:.1f} "
             f"| {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | {r['gemm_fraction']:.2f} | {rel('vs_local')} "
-            f"| {rel('vs_fairscale')} | {rel('vs_torch-tp')} | {coll} | {r['comm_mib']:.1f} | {r['peak_mib']:.1f} |"
+            f"| {rel('vs_fairscale')} | {rel('vs_torch-tp')} | {rel('vs_dense')} | {coll} | {r['comm_mib']:.1f} | {r['peak_mib']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="dim, hidden dim, tokens")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--out", default="bench_out", help="directory for bench_parts.json")
+    p.add_argument("--out", default="runs/bench", help="directory for bench_parts.json (runs/ is not tracked)")
     a = p.parse_args(argv)
     if a.reps < 1:
         print(f"bench_parts.py: --reps: expected >= 1, got {a.reps}", file=sys.stderr)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: a short tensor-parallel training of the tiny Llama on CPU (TP=2 over 2 gloo ranks,
-# about a minute on 2 cores), then a few lines sampled from it and where the loss curve is.
+# about a minute on 2 cores), then a few lines sampled from it and where its files are.
 # Environment overrides and extra arguments (passed on to scripts/train.py), e.g.
 #   STEPS=600 ./scripts/run.sh --sequence-parallel
 #   NPROC=4 TP=2 ./scripts/run.sh --dp 2
@@ -21,4 +21,5 @@ torchrun --standalone --nproc_per_node "$NPROC" scripts/train.py \
 echo
 python scripts/sample.py --ckpt-dir "$RUN_DIR" --prompt "def " --max-new-tokens 160 --num-samples 3 --temperature 0.7
 echo
-echo "loss curve: $RUN_DIR/metrics.png   (metrics: $RUN_DIR/metrics.jsonl, checkpoints: $RUN_DIR/step_*)"
+# train.py printed the paths of the metrics and the loss curve above the samples; one line to end on.
+echo "run directory: $RUN_DIR (checkpoints step_*, metrics.jsonl, metrics.png)"

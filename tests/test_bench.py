@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -71,3 +72,42 @@ def test_bench_parts_smoke(tmp_path):
     assert {"gemm", "chunked 4", "3 gemm + all-reduce in place", "gate/up forward, fused"} <= set(ms)
     assert all(v > 0 for v in ms.values())
     assert "unwaited collective" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.timeout(200)
+def test_bench_at_world_size_one_has_the_vs_dense_column(tmp_path):
+    """At W = 1 the figure of interest is each mode against the dense block (README: "within 1%")."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": "0"}
+    cmd = [sys.executable, "scripts/bench.py", "--dim", "32", "--hidden-dim", "64", "--tokens", "16"]
+    cmd += ["--reps", "2", "--warmup", "1", "--candidates", "dense,tp-overlap,local", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    (head,) = [ln for ln in lines if ln.startswith("candidate")]
+    assert " vs dense " in head
+    # row: name, dtype, median, p10-p90, tokens/s, GFLOP/s, of GEMM, vs local, vs fairsc, vs torch, vs dense, ...
+    (row,) = [ln.split() for ln in lines if ln.startswith("tp-overlap")]
+    (tp,) = [x for x in json.loads((tmp_path / "bench.json").read_text())["rows"] if x["name"] == "tp-overlap"]
+    assert row[10] == f"{tp['vs_dense']:.3f}", (head, row)
+    assert "| vs dense |" in (tmp_path / "bench.md").read_text()
+
+
+def _out_default(script: str) -> str:
+    """The default of ``--out`` in ``scripts/<script>.py`` (read from its argparse call)."""
+    tree = ast.parse((ROOT / "scripts" / f"{script}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and getattr(node.args[0], "value", None) == "--out":
+            return next(k.value.value for k in node.keywords if k.arg == "default")
+    raise AssertionError(f"no --out in {script}.py")
+
+
+@pytest.mark.parametrize(
+    "script, files", [("bench", ["bench.json", "bench.md", "bench.png"]), ("bench_parts", ["bench_parts.json"])]
+)
+def test_default_output_is_not_tracked_by_git(script, files):
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = _out_default(script)
+    for f in files:
+        r = subprocess.run(["git", "check-ignore", "-q", f"{out}/{f}"], cwd=ROOT, check=False)
+        assert r.returncode == 0, f"{script}.py writes {out}/{f} by default, and git would track it"

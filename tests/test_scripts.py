@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +64,22 @@ def test_parity_fails_loudly():
     assert "--seq: expected a multiple of the world size 2" in r.stderr
 
 
+@pytest.mark.timeout(300)
+def test_readme_parity_example_runs_at_three_ranks_with_the_defaults():
+    """The README's parity output (3 ranks, --bias --sequence-parallel, default --seq) is what that
+    command prints: the default sequence length splits over 3 ranks."""
+    readme = (ROOT / "README.md").read_text().splitlines()
+    cmd = "torchrun --standalone --nproc_per_node 3 scripts/parity.py --bias --sequence-parallel"
+    assert any(cmd in ln for ln in readme), cmd
+    header = next(ln for ln in readme if ln.startswith("tp_ffn parity: world size 3"))
+    shards = [ln for ln in readme if ln.startswith("  rank ") and ": w1.weight" in ln]
+    r = _torchrun(3, "--bias", "--sequence-parallel")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[0] == header
+    assert shards and all(ln in r.stdout.splitlines() for ln in shards), shards
+    assert r.stdout.rstrip().endswith("PASS")
+
+
 @pytest.mark.timeout(120)
 def test_parity_without_torchrun_is_world_size_one():
     r = _run([sys.executable, "scripts/parity.py", "--dim", "16", "--hidden-dim", "24", "--bias"])
@@ -76,4 +94,57 @@ def test_readme_commands_and_ci_agree():
         assert os.access(ROOT / cmd, os.X_OK)
     assert "./scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
     bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
-    assert 'TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"' in bootstrap
+    assert 'TORCH_VERSION="${TORCH_VERSION:-2.13.0}"' in bootstrap
+
+
+def _readme_block(heading: str, lang: str) -> str:
+    """The first fenced ``lang`` code block after the README line ``heading``."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(heading + "\n") :]
+    return re.search(rf"```{lang}\n(.*?)```", after, flags=re.DOTALL).group(1)
+
+
+@pytest.mark.timeout(200)
+def test_readme_model_example_runs_on_two_cpu_ranks_and_splits(tmp_path):
+    """The README's "In a model" code, as written, under torchrun on 2 CPU ranks: one TP group of
+    2, so each rank holds half of w1 (a (2, 1) mesh would leave every rank the whole matrix)."""
+    code = _readme_block("### In a model", "python")
+    (tmp_path / "block.py").write_text(code)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "block.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    from tp_ffn import llama_ffn_hidden_dim
+
+    dim = int(re.search(r"dim: int = (\d+)", code).group(1))
+    for rank in (0, 1):
+        assert f"rank {rank}: w1 shard ({llama_ffn_hidden_dim(dim) // 2}, {dim})" in r.stdout, r.stdout
+
+
+@pytest.mark.timeout(400)
+def test_run_sh_trains_samples_and_names_each_file_once(tmp_path):
+    """./scripts/run.sh (2 steps here): it trains, samples, prints the loss-curve line once, and its
+    training header is the one the README shows for the same command."""
+    venv = Path(sys.prefix)
+    stamp = venv / ".tp_ffn-installed"
+    pyproject = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text().split()[0] != pyproject:
+        pytest.skip("not run from an up-to-date bootstrap venv (run.sh would reinstall it)")
+    env = {**os.environ, "VENV": str(venv), "STEPS": "2", "RUN_DIR": str(tmp_path / "run")}
+    cmd = ["./scripts/run.sh", "--val-every", "1", "--val-sequences", "2", "--no-progress"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert sum(ln.startswith("loss curve:") for ln in lines) == 1, r.stdout
+    assert lines[-1].startswith("run directory: ") and (tmp_path / "run" / "metrics.png").exists()
+    readme = (ROOT / "README.md").read_text().splitlines()
+    (header,) = [ln for ln in readme if ln.startswith("tp_ffn train: world 2 = dp 1 x tp 2")]
+    assert header in lines, (header, lines[:3])
+
+
+@pytest.mark.timeout(120)
+def test_readme_counts_the_training_tests():
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_train_*.py"))
+    r = _run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files], timeout=110)
+    n = int(re.search(r"^(\d+) tests? collected", r.stdout, flags=re.MULTILINE).group(1))
+    assert f"`tests/test_train_*.py` ({n} tests" in (ROOT / "README.md").read_text(), n

@@ -58,6 +58,17 @@ def test_cpu_and_cuda_images_differ_only_in_base_and_torch_build():
     assert [ln for ln in cpu if ln.startswith(same)] == [ln for ln in cuda if ln.startswith(same)]
 
 
+def test_images_install_the_bootstrap_release_from_one_index():
+    """The images pin the release the bootstrap installs, each from one PyTorch index (``--index-url``:
+    as an extra index, PyPI's CUDA build could win, see tests/test_bootstrap.py)."""
+    bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    version = re.search(r'TORCH_VERSION="\$\{TORCH_VERSION:-([0-9.]+)\}"', bootstrap).group(1)
+    for name, variant in (("Dockerfile.cpu", "cpu"), ("Dockerfile.cuda", "cu130")):
+        (arg,) = [ln for ln in _instructions(DOCKER / name) if ln.startswith("ARG TORCH_SPEC=")]
+        spec = arg.split("=", 1)[1].strip('"').split()
+        assert spec == [f"torch=={version}", "--index-url", f"https://download.pytorch.org/whl/{variant}"], name
+
+
 def test_compose_runs_two_nodes_over_its_network():
     text = (DOCKER / "compose.yaml").read_text()
     commands = [json.loads(m) for m in re.findall(r"^\s+command: (\[.*\])\s*$", text, flags=re.MULTILINE)]
