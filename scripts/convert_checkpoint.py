@@ -4,16 +4,20 @@
     python scripts/convert_checkpoint.py --from meta --to hf --max-seq-len 4096 SRC DST  # Meta (any shard count) -> HF
     python scripts/convert_checkpoint.py --from meta --to meta --num-shards 8 SRC DST    # reshard a Meta checkpoint
     python scripts/convert_checkpoint.py --from hf --to meta --force SRC DST             # replace a non-empty DST
+    python scripts/convert_checkpoint.py --from hf --to meta --meta-embedding-split dim SRC DST  # Llama 1/2's layout
 
 SRC is a Hugging Face directory (config.json + model.safetensors, or sharded safetensors with
 model.safetensors.index.json) or a Meta one (params.json + consolidated.XX.pth). Tensors keep
 their dtype and values bit for bit; only the q/k rows are permuted between the two rotary
-conventions. DST is written into a hidden sibling directory and renamed into place at the end, so
-an interrupted run never leaves a DST that looks complete; a non-empty DST is refused without
---force. The whole model is held in memory once. --num-shards must give every shard whole attention
-heads (a common divisor of n_heads and n_kv_heads), as Meta's model code requires: other counts are
-refused (key/value heads are not replicated). Errors: one line, exit status 2. Loading a checkpoint
-straight into a tensor-parallel model needs no conversion: see tp_ffn.models.load_pretrained.
+conventions. Meta shards split tok_embeddings.weight by vocabulary, as Llama 3's code and
+llama-models load it (VocabParallelEmbedding); --meta-embedding-split dim writes Llama 1/2's
+layout (ParallelEmbedding, split on the embedding dimension). --num-shards must give every shard
+whole attention heads (a common divisor of n_heads and n_kv_heads), as Meta's model code requires:
+other counts are refused (key/value heads are not replicated). DST is written into a hidden
+sibling directory and renamed into place at the end, so an interrupted run never leaves a DST
+that looks complete; a non-empty DST is refused without --force. The whole model is held in
+memory once. Errors: one line, exit status 2. Loading a checkpoint straight into a
+tensor-parallel model needs no conversion: see tp_ffn.models.load_pretrained.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ class ConvertArgs:
     num_shards: int = 1
     max_seq_len: int | None = None
     force: bool = False
+    meta_embedding_split: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:
             raise ValueError(f"--num-shards: expected >= 1, got {self.num_shards}")
         if self.num_shards != 1 and self.target_format != "meta":
             raise ValueError(f"--num-shards: only meaningful with --to meta, got --to {self.target_format}")
+        if self.meta_embedding_split is not None and self.target_format != "meta":
+            raise ValueError(f"--meta-embedding-split: only meaningful with --to meta, got --to {self.target_format}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ValueError(f"--max-seq-len: expected >= 1, got {self.max_seq_len}")
         if not self.src.is_dir():
@@ -55,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> ConvertArgs:
     parser.add_argument(
         "--max-seq-len", type=int, default=None,
         help="context length to record (Meta's params.json has none; default: SRC's, else 4096)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--meta-embedding-split", choices=("vocab", "dim"), default=None,
+        help="how Meta shards split tok_embeddings.weight (--to meta): 'vocab' (default; Llama 3, llama-models) "
+        "or 'dim' (Llama 1/2)",
     )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace a non-empty DST")
     parser.add_argument("src", type=Path, metavar="SRC")
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--from {args.source_format}: but {args.src} holds a {found} checkpoint")
         convert_checkpoint(
             args.src, args.dst, to=args.target_format, num_shards=args.num_shards, overwrite=args.force,
-            max_seq_len=args.max_seq_len, progress=tqdm,
+            max_seq_len=args.max_seq_len, progress=tqdm, embedding_split=args.meta_embedding_split or "vocab",
         )  # fmt: skip
     except (ValueError, FileExistsError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)

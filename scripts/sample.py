@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0: greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest bytes (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest bytes up to this mass (1: all)")
+    p.add_argument(
+        "--no-kv-cache", action="store_true", help="recompute the whole context for every token (slow; for checks)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return p
@@ -52,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 0 or args.num_samples < 1:
             raise UsageError("--max-new-tokens must be >= 0 and --num-samples >= 1")
         prompt = list(args.prompt.encode("utf-8"))
-        check_sampling(prompt, args.temperature, args.top_k)
+        if not prompt:
+            raise UsageError("--prompt: expected at least one byte")
+        try:
+            check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        except ValueError as e:
+            name, _, problem = str(e).partition(":")  # the message names the keyword: say the flag
+            raise UsageError(f"--{name.replace('_', '-')}:{problem}") from None
         rt = init_runtime(args.device)
         ok = False
         try:
@@ -62,9 +72,15 @@ def main(argv: list[str] | None = None) -> int:
             gen = torch.Generator().manual_seed(args.seed)
             for i in range(args.num_samples):
                 out = generate(
-                    model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                    model,
+                    prompt,
+                    args.max_new_tokens,
+                    temperature=args.temperature,
+                    top_k=args.top_k or None,
+                    top_p=args.top_p,
                     generator=gen,
-                )  # fmt: skip
+                    use_cache=not args.no_kv_cache,
+                )
                 if rt.rank == 0:
                     print(f"--- sample {i + 1}\n{bytes(prompt + out).decode('utf-8', errors='replace')}", flush=True)
             ok = True

@@ -4,7 +4,6 @@ its learning-rate schedule."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from rankpool import run_ranks
+from test_generate import _load_script
 from test_train_cli import SMALL, _env, _launcher, _reap, _spawn
 
 from tp_ffn.train import UsageError
@@ -195,18 +195,9 @@ def test_device_cuda_without_cuda_is_one_line(trained):
     _one_line(r, "sample.py", r"--device cuda: CUDA is not available")
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "argv, pattern",
     [
-        (["--top-k", "-1"], r"--top-k: expected an int >= 0 \(0: all\), got -1"),
         (["--temperature", "-0.5"], r"--temperature: expected a number >= 0 \(0: greedy\), got -0.5"),
         (["--temperature", "nan"], r"--temperature: expected a number >= 0 \(0: greedy\), got nan"),
         (["--prompt", ""], r"--prompt: expected at least one byte"),

@@ -107,7 +107,8 @@ def meta(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "dim, hidden", [(4096, 11008), (4096, 14336), (8192, 28672), (16384, 53248), (64, 172), (64, 77), (64, 1), (96, 200)]
+    "dim, hidden",
+    [(4096, 11008), (4096, 14336), (8192, 28672), (16384, 53248), (64, 172), (64, 77), (64, 1), (96, 200)],
 )
 def test_ffn_rule_for_reproduces_the_size(dim, hidden):
     multiple_of, mult = ffn_rule_for(dim, hidden)
@@ -160,7 +161,10 @@ def test_config_from_meta(meta, tmp_path):
     assert config_from_meta(meta["root"] / "mp2", max_seq_len=32) == META_CFG
     params = json.loads((meta["root"] / "mp2" / "params.json").read_text())
     assert "max_seq_len" not in params  # Meta's code passes it besides **params
-    refusals = [({"use_scaled_rope": True}, "use_scaled_rope: not supported"), ({"n_expert": 8}, r"unknown fields \['n_expert'\]")]
+    refusals = [
+        ({"use_scaled_rope": True}, "use_scaled_rope: not supported"),
+        ({"n_expert": 8}, r"unknown fields \['n_expert'\]"),
+    ]
     for change, match in refusals:
         (tmp_path / "params.json").write_text(json.dumps({**params, **change}))
         with pytest.raises(ValueError, match=match):
@@ -309,12 +313,13 @@ def test_meta_shards_into_tp(meta, world):
         assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want), i
 
 
-def test_meta_vocab_parallel_embedding_and_unknown_vocab(meta, tmp_path):
-    # Llama 3 splits tok_embeddings on the vocabulary; Llama 2 writes "vocab_size": -1.
+def test_meta_embedding_dim_split_and_unknown_vocab(meta, tmp_path):
+    # The export splits tok_embeddings on the vocabulary (Llama 3); Llama 2 splits it on the
+    # embedding dimension and writes "vocab_size": -1.
     src = meta["root"] / "mp2"
     shards = [torch.load(src / f"consolidated.0{i}.pth", weights_only=True) for i in range(2)]
-    emb = torch.cat([s["tok_embeddings.weight"] for s in shards], 1)
-    for s, block in zip(shards, torch.tensor_split(emb, 2, 0)):
+    emb = torch.cat([s["tok_embeddings.weight"] for s in shards], 0)
+    for s, block in zip(shards, torch.tensor_split(emb, 2, 1)):
         s["tok_embeddings.weight"] = block.clone()
     for i, s in enumerate(shards):
         torch.save(s, tmp_path / f"consolidated.0{i}.pth")
@@ -326,6 +331,31 @@ def test_meta_vocab_parallel_embedding_and_unknown_vocab(meta, tmp_path):
     load_pretrained(model, tmp_path)
     with torch.no_grad():
         assert torch.equal(model(meta["tokens"]), meta["logits"])
+
+
+def test_meta_export_splits_the_embedding_by_vocabulary_unless_told_dim(meta, tmp_path):
+    # Llama 3 / llama-models load tok_embeddings split by vocabulary (VocabParallelEmbedding); Llama 2
+    # by embedding dimension (ParallelEmbedding). 250 rows over 3 shards: 84, 83, 83.
+    full = meta["model"].tok_embeddings.weight.detach()
+    for split, dim, shapes in (("vocab", 0, [(84, 96), (83, 96), (83, 96)]), ("dim", 1, [(250, 32)] * 3)):
+        kw = {} if split == "vocab" else {"embedding_split": "dim"}
+        export_meta(meta["model"], tmp_path / f"export_{split}", 3, **kw)
+        convert_checkpoint(meta["root"] / "mp2", tmp_path / f"convert_{split}", to="meta", num_shards=3, **kw)
+        for out in (tmp_path / f"export_{split}", tmp_path / f"convert_{split}"):
+            shards = [torch.load(out / f"consolidated.{i:02d}.pth", weights_only=True) for i in range(3)]
+            blocks = [s["tok_embeddings.weight"] for s in shards]
+            assert [tuple(b.shape) for b in blocks] == shapes, out
+            assert torch.equal(torch.cat(blocks, dim), full), out
+        model = Transformer(META_CFG, dtype=torch.float64, device="meta")
+        load_pretrained(model, tmp_path / f"export_{split}")
+        with torch.no_grad():
+            assert torch.equal(model(meta["tokens"]), meta["logits"]), split
+    for bad in ("rows", None):
+        with pytest.raises(ValueError, match=f"embedding_split: expected 'vocab' .* or 'dim' .*, got {bad!r}"):
+            export_meta(meta["model"], tmp_path / "x", 2, embedding_split=bad)
+        with pytest.raises(ValueError, match=f"embedding_split: expected 'vocab' .* or 'dim' .*, got {bad!r}"):
+            convert_checkpoint(meta["root"] / "mp2", tmp_path / "x", to="hf", embedding_split=bad)
+    assert not (tmp_path / "x").exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +378,9 @@ def test_convert_round_trips_bit_exact(hf, tmp_path):
     for src in (hf["sharded"], bf16):
         seen = []
         progress = lambda it, desc: seen.append(desc) or it  # noqa: E731
-        assert convert_checkpoint(src, tmp_path / "m2", to="meta", num_shards=2, overwrite=True, progress=progress) == "hf"
+        assert (
+            convert_checkpoint(src, tmp_path / "m2", to="meta", num_shards=2, overwrite=True, progress=progress) == "hf"
+        )
         assert seen == ["read hf", "meta shards"]
         convert_checkpoint(tmp_path / "m2", tmp_path / "m3", to="meta", num_shards=1, overwrite=True)  # reshard
         assert convert_checkpoint(tmp_path / "m3", tmp_path / "back", to="hf", overwrite=True, max_seq_len=64) == "meta"
@@ -379,7 +411,9 @@ def test_convert_script(hf, tmp_path):
     r = script("--from", "meta", "--to", "hf", str(tmp_path / "meta"), str(tmp_path / "hf"))
     assert r.returncode != 0 and "exists and is not empty; pass --force" in r.stderr
     assert (tmp_path / "hf" / "keep.txt").exists()
-    r = script("--from", "meta", "--to", "hf", "--force", "--max-seq-len", "64", str(tmp_path / "meta"), str(tmp_path / "hf"))
+    r = script(
+        "--from", "meta", "--to", "hf", "--force", "--max-seq-len", "64", str(tmp_path / "meta"), str(tmp_path / "hf")
+    )
     assert r.returncode == 0, r.stderr
     assert config_from_hf(tmp_path / "hf") == config_from_hf(hf["single"])
     assert not (tmp_path / "hf" / "keep.txt").exists()

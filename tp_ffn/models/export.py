@@ -22,7 +22,7 @@ from .llama import LlamaConfig, Transformer
 from .loading import shard_targets
 from .meta_files import MetaReader
 from .pretrained_config import config_from_pretrained, detect_format
-from .weight_names import HF_CONFIG, HF_SINGLE, META_PARAMS, meta_to_hf_rows, weight_layout
+from .weight_names import HF_CONFIG, HF_SINGLE, META_EMBEDDING_SPLITS, META_PARAMS, meta_to_hf_rows, weight_layout
 from .weights_types import PathLike, Progress
 
 __all__ = ["convert_checkpoint", "export_hf", "export_meta"]
@@ -103,6 +103,20 @@ def _meta_params_dict(cfg: LlamaConfig) -> dict[str, Any]:
     }
 
 
+def _embedding_split_dim(embedding_split: str) -> int:
+    """The dim of ``tok_embeddings.weight [vocab, dim]`` that Meta shards split: ``"vocab"`` 0, ``"dim"`` 1.
+
+    No size check of its own: ``dim`` is at least every k/v projection's row count, which
+    ``_check_num_shards`` already bounds the shard count by.
+    """
+    if embedding_split not in META_EMBEDDING_SPLITS:
+        raise ValueError(
+            f"embedding_split: expected 'vocab' (Llama 3, VocabParallelEmbedding) or 'dim' (Llama 2, "
+            f"ParallelEmbedding), got {embedding_split!r}"
+        )
+    return META_EMBEDDING_SPLITS[embedding_split]
+
+
 def _write_json(data: Mapping[str, Any], file: Path) -> None:
     with open(file, "w") as f:
         json.dump(data, f, indent=2)
@@ -140,14 +154,21 @@ def _check_num_shards(cfg: LlamaConfig, num_shards: int) -> None:
 
 
 def _write_meta(
-    full: Mapping[str, Tensor], cfg: LlamaConfig, out: Path, num_shards: int, progress: Progress | None = None
+    full: Mapping[str, Tensor],
+    cfg: LlamaConfig,
+    out: Path,
+    num_shards: int,
+    progress: Progress | None = None,
+    *,
+    embedding_dim: int = META_EMBEDDING_SPLITS["vocab"],
 ) -> None:
     layout = weight_layout(cfg)
     shards = range(num_shards)
     for i in progress(shards, desc="meta shards") if progress else shards:
         shard = {}
         for e in layout:
-            x = full[e.name] if e.meta_dim is None else torch.tensor_split(full[e.name], num_shards, e.meta_dim)[i]
+            d = embedding_dim if e.name == "tok_embeddings.weight" else e.meta_dim
+            x = full[e.name] if d is None else torch.tensor_split(full[e.name], num_shards, d)[i]
             # A copy of just this block: torch.save of a view would write the whole storage.
             shard[e.name] = x.clone(memory_format=torch.contiguous_format)
         torch.save(shard, out / f"consolidated.{i:02d}.pth")
@@ -206,25 +227,31 @@ def export_hf(model: Transformer, path: PathLike, *, overwrite: bool = False) ->
     _on_rank0(model.tp, write)
 
 
-def export_meta(model: Transformer, path: PathLike, num_shards: int = 1, *, overwrite: bool = False) -> None:
+def export_meta(
+    model: Transformer, path: PathLike, num_shards: int = 1, *, overwrite: bool = False, embedding_split: str = "vocab"
+) -> None:
     """Write Meta's ``params.json`` + ``consolidated.00.pth`` ... ``consolidated.{num_shards-1:02d}.pth``.
 
-    Shards are contiguous ``torch.tensor_split`` blocks on Meta's split dims (table above; the
-    embedding on dim 1). ``num_shards`` must give every shard whole attention heads (a common
-    divisor of ``n_heads`` and ``n_kv_heads``, as Meta's model code requires): anything else raises
-    ``ValueError`` (key/value heads are not replicated). Other blocks are even whenever the sizes
-    divide; otherwise :func:`load_meta_checkpoint` still reads them. ``params.json`` always names
-    ``rope_theta`` (Llama 3's and Code Llama's ``ModelArgs`` take it; the original Llama 2 code does
-    not, and assumes 10000). Collective and atomic as :func:`export_hf`.
+    Shards are contiguous ``torch.tensor_split`` blocks on Meta's split dims (table above).
+    ``tok_embeddings.weight`` is split by vocabulary (``embedding_split="vocab"``, dim 0: Llama 3's
+    and llama-models' ``VocabParallelEmbedding``) or by embedding dimension (``"dim"``, dim 1: Llama
+    1/2's ``ParallelEmbedding``). ``num_shards`` must give every shard whole attention heads (a
+    common divisor of ``n_heads`` and ``n_kv_heads``, as Meta's model code requires): anything else
+    raises ``ValueError`` (key/value heads are not replicated). Other blocks are even whenever the
+    sizes divide, as Meta's own code requires; otherwise :func:`load_meta_checkpoint` still reads
+    them. ``params.json`` always names ``rope_theta`` (Llama 3's and Code Llama's ``ModelArgs`` take
+    it; the original Llama 2 code does not, and assumes 10000). Collective and atomic as
+    :func:`export_hf`.
     """
     _check_num_shards(model.cfg, num_shards)
+    embedding_dim = _embedding_split_dim(embedding_split)
     dest = Path(path)
     _on_rank0(model.tp, lambda: _check_destination(dest, overwrite))
     full = _gather(model)
 
     def write() -> None:
         with _atomic_dir(dest, overwrite) as tmp:
-            _write_meta(full, model.cfg, tmp, num_shards)
+            _write_meta(full, model.cfg, tmp, num_shards, embedding_dim=embedding_dim)
 
     _on_rank0(model.tp, write)
 
@@ -238,14 +265,16 @@ def convert_checkpoint(
     overwrite: bool = False,
     max_seq_len: int | None = None,
     progress: Progress | None = None,
+    embedding_split: str = "vocab",
 ) -> str:
     """Convert a checkpoint directory to ``to`` (``"hf"`` or ``"meta"``) in one process; returns the source format.
 
     Tensors keep their dtype and values bit for bit (only q/k rows are permuted). Meta to Meta with
-    another ``num_shards`` reshards. ``max_seq_len`` overrides the source's (Meta's params.json has
-    none: HF's ``max_position_embeddings`` then comes from ``LlamaConfig``'s default). ``progress``
-    wraps the loops, e.g. ``tqdm.tqdm`` (called as ``progress(iterable, desc=...)``). The whole
-    model is held in memory once.
+    another ``num_shards`` reshards; ``embedding_split`` is :func:`export_meta`'s (``"vocab"`` for
+    Llama 3's code, ``"dim"`` for Llama 2's). ``max_seq_len`` overrides the source's (Meta's
+    params.json has none: HF's ``max_position_embeddings`` then comes from ``LlamaConfig``'s
+    default). ``progress`` wraps the loops, e.g. ``tqdm.tqdm`` (called as ``progress(iterable,
+    desc=...)``). The whole model is held in memory once.
     """
     if to not in ("hf", "meta"):
         raise ValueError(f"to: expected 'hf' or 'meta', got {to!r}")
@@ -255,6 +284,7 @@ def convert_checkpoint(
     _check_destination(dst_path, overwrite)
     fmt = detect_format(src_path)
     cfg = config_from_pretrained(src_path, max_seq_len=max_seq_len)
+    embedding_dim = _embedding_split_dim(embedding_split)
     if to == "meta":
         _check_num_shards(cfg, num_shards)
     layout = weight_layout(cfg)
@@ -267,5 +297,5 @@ def convert_checkpoint(
         if to == "hf":
             _write_hf(full, cfg, tmp, progress)
         else:
-            _write_meta(full, cfg, tmp, num_shards, progress)
+            _write_meta(full, cfg, tmp, num_shards, progress, embedding_dim=embedding_dim)
     return fmt

@@ -81,4 +81,7 @@ class HFReader:
             x = sl[start:end]
         else:
             x = sl[:, start:end]
-        return hf_to_meta_rows(x, head_dim) if e.heads is not None else x
+        x = hf_to_meta_rows(x, head_dim) if e.heads is not None else x
+        # A copy: a slice may be a view of the file's mapping, which would then stay mapped (and
+        # resident) as long as the parameter lives and follow the file if it were rewritten in place.
+        return x.clone()

@@ -13,10 +13,15 @@ in :mod:`tp_ffn.models` undo.
 With ``sequence_parallel`` the residual stream between blocks is ``[b, s/W, dim]``: each block
 all-gathers on entry and reduce-scatters on exit, and the replicated norm weights have their
 gradients all-reduced over the group (each rank's norm sees only its own tokens).
+
+Generation passes a :class:`~tp_ffn.models.kv_cache.KVCache` and the position of the first token,
+``model(tokens, start_pos=p, cache=cache)``: each rank caches its own key/value heads, so a step
+costs the new positions only (see :mod:`tp_ffn.train.generate`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -29,8 +34,9 @@ from ..comm import copy_to_parallel, gather_from_sequence, split_sequence
 from ..ffn import ParallelFeedForward, llama_ffn_hidden_dim
 from ..groups import GroupLike, TPGroup, resolve_group
 from ..layers import ColumnParallelLinear, RowParallelLinear
+from .kv_cache import KVCache, LayerKV
 
-__all__ = ["PRESETS", "LlamaConfig", "Transformer", "precompute_rope"]
+__all__ = ["PRESETS", "LlamaConfig", "Transformer", "load_pretrained", "precompute_rope"]
 
 
 @dataclass(frozen=True)
@@ -170,7 +176,12 @@ class Attention(nn.Module):
         self.n_local_heads = cfg.n_heads // self.tp.size
         self.n_local_kv_heads = cfg.kv_heads // self.tp.size
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: LayerKV | None = None, start_pos: int = 0) -> Tensor:
+        """``cos, sin [s, head_dim / 2]`` are the rotary tables of the positions of ``x``.
+
+        With ``kv`` the keys and values of ``x`` are stored at ``[start_pos, start_pos + s)`` and
+        the queries attend to every cached position up to their own.
+        """
         group = self.tp.group
         # One region for q, k and v: a single all-reduce (reduce-scatter with SP) of the input gradient.
         x = gather_from_sequence(x, group) if self.sequence_parallel else copy_to_parallel(x, group)
@@ -178,13 +189,36 @@ class Attention(nn.Module):
         q = F.linear(x, self.wq.weight).view(b, s, self.n_local_heads, self.head_dim)
         k = F.linear(x, self.wk.weight).view(b, s, self.n_local_kv_heads, self.head_dim)
         v = F.linear(x, self.wv.weight).view(b, s, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, head_dim]
+        if kv is not None:
+            o = _attend_cached(q, *kv.update(start_pos, k, v), start_pos)
+            return self.wo.forward_parallel(o.transpose(1, 2).reshape(b, s, -1))
         if self.n_local_kv_heads != self.n_local_heads:
             rep = self.n_local_heads // self.n_local_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo.forward_parallel(o.transpose(1, 2).reshape(b, s, -1))
+
+
+def _attend_cached(q: Tensor, k: Tensor, v: Tensor, start_pos: int) -> Tensor:
+    """Causal attention of ``q [b, heads, s, hd]`` to ``k, v [b, kv_heads, start_pos + s, hd]``.
+
+    Query ``i`` sits at position ``start_pos + i`` and sees keys ``[0, start_pos + i]``. Query head
+    ``h`` reads kv head ``h // (heads / kv_heads)``, as ``repeat_interleave`` would, but by grouping
+    the queries of each kv head instead of copying the cache. SDPA's ``is_causal`` aligns the mask
+    to the top left, wrong once keys outnumber queries, so the mask is spelled out.
+    """
+    b, heads, s, hd = q.shape
+    kv_heads, total = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    q = q.reshape(b, kv_heads, group * s, hd)  # rows: (head in group, position)
+    mask = None
+    if s > 1:  # one new position sees every cached one
+        pos = torch.arange(start_pos, total, device=q.device)
+        mask = (torch.arange(total, device=q.device) <= pos[:, None]).repeat(group, 1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return o.reshape(b, heads, s, hd)
 
 
 class TransformerBlock(nn.Module):
@@ -207,13 +241,17 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp, sequence_parallel, dtype, device)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp, sequence_parallel, dtype, device)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: LayerKV | None = None, start_pos: int = 0) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
     """Llama decoder on a TP group. ``tokens [b, s] (int64) -> logits [b, s, vocab]`` on every TP rank.
+
+    ``model(tokens, start_pos=p, cache=model.new_cache(b))`` runs positions ``[p, p + s)`` against
+    the cached keys and values of ``[0, p)`` (generation; not with ``sequence_parallel``).
+    :meth:`from_pretrained` builds one from a Hugging Face or Meta directory, this rank's slices only.
 
     Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.N.attention.wq``, ...,
     ``layers.N.feed_forward.w1``, ``norm``, ``output``); each TP-sharded weight holds this rank's
@@ -281,23 +319,102 @@ class Transformer(nn.Module):
         """
         self.init_buffers()
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        group: GroupLike = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Transformer:
+        """The same as :func:`load_pretrained`."""
+        return load_pretrained(path, group=group, device=device, dtype=dtype)
+
+    def rope(self, start_pos: int, length: int) -> tuple[Tensor, Tensor]:
+        """The rotary tables ``cos, sin [length, head_dim / 2]`` of positions ``[start_pos, start_pos + length)``."""
+        end = start_pos + length
+        return self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` (default: max_seq_len) positions."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if isinstance(max_len, int) and max_len > self.cfg.max_seq_len:
+            raise ValueError(f"max_len: expected at most max_seq_len={self.cfg.max_seq_len}, got {max_len}")
+        return KVCache(len(self.layers), batch, max_len)
+
+    def forward(self, tokens: Tensor, *, start_pos: int = 0, cache: KVCache | None = None) -> Tensor:
+        """``tokens [b, s]`` at positions ``[start_pos, start_pos + s)`` -> ``logits [b, s, vocab]``.
+
+        Without ``cache`` the tokens attend causally among themselves (the positions only turn the
+        rotary tables). With ``cache`` their keys and values are stored at their positions and they
+        attend to every cached position before them as well.
+        """
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"tokens: expected an integer tensor [batch, seq], got {tokens.dtype} of shape {tuple(tokens.shape)}"
             )
-        s = tokens.shape[1]
-        if s > self.cfg.max_seq_len:
-            raise ValueError(f"tokens: expected at most max_seq_len={self.cfg.max_seq_len} positions, got {s}")
+        b, s = tokens.shape
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
+        if start_pos + s > self.cfg.max_seq_len:
+            raise ValueError(
+                f"tokens: expected positions below max_seq_len={self.cfg.max_seq_len}, got [{start_pos}, {start_pos + s})"
+            )
         if self.sequence_parallel and s % self.tp.size:
             raise ValueError(
                 f"tokens: sequence parallelism needs the sequence length to be divisible by the tensor-parallel "
                 f"size {self.tp.size}, got {s}"
             )
+        if cache is not None:
+            self._check_cache(cache, b, start_pos + s)
         h = self.tok_embeddings(tokens)
         if self.sequence_parallel:
             h = split_sequence(h, self.tp.group)
-        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        cos, sin = self.rope(start_pos, s)
+        for i, layer in enumerate(self.layers):
+            # Training calls the blocks exactly as before (activation checkpointing, compile, FSDP2 wrap them).
+            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache.layers[i], start_pos)
         return self.output(self.norm(h))
+
+    def _check_cache(self, cache: KVCache, batch: int, end: int) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache: expected a KVCache (model.new_cache(batch)), got {type(cache).__name__}")
+        if self.sequence_parallel:
+            raise ValueError(
+                "cache: generation with a KV cache needs a model built without sequence_parallel "
+                "(it splits the sequence over ranks; a step has one position)"
+            )
+        if len(cache) != len(self.layers) or cache.batch != batch or end > cache.max_len:
+            raise ValueError(
+                f"cache: holds {len(cache)} layers x batch {cache.batch} x {cache.max_len} positions; this call needs "
+                f"{len(self.layers)} layers x batch {batch} x {end} positions"
+            )
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    group: GroupLike = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """A :class:`Transformer` with the weights of a Hugging Face or Meta checkpoint directory, in one call.
+
+    The config comes from the directory (``config.json`` or ``params.json``, see
+    :func:`~tp_ffn.models.config_from_pretrained`); ``group`` is the TP group (``None``: the default
+    group, or a world of one without ``torch.distributed``). The model is built on the ``meta``
+    device and each rank reads only its own slices of the sharded weights into parameters on
+    ``device`` (default CPU), so no rank ever holds the full model. ``dtype`` is the parameters'
+    dtype (default: torch's default dtype, as Hugging Face's ``from_pretrained``); the checkpoint's
+    tensors are cast to it. Returned in eval mode. Not a collective. Raises ``ValueError`` naming
+    the file and the problem for a directory it cannot load.
+    """
+    # Imported here: loading.py imports this module (and the readers import safetensors lazily).
+    from .loading import load_pretrained as load_into
+    from .pretrained_config import config_from_pretrained
+
+    cfg = config_from_pretrained(path)
+    model = Transformer(cfg, group=group, dtype=dtype, device="meta")
+    load_into(model, path, device=device)
+    return model.eval()

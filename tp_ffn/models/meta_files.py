@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .weight_names import META_IGNORED, META_SHARD, WeightEntry
+from .weight_names import META_EMBEDDING_SPLITS, META_IGNORED, META_SHARD, WeightEntry
 
 __all__ = ["MetaReader", "load_torch_file", "meta_shard_files"]
 
@@ -73,7 +73,7 @@ class MetaReader:
                 bad.append(f"{e.name}: expected a floating-point tensor in every shard")
                 continue
             # tok_embeddings: dim 1 in Llama 1/2 (ParallelEmbedding), dim 0 in Llama 3 (VocabParallelEmbedding).
-            candidates = [e.meta_dim] if e.name != "tok_embeddings.weight" else [1, 0]
+            candidates = [e.meta_dim] if e.name != "tok_embeddings.weight" else list(META_EMBEDDING_SPLITS.values())
             self.split[e.name] = next((d for d in candidates if _fits(shapes, e.shape, d)), -1)
             if self.split[e.name] == -1:
                 how = "in every shard" if e.meta_dim is None else f"split over {len(shapes)} shards on dim {e.meta_dim}"

@@ -13,8 +13,8 @@ from torch import Tensor
 from .llama import LlamaConfig
 
 __all__ = [
-    "HF_CONFIG", "HF_FLOAT_DTYPES", "HF_IGNORED_SUFFIX", "HF_INDEX", "HF_SINGLE", "META_IGNORED", "META_PARAMS",
-    "META_SHARD", "WeightEntry", "hf_to_meta_rows", "meta_to_hf_rows", "weight_layout",
+    "HF_CONFIG", "HF_FLOAT_DTYPES", "HF_IGNORED_SUFFIX", "HF_INDEX", "HF_SINGLE", "META_EMBEDDING_SPLITS",
+    "META_IGNORED", "META_PARAMS", "META_SHARD", "WeightEntry", "hf_to_meta_rows", "meta_to_hf_rows", "weight_layout",
 ]  # fmt: skip
 
 HF_CONFIG, HF_SINGLE, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -24,6 +24,9 @@ META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 META_IGNORED = {"rope.freqs"}
 HF_IGNORED_SUFFIX = "rotary_emb.inv_freq"
 HF_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+# Meta's split of tok_embeddings.weight [vocab, dim]: Llama 3 / llama-models shard the vocabulary
+# (fairscale's VocabParallelEmbedding), Llama 1 / 2 the embedding dimension (ParallelEmbedding).
+META_EMBEDDING_SPLITS = {"vocab": 0, "dim": 1}
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ def weight_layout(cfg: LlamaConfig) -> list[WeightEntry]:
     """Every weight of ``Transformer(cfg)``, in the model's parameter order."""
     d, h, v = cfg.dim, cfg.hidden_dim, cfg.vocab_size
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    out = [WeightEntry("tok_embeddings.weight", "model.embed_tokens.weight", (v, d), 1)]
+    out = [WeightEntry("tok_embeddings.weight", "model.embed_tokens.weight", (v, d), META_EMBEDDING_SPLITS["vocab"])]
     for i in range(cfg.n_layers):
         m, f = f"layers.{i}.", f"model.layers.{i}."
         out += [

@@ -17,7 +17,7 @@ the model as it was.
 What each weight looks like in the three places (``hd`` = head_dim, ``M`` Meta shards, ``W`` TP ranks)::
 
     ours (Meta names)        Hugging Face name                     Meta split   ours (TP)
-    tok_embeddings           model.embed_tokens                    dim 1 (*)    replicated
+    tok_embeddings           model.embed_tokens                    dim 0 (*)    replicated
     layers.N.attention.wq    model.layers.N.self_attn.q_proj (**)  dim 0        dim 0 (whole heads)
     layers.N.attention.wk    model.layers.N.self_attn.k_proj (**)  dim 0        dim 0 (whole heads)
     layers.N.attention.wv    model.layers.N.self_attn.v_proj       dim 0        dim 0
@@ -30,8 +30,9 @@ What each weight looks like in the three places (``hd`` = head_dim, ``M`` Meta s
     norm                     model.norm                            replicated   replicated
     output                   lm_head                               dim 0        dim 0
 
-    (*)  Llama 1/2 (ParallelEmbedding); Llama 3's VocabParallelEmbedding splits dim 0. The loader
-         tells them apart by the shard shapes; the exporter writes dim 1.
+    (*)  Llama 3 / llama-models (VocabParallelEmbedding); Llama 1/2's ParallelEmbedding splits dim 1.
+         The loader tells them apart by the shard shapes; the exporter writes dim 0 unless told
+         ``embedding_split="dim"``.
     (**) Hugging Face rotates the two halves of each head (``x[:hd/2]``, ``x[hd/2:]``) where Meta
          rotates adjacent pairs, so its q/k rows are permuted within every head:
          ``hf = meta.view(heads, hd/2, 2, dim).transpose(1, 2).reshape(heads * hd, dim)``.

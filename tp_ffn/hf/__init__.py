@@ -1,0 +1,18 @@
+"""Hugging Face transformers adapter: tensor-parallel MLPs under their own names, normal checkpoints.
+
+    parallelize_mlp(model, group)        every gate_proj/up_proj/down_proj MLP -> ParallelMLP, in place
+    full_state_dict(model)               the full HF-named tensors on every rank (for save_pretrained)
+    from_pretrained(cls, path, group)    build on meta, read only this rank's slices of the MLPs
+
+This package imports tp_ffn's core; the core never imports it. transformers, safetensors and accelerate
+are needed only by from_pretrained (the ``hf`` extra).
+
+    mlp.py      ParallelMLP, the activation names, parallelize_mlp, full_state_dict
+    files.py    safetensors checkpoint directories, read a chunk of rows at a time
+    loading.py  from_pretrained
+"""
+
+from .loading import from_pretrained
+from .mlp import HF_ACTIVATIONS, ParallelMLP, full_state_dict, parallelize_mlp
+
+__all__ = ["HF_ACTIVATIONS", "ParallelMLP", "from_pretrained", "full_state_dict", "parallelize_mlp"]
