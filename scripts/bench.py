@@ -4,6 +4,10 @@
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 scripts/bench.py --preset cpu --dtype both
     # a GPU node (NCCL), Llama-2-7B / Llama-3-8B FFN shapes, bf16
     torchrun --standalone --nproc_per_node 8 scripts/bench.py --preset llama2-7b --dtype bfloat16
+    # one GPU, compiled (inductor), Llama-3-8B FFN shape, TP=1
+    python scripts/bench.py --preset llama3-8b --dtype bfloat16 --compile --candidates dense,tp-overlap
+    # one rank's compute at TP=4 without communication: PyTorch's single-process fake process group
+    python scripts/bench.py --preset llama3-8b --dtype bfloat16 --fake-world 4 --candidates local,tp-overlap
 
 Candidates, each timed on the same weights and inputs (``--candidates`` picks a subset):
 
@@ -11,10 +15,12 @@ Candidates, each timed on the same weights and inputs (``--candidates`` picks a 
 dense               tp_ffn.FeedForward in one process (rank 0) with the threads of all ranks
 tp-plain            ParallelFeedForward, reference path: no fusion, no overlap
 tp-fused            w1/w3 as one GEMM
-tp-overlap          input-gradient all-reduce during the weight-gradient GEMMs
+tp-overlap          input-gradient all-reduce during the weight-gradient GEMMs: the default mode
 tp-fused-overlap    both
 tp-chunked          overlap + forward all-reduce in 4 token chunks overlapping the w2 GEMM
 tp-sp               sequence parallel (all-gather / reduce-scatter), overlap
+tp-autograd-act     tp-overlap as it ran before the two-tensor SwiGLU (tp_ffn/swiglu.py): act(g) * u
+                    and the down projection left to autograd, which keeps act(g) and the product too
 fairscale           Meta's FeedForward on fairscale's Column/RowParallelLinear
 torch-tp            parallelize_module(ColwiseParallel on w1/w3, RowwiseParallel on w2), DTensor
 local               the communication-free compute of this rank's (unfused) shard: the floor
@@ -24,8 +30,16 @@ After warm-up the candidates run interleaved and rotated (A B C, B C A, ...) for
 step between barriers; a step's time is the slowest rank's. Reported per candidate: median step
 time and its p10-p90 spread, the paired ratio to each reference (median over rounds of the
 ratio within a round), tokens/s, achieved GFLOP/s and its fraction of the GEMM rate measured
-in the same run, collectives per step and their bytes, peak memory per rank. A table is printed
-and JSON plus a PNG chart are written (``--out``).
+in the same run, collectives per step and their bytes, and memory per rank: the peak allocated
+during a step above what was live before it (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
+profiler's allocation records) and the activations saved for backward (``saved MiB``: buffers
+autograd keeps between forward and backward, parameters excluded; exact on any device). A table is
+printed and JSON plus a PNG chart are written (``--out``).
+
+``--compile`` runs every candidate under ``torch.compile`` (inductor), compiled before the timed
+rounds. ``--fake-world N`` runs one process as rank 0 of N on PyTorch's fake process group
+(collectives return at once, nothing is communicated): each candidate's time is one rank's
+compute at TP=N, and GFLOP/s and the GEMM-rate probe are per rank.
 """
 
 from __future__ import annotations
@@ -46,6 +60,7 @@ import torch.nn.functional as F
 
 from tp_ffn import FeedForward, ParallelFeedForward, split_sequence
 from tp_ffn.diagnostics import profile_step
+from tp_ffn.fused import gate_up_projection
 
 PRESETS = {
     "cpu": (1024, 2816, 2048),
@@ -61,6 +76,7 @@ ALL = [
     "tp-fused-overlap",
     "tp-chunked",
     "tp-sp",
+    "tp-autograd-act",
     "fairscale",
     "torch-tp",
     "local",
@@ -72,7 +88,10 @@ TP_MODES = {
     "tp-fused-overlap": {"fuse_gate_up": True, "overlap_comm": True},
     "tp-chunked": {"fuse_gate_up": False, "overlap_comm": True, "comm_chunks": 4},
     "tp-sp": {"fuse_gate_up": False, "overlap_comm": True, "sequence_parallel": True},
+    "tp-autograd-act": {"fuse_gate_up": False, "overlap_comm": True},
 }
+# The references each candidate's paired ratio is taken against.
+REFERENCES = ("local", "fairscale", "torch-tp", "dense", "tp-autograd-act")
 
 
 @dataclass(frozen=True)
@@ -85,11 +104,15 @@ class BenchConfig:
     reps: int
     warmup: int
     out: str
+    compile: bool = False
+    fake_world: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden_dim", "tokens", "reps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
+        if self.fake_world is not None and self.fake_world < 1:
+            raise ValueError(f"--fake-world: expected >= 1, got {self.fake_world}")
         unknown = sorted(set(self.candidates) - set(ALL))
         if unknown:
             raise ValueError(f"--candidates: unknown {unknown}; choose from {ALL}")
@@ -103,6 +126,7 @@ class Result:
     collectives: dict[str, int] = field(default_factory=dict)
     comm_bytes: int = 0
     peak_bytes: int = 0
+    saved_bytes: int = 0
     flops_per_step: float = 0.0
     note: str = ""
 
@@ -129,12 +153,19 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument(
         "--out", default="runs/bench", help="directory for bench.json, bench.md and bench.png (runs/ is not tracked)"
     )
+    p.add_argument("--compile", action="store_true", help="run every candidate under torch.compile (inductor)")
+    p.add_argument(
+        "--fake-world",
+        type=int,
+        metavar="N",
+        help="one process as rank 0 of N on the fake process group: one rank's compute at TP=N, no communication",
+    )
     a = p.parse_args(argv)
     dim, hidden, tokens = PRESETS[a.preset]
     dtypes = ("float32", "bfloat16") if a.dtype == "both" else (a.dtype,)
     return BenchConfig(
         a.dim or dim, a.hidden_dim or hidden, a.tokens or tokens, dtypes,
-        tuple(c for c in a.candidates.split(",") if c), a.reps, a.warmup, a.out,
+        tuple(c for c in a.candidates.split(",") if c), a.reps, a.warmup, a.out, a.compile, a.fake_world,
     )  # fmt: skip
 
 
@@ -145,6 +176,8 @@ def build(
     rank, world = dist.get_rank(), dist.get_world_size()
     if name == "dense":
         return (dense if rank == 0 else None), ""
+    if name == "tp-autograd-act":
+        return AutogradActFFN.from_dense(dense, device=device, **TP_MODES[name]), ""
     if name in TP_MODES:
         return ParallelFeedForward.from_dense(dense, device=device, **TP_MODES[name]), ""
     if name == "local":
@@ -165,7 +198,12 @@ def build(
     if name == "fairscale":
         if cfg.hidden_dim % world:
             return None, f"fairscale needs hidden % world == 0 ({cfg.hidden_dim} % {world})"
-        return FairscaleFFN(dense, world, rank).to(device), ""
+        if cfg.fake_world is not None:
+            return None, "fairscale keeps a global group of its own, not the fake one"
+        try:
+            return FairscaleFFN(dense, world, rank).to(device), ""
+        except ImportError:
+            return None, "fairscale is not installed"
     if name == "torch-tp":
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -175,6 +213,20 @@ def build(
         plan = {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()}
         return parallelize_module(clone, mesh, plan), ""
     raise ValueError(name)
+
+
+class AutogradActFFN(ParallelFeedForward):
+    """ParallelFeedForward's forward before the two-tensor SwiGLU, for paired speed and memory
+    ratios: the same GEMMs and collectives, with ``act(g) * u`` and the down projection left to
+    autograd (which keeps ``act(g)`` and the product for backward as well as ``g`` and ``u``).
+    Not sequence parallel, not chunked."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = gate_up_projection(
+            x, self.w1.weight, self.w3.weight, self.w1.bias, self.w3.bias, self.tp.group,
+            fused=self.fuse_gate_up, overlap=self.overlap_comm,
+        )  # fmt: skip
+        return self.w2.forward_parallel(self.act(g) * u)
 
 
 class FairscaleFFN(torch.nn.Module):
@@ -265,14 +317,18 @@ def run(cfg: BenchConfig) -> list[Result]:
     threads = torch.get_num_threads()
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = init_device_mesh(device.type, (world,)) if "torch-tp" in cfg.candidates else None
     torch.manual_seed(0)
     dense = FeedForward(cfg.dim, cfg.hidden_dim).to(device)
     x = torch.randn(1, cfg.tokens, cfg.dim, device=device)
     gy = torch.randn(1, cfg.tokens, cfg.dim, device=device)
     # 3 GEMMs x (forward + 2 backward) x 2 flops, for the whole machine: every candidate does the
-    # full block's work in total ("local" too: each rank computes its own shard).
+    # full block's work in total ("local" too: each rank computes its own shard). On the fake group
+    # this process is the only real rank: it does 1 / world of that (dense: all of it).
     flops = 18.0 * cfg.tokens * cfg.dim * cfg.hidden_dim
+    fake = cfg.fake_world is not None
+    # Dense runs on rank 0 alone, with the threads of all ranks (not on the fake group: one process).
+    dense_threads = threads if fake else threads * world
 
     results: list[Result] = []
     for dtype_name in cfg.dtypes:
@@ -280,29 +336,35 @@ def run(cfg: BenchConfig) -> list[Result]:
         probe = gemm_rate(cfg, autocast or torch.float32, device)
         rates: list[float] = []
         steps: dict[str, Callable[[], None] | None] = {}
+        params: dict[str, list[torch.Tensor]] = {}
         res: dict[str, Result] = {}
         for name in cfg.candidates:
             module, note = build(name, dense, cfg, device, mesh)
-            res[name] = Result(name, dtype_name, note=note, flops_per_step=flops)
+            per_step = flops / world if fake and name != "dense" else flops
+            res[name] = Result(name, dtype_name, note=note, flops_per_step=per_step)
             if module is None and name != "dense":
                 steps[name] = None
                 continue
+            params[name] = [] if module is None else list(module.parameters())
+            if module is not None and cfg.compile:
+                module = torch.compile(module)
             steps[name] = None if module is None else make_step(name, module, x, gy, autocast)
-        # One profiled step per candidate: collectives, bytes, peak memory.
+        # One step per candidate to warm up (compile, allocator, library handles), then one
+        # profiled: collectives, bytes, peak memory, activations saved for backward.
         for name, step in steps.items():
             if step is None and res[name].note:
                 continue
             if name == "dense":
-                torch.set_num_threads(threads * world)
-            prof = profile_step(step, device) if step is not None else None
+                torch.set_num_threads(dense_threads)
+            if step is not None:
+                step()
+            prof = profile_step(step, device, exclude=params[name]) if step is not None else None
             torch.set_num_threads(threads)
             dist.barrier()
             if prof is not None:
-                res[name].collectives, res[name].comm_bytes, res[name].peak_bytes = (
-                    dict(prof.collectives),
-                    prof.nbytes,
-                    prof.peak_bytes,
-                )
+                r = res[name]
+                r.collectives, r.comm_bytes, r.peak_bytes = dict(prof.collectives), prof.nbytes, prof.peak_bytes
+                r.saved_bytes = prof.saved_bytes
         names = list(steps)
         for i in range(cfg.warmup + cfg.reps):
             # Interleaved, and rotated each round (A B C, B C A, ...): each candidate's place in
@@ -312,7 +374,7 @@ def run(cfg: BenchConfig) -> list[Result]:
                 if step is None and res[name].note:
                     continue
                 if name == "dense":
-                    torch.set_num_threads(threads * world)
+                    torch.set_num_threads(dense_threads)
                 sync(device)
                 dist.barrier()
                 t = time.perf_counter()
@@ -351,20 +413,22 @@ def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) 
             "name": r.name, "dtype": r.dtype, "median_ms": med * 1e3, "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3,
             "tokens_per_s": cfg.tokens / med, "gflops": achieved, "gemm_fraction": achieved / machine,
             "collectives": r.collectives, "comm_mib": r.comm_bytes / 2**20, "peak_mib": r.peak_bytes / 2**20,
+            "saved_mib": r.saved_bytes / 2**20,
             "reps": len(r.times), "times_ms": [t * 1e3 for t in r.times], "note": r.note,
         })  # fmt: skip
     for dtype in cfg.dtypes:
         base = {r["name"]: r for r in rows if r["dtype"] == dtype and "median_ms" in r}
         for r in rows:
             if r["dtype"] == dtype and "median_ms" in r:
-                for ref in ("local", "fairscale", "torch-tp", "dense"):
+                for ref in REFERENCES:
                     if ref in base:
                         # Paired: the ratio within each round (the two steps ran seconds apart), then
                         # the median over rounds; slow drifts of a shared machine cancel out.
                         pairs = [a / b for a, b in zip(r["times_ms"], base[ref]["times_ms"])]
                         r[f"vs_{ref}"] = statistics.median(pairs)
                         r[f"vs_{ref}_of_medians"] = r["median_ms"] / base[ref]["median_ms"]
-    return {"config": asdict(cfg), "world_size": world, "device": device, "threads_per_rank": torch.get_num_threads(),
+    return {"config": asdict(cfg), "world_size": world, "fake_world": cfg.fake_world, "compiled": cfg.compile,
+            "device": device, "threads_per_rank": torch.get_num_threads(),
             "gemm_rate_gflops": {r.dtype: r.gemm_rate for r in results}, "rows": rows}  # type: ignore[attr-defined]  # fmt: skip
 
 
@@ -372,10 +436,12 @@ def print_table(summary: dict) -> None:
     cfg = summary["config"]
     print(
         f"\nFFN dim {cfg['dim']}, hidden {cfg['hidden_dim']}, {cfg['tokens']} tokens, forward+backward; "
-        f"world size {summary['world_size']} on {summary['device']}, {summary['threads_per_rank']} thread(s) per rank; "
+        f"world size {summary['world_size']}"
+        f"{' (fake process group: one rank computes, nothing is communicated)' if summary.get('fake_world') else ''}"
+        f"{', compiled' if summary.get('compiled') else ''} on {summary['device']}, {summary['threads_per_rank']} thread(s) per rank; "
         f"machine GEMM rate {', '.join(f'{k} {v:.0f}' for k, v in summary['gemm_rate_gflops'].items())} GFLOP/s"
     )
-    head = f"{'candidate':<17} {'dtype':<9} {'median ms':>9} {'p10-p90 ms':>14} {'tokens/s':>9} {'GFLOP/s':>8} {'of GEMM':>7} {'vs local':>8} {'vs fairsc':>9} {'vs torch':>8} {'vs dense':>8} {'collectives/step':<28} {'MiB moved':>9} {'peak MiB':>8}"
+    head = f"{'candidate':<17} {'dtype':<9} {'median ms':>9} {'p10-p90 ms':>14} {'tokens/s':>9} {'GFLOP/s':>8} {'of GEMM':>7} {'vs local':>8} {'vs fairsc':>9} {'vs torch':>8} {'vs dense':>8} {'vs act4':>7} {'collectives/step':<28} {'MiB moved':>9} {'peak MiB':>8} {'saved MiB':>9}"
     print(head)
     for r in summary["rows"]:
         if "median_ms" not in r:
@@ -386,8 +452,8 @@ def print_table(summary: dict) -> None:
         print(
             f"{r['name']:<17} {r['dtype']:<9} {r['median_ms']:>9.1f} {r['p10_ms']:>6.1f}-{r['p90_ms']:<7.1f} {r['tokens_per_s']:>9.0f} "
             f"{r['gflops']:>8.1f} {r['gemm_fraction']:>7.2f} {rel('vs_local'):>8} {rel('vs_fairscale'):>9} {rel('vs_torch-tp'):>8} "
-            f"{rel('vs_dense'):>8} "
-            f"{coll:<28} {r['comm_mib']:>9.1f} {r['peak_mib']:>8.1f}"
+            f"{rel('vs_dense'):>8} {rel('vs_tp-autograd-act'):>7} "
+            f"{coll:<28} {r['comm_mib']:>9.1f} {r['peak_mib']:>8.1f} {r['saved_mib']:>9.1f}"
         )
 
 
@@ -395,19 +461,20 @@ def markdown(summary: dict) -> str:
     """The table as Markdown, for docs/benchmarks.md."""
     lines = [
         "| candidate | dtype | median ms | p10-p90 ms | tokens/s | GFLOP/s | of GEMM rate | vs local | vs fairscale "
-        "| vs torch-tp | vs dense | collectives/step | MiB moved | peak MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| vs torch-tp | vs dense | vs tp-autograd-act | collectives/step | MiB moved | peak MiB | saved MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in summary["rows"]:
         if "median_ms" not in r:
-            lines.append(f"| {r['name']} | {r['dtype']} | skipped: {r['note']} |" + " |" * 11)
+            lines.append(f"| {r['name']} | {r['dtype']} | skipped: {r['note']} |" + " |" * 13)
             continue
         coll = ", ".join(f"{k} {v}" for k, v in sorted(r["collectives"].items())) or "none"
         rel = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         lines.append(
             f"| {r['name']} | {r['dtype']} | {r['median_ms']:.1f} | {r['p10_ms']:.1f}-{r['p90_ms']:.1f} "
             f"| {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | {r['gemm_fraction']:.2f} | {rel('vs_local')} "
-            f"| {rel('vs_fairscale')} | {rel('vs_torch-tp')} | {rel('vs_dense')} | {coll} | {r['comm_mib']:.1f} | {r['peak_mib']:.1f} |"
+            f"| {rel('vs_fairscale')} | {rel('vs_torch-tp')} | {rel('vs_dense')} | {rel('vs_tp-autograd-act')} | {coll} "
+            f"| {r['comm_mib']:.1f} | {r['peak_mib']:.1f} | {r['saved_mib']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -447,11 +514,17 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0")
-        )
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if cfg.fake_world is not None:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cfg.fake_world)
+    else:
+        if "RANK" not in os.environ:
+            os.environ.update(
+                RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0")
+            )
+        # The step times and GEMM rates are reduced as CPU tensors: gloo carries those beside NCCL.
+        dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo")
     try:
         results = run(cfg)
         world = dist.get_world_size()

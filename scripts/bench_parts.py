@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo")  # medians are reduced as CPU tensors
     try:
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         dim, hidden, tokens = PRESETS[a.preset]

@@ -5,9 +5,14 @@
     python scripts/convert_checkpoint.py --from meta --to meta --num-shards 8 SRC DST    # reshard a Meta checkpoint
     python scripts/convert_checkpoint.py --from hf --to meta --force SRC DST             # replace a non-empty DST
     python scripts/convert_checkpoint.py --from hf --to meta --meta-embedding-split dim SRC DST  # Llama 1/2's layout
+    python scripts/convert_checkpoint.py --from train --to hf runs/ft DST                # a training checkpoint -> HF
+    python scripts/convert_checkpoint.py --from train --to meta --num-shards 2 runs/ft/step_00000100 DST
 
 SRC is a Hugging Face directory (config.json + model.safetensors, or sharded safetensors with
-model.safetensors.index.json) or a Meta one (params.json + consolidated.XX.pth). Tensors keep
+model.safetensors.index.json), a Meta one (params.json + consolidated.XX.pth), or a training
+checkpoint (a --ckpt-dir, whose newest checkpoint is read, or one step_N directory): written with
+the tokenizer it was trained with (tokenizer.json / tokenizer.model and tokenizer_config.json for
+Hugging Face, which transformers' from_pretrained and AutoTokenizer load). Tensors keep
 their dtype and values bit for bit; only the q/k rows are permuted between the two rotary
 conventions. Meta shards split tok_embeddings.weight by vocabulary, as Llama 3's code and
 llama-models load it (VocabParallelEmbedding); --meta-embedding-split dim writes Llama 1/2's
@@ -44,6 +49,8 @@ class ConvertArgs:
             raise ValueError(f"--num-shards: expected >= 1, got {self.num_shards}")
         if self.num_shards != 1 and self.target_format != "meta":
             raise ValueError(f"--num-shards: only meaningful with --to meta, got --to {self.target_format}")
+        if self.max_seq_len is not None and self.source_format == "train":
+            raise ValueError("--max-seq-len: not with --from train (the checkpoint records its own)")
         if self.meta_embedding_split is not None and self.target_format != "meta":
             raise ValueError(f"--meta-embedding-split: only meaningful with --to meta, got --to {self.target_format}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
@@ -56,7 +63,9 @@ class ConvertArgs:
 
 def parse_args(argv: list[str] | None = None) -> ConvertArgs:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--from", dest="source_format", choices=("hf", "meta"), required=True, help="layout of SRC")
+    parser.add_argument(
+        "--from", dest="source_format", choices=("hf", "meta", "train"), required=True, help="layout of SRC"
+    )
     parser.add_argument("--to", dest="target_format", choices=("hf", "meta"), required=True, help="layout to write")
     parser.add_argument("--num-shards", type=int, default=1, help="consolidated.XX.pth files to write (--to meta)")
     parser.add_argument(
@@ -66,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> ConvertArgs:
     parser.add_argument(
         "--meta-embedding-split", choices=("vocab", "dim"), default=None,
         help="how Meta shards split tok_embeddings.weight (--to meta): 'vocab' (default; Llama 3, llama-models) "
-        "or 'dim' (Llama 1/2)",
+        "or 'dim' (Llama 1/2; the default for --from train with a SentencePiece tokenizer)",
     )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace a non-empty DST")
     parser.add_argument("src", type=Path, metavar="SRC")
@@ -84,8 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from tp_ffn.models import convert_checkpoint, detect_format
+    from tp_ffn.train import UsageError
 
     try:
+        if args.source_format == "train":
+            from tp_ffn.train.export import export_checkpoint
+
+            step = export_checkpoint(
+                args.src, args.dst, to=args.target_format, num_shards=args.num_shards, overwrite=args.force,
+                progress=tqdm, embedding_split=args.meta_embedding_split,
+            )  # fmt: skip
+            shards = f" in {args.num_shards} shard(s)" if args.target_format == "meta" else ""
+            print(f"wrote {step} as a {args.target_format} checkpoint{shards} to {args.dst}")
+            return 0
         found = detect_format(args.src)
         if found != args.source_format:
             raise ValueError(f"--from {args.source_format}: but {args.src} holds a {found} checkpoint")
@@ -93,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             args.src, args.dst, to=args.target_format, num_shards=args.num_shards, overwrite=args.force,
             max_seq_len=args.max_seq_len, progress=tqdm, embedding_split=args.meta_embedding_split or "vocab",
         )  # fmt: skip
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, UsageError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         return 2
     shards = f" in {args.num_shards} shard(s)" if args.target_format == "meta" else ""

@@ -5,9 +5,12 @@
         --dim 4096 --hidden-dim 11008 --sequence-parallel              # GPUs: NCCL
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 scripts/parity.py                   # several nodes
+    torchrun --nproc_per_node 2 scripts/parity.py --backend gloo \\
+        --device cuda:0                                                # 2 ranks on one GPU (gloo)
 
 Builds a dense FeedForward with a fixed seed on every rank, shards it over all ranks (NCCL when
-CUDA is available, gloo otherwise), runs one forward and backward, and prints on rank 0: the max
+CUDA is available, gloo otherwise; ``--backend`` and ``--device`` choose: with ``--device cuda:0``
+every rank uses that GPU, which gloo allows and NCCL does not), runs one forward and backward, and prints on rank 0: the max
 abs / relative error of the output, the input gradient and every weight gradient against a float64
 dense reference and against the single-process pretraining_tp emulation at k = world size, the
 collectives counted in forward and backward against the expected ones, and each rank's shard
@@ -49,8 +52,16 @@ class ParityConfig:
     seq: int = 12  # divisible by every world size up to 4, and 6
     seed: int = 0
     rtol: float | None = None
+    backend: str = "auto"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"--backend: expected auto, nccl or gloo, got {self.backend!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.removeprefix("cuda:").isdigit()):
+            raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.backend == "nccl" and self.device == "cpu":
+            raise ValueError("--backend nccl: needs a CUDA device, got --device cpu")
         for name in ("dim", "hidden_dim", "batch", "seq"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
@@ -87,10 +98,35 @@ def parse_args(argv: list[str] | None = None) -> ParityConfig:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: by dtype)")
+    p.add_argument("--backend", default="auto", help="auto (NCCL when CUDA is available, else gloo), nccl or gloo")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda (cuda:LOCAL_RANK) or cuda:N (every rank)",
+    )
     a = p.parse_args(argv)
     return ParityConfig(
-        a.dim, a.hidden_dim, a.bias, a.activation, a.sequence_parallel, a.dtype, a.batch, a.seq, a.seed, a.rtol
-    )
+        a.dim, a.hidden_dim, a.bias, a.activation, a.sequence_parallel, a.dtype, a.batch, a.seq, a.seed, a.rtol,
+        a.backend, a.device,
+    )  # fmt: skip
+
+
+def resolve_device(cfg: ParityConfig) -> tuple[torch.device, str]:
+    """The device this rank computes on and the backend, from ``--device`` and ``--backend``."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if cfg.device == "auto":
+        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    elif cfg.device == "cuda":
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cuda" and not cuda:
+        raise ValueError(f"--device {cfg.device}: CUDA is not available")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"--backend nccl: needs a CUDA device, got {device}")
+    return device, backend
 
 
 def expected_collectives(world: int, sp: bool, bias: bool) -> tuple[Counter, Counter]:
@@ -107,9 +143,8 @@ def errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     return (got - want).abs().max().item(), diff / max(want.norm().item(), 1e-300)
 
 
-def run(cfg: ParityConfig) -> bool:
+def run(cfg: ParityConfig, device: torch.device) -> bool:
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = DTYPES[cfg.dtype]
     if cfg.hidden_dim < world:
         raise ValueError(
@@ -156,17 +191,19 @@ def run(cfg: ParityConfig) -> bool:
     with count_collectives() as bwd:
         y.backward(shard(gy.to(device, dtype)))
     g, sizes = group, par.w1.shard_sizes
+    # The report's own gathers: on the CPU under gloo (which handles every collective there).
+    report = (lambda t: t.detach().cpu()) if dist.get_backend() == "gloo" else (lambda t: t.detach())
     got = {
-        "output": gather_sequence(y.detach(), g) if cfg.sequence_parallel else y,
-        "input grad": gather_sequence(xl.grad, g) if cfg.sequence_parallel else xl.grad,
+        "output": gather_sequence(report(y), g) if cfg.sequence_parallel else y,
+        "input grad": gather_sequence(report(xl.grad), g) if cfg.sequence_parallel else xl.grad,
     }
     for name in ("w1", "w2", "w3"):
         layer = getattr(par, name)
         dim = 1 if name == "w2" else 0
-        got[f"grad {name}.weight"] = all_gather_along(layer.weight.grad, g, dim, sizes)
+        got[f"grad {name}.weight"] = all_gather_along(report(layer.weight.grad), g, dim, sizes)
         if layer.bias is not None:
             got[f"grad {name}.bias"] = (
-                layer.bias.grad if name == "w2" else all_gather_along(layer.bias.grad, g, 0, sizes)
+                layer.bias.grad if name == "w2" else all_gather_along(report(layer.bias.grad), g, 0, sizes)
             )
 
     # Rank 0 prints; every rank's verdict is combined so that all exit alike.
@@ -216,16 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"parity.py: {e}", file=sys.stderr)
         return 2
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        device, backend = resolve_device(cfg)
+    except ValueError as e:
+        print(f"parity.py: {e}", file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if "RANK" not in os.environ:  # plain `python scripts/parity.py`: a world of one
         os.environ.update(
             RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0")
         )
     dist.init_process_group(backend)
     try:
-        ok = run(cfg)
+        ok = run(cfg, device)
     except (ValueError, TypeError) as e:  # bad arguments for this world size: the same on every rank
         if dist.get_rank() == 0:
             print(f"parity.py: {e}", file=sys.stderr)

@@ -12,6 +12,16 @@ the cosine stretched to the new end (without --lr-schedule-steps it keeps the 30
     torchrun --standalone --nproc_per_node 2 scripts/train.py --preset tiny --tp 1 --dp 2 \
         --steps 600 --lr-schedule-steps 600 --ckpt-dir runs/tiny --resume
 
+Fine-tune a pretrained model on your text with its own tokenizer (tokenizer.json or
+tokenizer.model beside the weights); evaluate it before and after (--eval-only):
+
+    torchrun --standalone --nproc_per_node 2 scripts/train.py --init-from /models/tiny-llama \
+        --data notes/ --tp 2 --eval-only
+    torchrun --standalone --nproc_per_node 2 scripts/train.py --init-from /models/tiny-llama \
+        --data notes/ --tp 2 --lr 1e-4 --steps 200 --ckpt-dir runs/notes
+    torchrun --standalone --nproc_per_node 2 scripts/train.py --init-from /models/tiny-llama \
+        --data notes/ --tp 2 --ckpt-dir runs/notes --resume --eval-only
+
 Survive lost ranks: restart the whole group from the newest complete checkpoint, up to 3 times:
 
     torchrun --standalone --nproc_per_node 2 --max-restarts 3 scripts/train.py --tp 2 \

@@ -32,6 +32,7 @@ def test_bench_smoke(tmp_path):
             "tp-overlap",
             "tp-chunked",
             "tp-sp",
+            "tp-autograd-act",
             "fairscale",
             "torch-tp",
             "local",
@@ -43,6 +44,16 @@ def test_bench_smoke(tmp_path):
         assert rows[("tp-chunked", dtype)]["collectives"] == {"all_reduce": 5}
         assert rows[("local", dtype)]["collectives"] == {}
     assert rows[("tp-plain", "float32")]["comm_mib"] == pytest.approx(2 * 32 * 64 * 4 / 2**20)
+    # Activations saved for backward, per rank (n_r = 64): the default mode keeps x, g and u;
+    # fairscale and the autograd composition keep act(g) and the product as well.
+    saved = {name: rows[(name, "float32")]["saved_mib"] * 2**20 for name in ("tp-overlap", "tp-autograd-act")}
+    assert saved["tp-overlap"] == 32 * (64 + 2 * 64) * 4
+    assert saved["tp-autograd-act"] == 32 * (64 + 4 * 64) * 4
+    for dtype in ("float32", "bfloat16"):
+        for peer in ("fairscale", "torch-tp", "tp-autograd-act", "dense"):
+            assert rows[("tp-overlap", dtype)]["saved_mib"] < rows[(peer, dtype)]["saved_mib"], (peer, dtype)
+        assert rows[("tp-overlap", dtype)]["peak_mib"] > 0
+        assert rows[("tp-overlap", dtype)]["vs_tp-autograd-act"] > 0
     # Paired ratios (median over rounds of the per-round ratio) and the per-round GEMM probe.
     assert rows[("local", "float32")]["vs_local"] == 1.0
     assert rows[("tp-overlap", "float32")]["vs_fairscale_of_medians"] > 0
@@ -52,6 +63,26 @@ def test_bench_smoke(tmp_path):
     assert "unwaited collective" not in r.stderr, r.stderr[-3000:]
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "| tp-overlap | float32 |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_bench_fake_world_and_compile_smoke(tmp_path):
+    """One rank's compute at TP=4 on the fake process group, compiled: no torchrun, per-rank flops."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "scripts/bench.py", "--dim", "32", "--hidden-dim", "64", "--tokens", "16", "--reps", "2"]
+    cmd += ["--warmup", "1", "--fake-world", "4", "--compile", "--candidates", "tp-overlap,fairscale"]
+    r = subprocess.run(cmd + ["--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    assert summary["fake_world"] == 4 and summary["compiled"] and summary["world_size"] == 4
+    rows = {row["name"]: row for row in summary["rows"]}
+    assert "fake process group" in r.stdout
+    assert "fake" in rows["fairscale"]["note"]
+    assert len(rows["tp-overlap"]["times_ms"]) == 2
+    # This process computes one rank's share: 1/4 of the block's flops; x, g, u of 16 rows are saved.
+    flops = rows["tp-overlap"]["gflops"] * 1e9 * rows["tp-overlap"]["median_ms"] / 1e3
+    assert flops == pytest.approx(18 * 16 * 32 * 64 / 4)
+    assert rows["tp-overlap"]["saved_mib"] * 2**20 == 16 * (32 + 2 * 16) * 4
 
 
 @pytest.mark.timeout(200)

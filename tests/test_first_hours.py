@@ -200,7 +200,6 @@ def test_device_cuda_without_cuda_is_one_line(trained):
     [
         (["--temperature", "-0.5"], r"--temperature: expected a number >= 0 \(0: greedy\), got -0.5"),
         (["--temperature", "nan"], r"--temperature: expected a number >= 0 \(0: greedy\), got nan"),
-        (["--prompt", ""], r"--prompt: expected at least one byte"),
     ],
 )
 def test_sample_flags_are_checked(argv, pattern, capsys):

@@ -63,6 +63,9 @@ def test_config_errors():
         PRESETS["tiny"].updated(layers=3)
     assert PRESETS["llama2-7b"].hidden_dim == 11008 and PRESETS["llama3-8b"].hidden_dim == 14336
     assert round(PRESETS["llama3-8b"].num_params() / 1e9, 2) == 8.03
+    assert round(PRESETS["gpt2-small"].num_params() / 1e6, 1) == 134.1
+    small = Transformer(PRESETS["gpt2-small"], device="meta")
+    assert sum(p.numel() for p in small.parameters()) == PRESETS["gpt2-small"].num_params()
     meta = Transformer(PRESETS["llama2-7b"], device="meta")
     assert sum(p.numel() for p in meta.parameters()) == PRESETS["llama2-7b"].num_params()
 

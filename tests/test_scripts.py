@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +86,33 @@ def test_parity_without_torchrun_is_world_size_one():
     r = _run([sys.executable, "scripts/parity.py", "--dim", "16", "--hidden-dim", "24", "--bias"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "collectives  forward: none (expected none)" in r.stdout
+
+
+@pytest.mark.timeout(120)
+def test_parity_backend_and_device_flags():
+    r = _run(
+        [
+            sys.executable,
+            "scripts/parity.py",
+            "--dim",
+            "8",
+            "--hidden-dim",
+            "12",
+            "--backend",
+            "gloo",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "world size 1 (gloo on cpu)" in r.stdout
+    r = _run([sys.executable, "scripts/parity.py", "--backend", "nccl", "--device", "cpu"])
+    assert r.returncode == 2 and "--backend nccl: needs a CUDA device" in r.stderr
+    r = _run([sys.executable, "scripts/parity.py", "--device", "gpu0"])
+    assert r.returncode == 2 and "--device: expected auto, cpu, cuda or cuda:N" in r.stderr
+    if not torch.cuda.is_available():
+        r = _run([sys.executable, "scripts/parity.py", "--device", "cuda:0"])
+        assert r.returncode == 2 and "--device cuda:0: CUDA is not available" in r.stderr
 
 
 def test_readme_commands_and_ci_agree():

@@ -72,6 +72,14 @@ BY_HAND = {
     "torch.ops._c10d_functional.reduce_scatter_tensor(*4)": "the same",
     "torch.ops._c10d_functional.wait_tensor": "called as wait_tensor(tensor)",
     "torch.ops._c10d_functional.wait_tensor(*1)": "the same",
+    "torch.ops.aten": "the ATen op namespace (every release)",
+    "torch.ops.aten.gelu_backward": "called as gelu_backward(grad, self, approximate=...), as autograd's derivatives.yaml does since 1.12",
+    "torch.ops.aten.gelu_backward(*2)": "the same",
+    "torch.ops.aten.gelu_backward(approximate=)": "the same",
+    "torch.ops.aten.silu_backward": "called as silu_backward(grad_output, self), autograd's derivative of silu since 1.7",
+    "torch.ops.aten.silu_backward(*2)": "the same",
+    "torch.ops.aten.threshold_backward": "called as threshold_backward(grad_output, self, threshold), relu's derivative",
+    "torch.ops.aten.threshold_backward(*3)": "the same",
 }
 
 

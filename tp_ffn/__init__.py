@@ -14,6 +14,7 @@ from .emulation import emulate_pretraining_tp
 from .ffn import FeedForward, ParallelFeedForward, llama_ffn_hidden_dim
 from .groups import TPGroup, resolve_group, shard_bounds, shard_sizes
 from .layers import ColumnParallelLinear, RowParallelLinear
+from .swiglu import swiglu, swiglu_linear
 
 __version__ = "0.1.0"
 
@@ -36,4 +37,6 @@ __all__ = [
     "shard_bounds",
     "shard_sizes",
     "split_sequence",
+    "swiglu",
+    "swiglu_linear",
 ]

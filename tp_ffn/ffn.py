@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from functools import partial
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -14,23 +13,9 @@ from .comm import all_gather_along, copy_to_parallel, gather_from_sequence
 from .fused import gate_up_projection, row_parallel_chunked
 from .groups import GroupLike, resolve_group
 from .layers import ColumnParallelLinear, RowParallelLinear, check_features, check_input
+from .swiglu import ACTIVATIONS, compute_dtype, get_activation, swiglu_linear
 
 __all__ = ["ACTIVATIONS", "FeedForward", "ParallelFeedForward", "get_activation", "llama_ffn_hidden_dim"]
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": partial(F.gelu, approximate="tanh"),
-    "relu": F.relu,
-}
-
-
-def get_activation(name: str) -> Callable[[Tensor], Tensor]:
-    """The activation called ``name``; ``ValueError`` listing the choices otherwise."""
-    try:
-        return ACTIVATIONS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {name!r}") from None
 
 
 def llama_ffn_hidden_dim(
@@ -129,6 +114,18 @@ class ParallelFeedForward(nn.Module):
     during the weight-gradient GEMMs; ``comm_chunks > 1`` (not with sequence parallelism) splits the
     down projection into token chunks whose all-reduces overlap the next chunk's GEMM, so the
     forward issues ``comm_chunks`` all-reduces carrying the bytes of one.
+
+    Memory kept for backward (every mode; parameters aside): the input ``x`` once (both projections
+    read the same tensor), and ``g = x w1^T`` and ``u = x w3^T`` — ``dim + 2 n_r`` elements per
+    token. The gated product ``act(g) * u`` and the down projection are one autograd function
+    (:func:`~tp_ffn.swiglu.swiglu_linear`) that recomputes ``act(g)``, its derivative and the
+    product from ``g`` and ``u`` in backward, where autograd would keep ``act(g)`` and the
+    product as well (``dim + 4 n_r``, as :class:`FeedForward` does). With sequence parallelism the
+    input kept is the gathered ``[b, s, dim]`` the GEMMs read, so per token of the full sequence it
+    is again ``dim + 2 n_r`` (per local token ``W (dim + 2 n_r)``, since ``g`` and ``u`` span the
+    full sequence anyway). Keeping only the local ``[b, s/W, dim]`` shard would lower that to
+    ``dim / W + 2 n_r`` at the price of a second all-gather of the input in backward (Megatron's
+    choice); this block does not.
     """
 
     def __init__(
@@ -198,12 +195,15 @@ class ParallelFeedForward(nn.Module):
                 if self.sequence_parallel
                 else copy_to_parallel(x, group)
             )
+            # Cast and lay out once: under autocast, or on a gathered (strided) input, each F.linear
+            # would make (and keep for backward) a copy of its own.
+            x = x.to(compute_dtype(x)).contiguous()
             g, u = F.linear(x, w1.weight, w1.bias), F.linear(x, w3.weight, w3.bias)
-        h = self.act(g) * u
+        # act(g) * u and the down projection in one function that keeps only g and u for backward.
         if self.comm_chunks > 1 and self.tp.size > 1:
-            y = row_parallel_chunked(h, self.w2.weight, group, self.comm_chunks)
+            y = row_parallel_chunked(g, u, self.w2.weight, self.activation, group, self.comm_chunks)
             return y if self.w2.bias is None else y + self.w2.bias.to(y.dtype)
-        return self.w2.forward_parallel(h)
+        return self.w2.reduce_partial(swiglu_linear(g, u, self.w2.weight, self.activation))
 
     @classmethod
     def from_dense(

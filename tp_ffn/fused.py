@@ -4,8 +4,9 @@
 one entry region, optionally as one GEMM on the concatenated shards, and in backward starts the
 input-gradient all-reduce (reduce-scatter under sequence parallelism) before computing the
 weight gradients, so the collective runs while they compute (Megatron's async input-gradient
-all-reduce). ``row_parallel_chunked`` splits the down projection's tokens into chunks and starts
-each chunk's all-reduce while the next chunk's GEMM runs.
+all-reduce). ``row_parallel_chunked`` is :func:`~tp_ffn.swiglu.swiglu_linear` (the gated activation
+and the down projection, keeping only ``g`` and ``u``) with the tokens split into chunks, each
+chunk's all-reduce started while the next chunk's GEMM runs.
 
 The collectives start at once and are waited for where the result is needed. In eager mode they
 are c10d calls with ``async_op=True`` that reduce in place into a buffer this module owns; under
@@ -23,6 +24,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from .comm import _reduce_scatter_single, all_gather_along
+from .swiglu import act_mul, compute_dtype, swiglu_linear_backward
 
 __all__ = ["gate_up_projection", "row_parallel_chunked"]
 
@@ -66,12 +68,6 @@ def _wait_input_grad(pending: tuple[Tensor, Any], seq_dim: int | None) -> Tensor
     return dx if seq_dim is None else dx.movedim(0, seq_dim)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
@@ -87,18 +83,19 @@ class _GateUp(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
         # Autocast does not reach inside a custom Function's backward: cast once here, by hand.
         ctx.input_dtype = x.dtype
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         x, w1, w3, b1, b3 = (_cast(t, dtype) for t in (x, w1, w3, b1, b3))
         if sequence_dim is not None:
-            x = all_gather_along(x, group, sequence_dim)
+            # Contiguous once here, or each GEMM below copies the strided gathered input.
+            x = all_gather_along(x, group, sequence_dim).contiguous()
         if fused:
-            w = torch.cat((w1, w3))
             b = None if b1 is None else torch.cat((b1, b3))
-            g, u = F.linear(x, w, b).split((w1.shape[0], w3.shape[0]), dim=-1)
-            ctx.save_for_backward(x, w)
+            g, u = F.linear(x, torch.cat((w1, w3)), b).split((w1.shape[0], w3.shape[0]), dim=-1)
         else:
             g, u = F.linear(x, w1, b1), F.linear(x, w3, b3)
-            ctx.save_for_backward(x, w1, w3)
+        # The weights, not their concatenation: a weight-sized copy kept per layer until backward
+        # costs more than concatenating again there.
+        ctx.save_for_backward(x, w1, w3)
         ctx.group, ctx.sequence_dim, ctx.fused, ctx.overlap = group, sequence_dim, fused, overlap
         ctx.has_bias, ctx.n1 = b1 is not None, w1.shape[0]
         return g, u
@@ -106,11 +103,14 @@ class _GateUp(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dg: Tensor, du: Tensor) -> tuple[Tensor | None, ...]:
         group, seq_dim = ctx.group, ctx.sequence_dim
+        x, w1, w3 = ctx.saved_tensors
         if ctx.fused:
-            x, w = ctx.saved_tensors
-            d = torch.cat((dg, du), dim=-1).reshape(-1, w.shape[0])
+            # [w3; w1], not the forward's [w1; w3]: under torch.compile forward and backward are one
+            # graph, where an identical concatenation would be merged with the forward's (CSE) and
+            # then kept from forward, a weight-sized copy, since it feeds a GEMM. Same products.
+            w = torch.cat((w3, w1))
+            d = torch.cat((du, dg), dim=-1).reshape(-1, w.shape[0])
         else:
-            x, w1, w3 = ctx.saved_tensors
             dg, du = dg.reshape(-1, w1.shape[0]), du.reshape(-1, w3.shape[0])
         x2 = x.reshape(-1, x.shape[-1])
 
@@ -130,11 +130,12 @@ class _GateUp(torch.autograd.Function):
         # Weight gradients: computed while the collective above is in flight.
         dw1 = dw3 = db1 = db3 = None
         if ctx.fused:
+            n3 = w.shape[0] - ctx.n1
             dw = d.t() @ x2
-            dw1, dw3 = dw[: ctx.n1], dw[ctx.n1 :]
+            dw3, dw1 = dw[:n3], dw[n3:]
             if ctx.has_bias:
                 db = d.sum(0)
-                db1, db3 = db[: ctx.n1], db[ctx.n1 :]
+                db3, db1 = db[:n3], db[n3:]
         else:
             dw1, dw3 = dg.t() @ x2, du.t() @ x2
             if ctx.has_bias:
@@ -170,29 +171,33 @@ def gate_up_projection(
 
 
 class _RowParallelChunked(torch.autograd.Function):
-    """Forward: per token chunk, GEMM then all-reduce started. Backward: GEMMs, no communication."""
+    """Forward: per token chunk, ``act(g) * u``, the GEMM, then its all-reduce started. Saves ``g``,
+    ``u``, ``w``. Backward: that of :func:`~tp_ffn.swiglu.swiglu_linear` (GEMMs, no communication)."""
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, w: Tensor, group: ProcessGroup, chunks: int) -> Tensor:
-        dtype = _compute_dtype(h)
-        h, w = h.to(dtype), w.to(dtype)
-        ctx.save_for_backward(h, w)
-        h2 = h.reshape(-1, h.shape[-1])
-        pending = [_all_reduce_start(c @ w.t(), group) for c in h2.tensor_split(chunks)]
+    def forward(ctx: Any, g: Tensor, u: Tensor, w: Tensor, activation: str, group: ProcessGroup, chunks: int) -> Tensor:
+        dtype = compute_dtype(g)
+        g, u, w = g.to(dtype), u.to(dtype), w.to(dtype)
+        ctx.save_for_backward(g, u, w)
+        ctx.activation = activation
+        g2, u2 = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
+        pending = [
+            _all_reduce_start(act_mul(gc, uc, activation) @ w.t(), group)
+            for gc, uc in zip(g2.tensor_split(chunks), u2.tensor_split(chunks))
+        ]
         y = torch.cat([_wait(p) for p in pending])
-        return y.view(*h.shape[:-1], w.shape[0])
+        return y.view(*g.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        h, w = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dh = (dy2 @ w).view(h.shape) if ctx.needs_input_grad[0] else None
-        dw = dy2.t() @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None
+        g, u, w = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        return (*swiglu_linear_backward(dy.to(w.dtype), g, u, w, ctx.activation, needs), None, None, None)
 
 
-def row_parallel_chunked(h: Tensor, w: Tensor, group: ProcessGroup, chunks: int) -> Tensor:
-    """``all_reduce(h w^T)`` computed in ``chunks`` token chunks whose all-reduces overlap the next
-    chunk's GEMM. ``h [*, n_r]``, ``w [out, n_r]`` -> ``[*, out]``. Forward: ``chunks`` all-reduces
-    (the bytes of one); backward: identity, as for ``reduce_from_parallel``."""
-    return _RowParallelChunked.apply(h, w, group, chunks)
+def row_parallel_chunked(g: Tensor, u: Tensor, w: Tensor, activation: str, group: ProcessGroup, chunks: int) -> Tensor:
+    """``all_reduce((act(g) * u) w^T)`` in ``chunks`` token chunks whose all-reduces overlap the next
+    chunk's GEMM, keeping only ``g``, ``u`` and ``w`` for backward. ``g, u [*, n_r]``,
+    ``w [out, n_r]`` -> ``[*, out]``. Forward: ``chunks`` all-reduces (the bytes of one); backward:
+    none, as for ``reduce_from_parallel``."""
+    return _RowParallelChunked.apply(g, u, w, activation, group, chunks)

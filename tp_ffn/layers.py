@@ -18,7 +18,7 @@ from .comm import (
 from .groups import GroupLike, TPGroup, resolve_group, shard_bounds, shard_sizes
 from .init import init_linear_shard_
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "check_input", "check_features"]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "check_features", "check_input"]
 
 
 def check_features(name: str, value: int, *, at_least: int = 1) -> int:
@@ -226,16 +226,23 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward_parallel(self, x: Tensor) -> Tensor:
         """The product of an input already split by features ``[*, n_r]`` (no checks)."""
-        group = self.tp.group
         if self.tp.size == 1:
             return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
-        if self.sequence_parallel:
+        return self.reduce_partial(F.linear(x, self.weight))
+
+    def reduce_partial(self, y: Tensor) -> Tensor:
+        """Finish this rank's partial product ``y = x_r A_r^T [*, out]`` (no bias yet): sum it over the
+        group (reduce-scatter along ``sequence_dim`` with sequence parallelism) and add the bias once.
+
+        ``y`` must be a tensor nothing else holds (the output of the GEMM just before): it is
+        reduced in place.
+        """
+        group, bias = self.tp.group, self.bias
+        if self.tp.size > 1 and self.sequence_parallel:
             y = reduce_scatter_to_sequence(y, group, self.sequence_dim)
             # Each rank's tokens see the whole bias: all-reduce its gradient in backward.
-            bias = None if self.bias is None else copy_to_parallel(self.bias, group)
-        else:
-            y = reduce_from_parallel(y, group, inplace=True)  # y is this GEMM's own output
-            bias = self.bias
+            bias = None if bias is None else copy_to_parallel(bias, group)
+        elif self.tp.size > 1:
+            y = reduce_from_parallel(y, group, inplace=True)
         # Under autocast y is in the autocast dtype: add the bias in it, as F.linear would.
         return y if bias is None else y + bias.to(y.dtype)

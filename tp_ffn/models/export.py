@@ -25,7 +25,7 @@ from .pretrained_config import config_from_pretrained, detect_format
 from .weight_names import HF_CONFIG, HF_SINGLE, META_EMBEDDING_SPLITS, META_PARAMS, meta_to_hf_rows, weight_layout
 from .weights_types import PathLike, Progress
 
-__all__ = ["convert_checkpoint", "export_hf", "export_meta"]
+__all__ = ["convert_checkpoint", "export_hf", "export_meta", "write_pretrained"]
 
 
 def _check_destination(path: Path, overwrite: bool) -> None:
@@ -123,7 +123,13 @@ def _write_json(data: Mapping[str, Any], file: Path) -> None:
         f.write("\n")
 
 
-def _write_hf(full: Mapping[str, Tensor], cfg: LlamaConfig, out: Path, progress: Progress | None = None) -> None:
+def _write_hf(
+    full: Mapping[str, Tensor],
+    cfg: LlamaConfig,
+    out: Path,
+    progress: Progress | None = None,
+    config_extra: Mapping[str, Any] | None = None,
+) -> None:
     from safetensors.torch import save_file
 
     layout = weight_layout(cfg)
@@ -133,7 +139,8 @@ def _write_hf(full: Mapping[str, Tensor], cfg: LlamaConfig, out: Path, progress:
         x = full[e.name]
         tensors[e.hf] = (meta_to_hf_rows(x, cfg.head_dim) if e.heads is not None else x).contiguous()
     save_file(tensors, str(out / HF_SINGLE), metadata={"format": "pt"})
-    _write_json(_hf_config_dict(cfg, next(iter(full.values())).dtype), out / HF_CONFIG)
+    config = _hf_config_dict(cfg, next(iter(full.values())).dtype)
+    _write_json({**config, **(config_extra or {})}, out / HF_CONFIG)
 
 
 def _check_num_shards(cfg: LlamaConfig, num_shards: int) -> None:
@@ -299,3 +306,49 @@ def convert_checkpoint(
         else:
             _write_meta(full, cfg, tmp, num_shards, progress, embedding_dim=embedding_dim)
     return fmt
+
+
+def write_pretrained(
+    full: Mapping[str, Tensor],
+    cfg: LlamaConfig,
+    dst: PathLike,
+    *,
+    to: str,
+    num_shards: int = 1,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+    extra: Callable[[Path], object] | None = None,
+    embedding_split: str = "vocab",
+) -> None:
+    """Write full weights (Meta names, e.g. from a training checkpoint) as a Hugging Face or Meta directory.
+
+    ``full`` must hold every tensor of ``weight_layout(cfg)`` with its full shape. ``hf_config``
+    adds fields to HF's ``config.json`` (e.g. ``bos_token_id``); ``embedding_split`` is
+    :func:`export_meta`'s; ``extra(directory)`` writes more
+    files (a tokenizer) before the directory is renamed into place, atomically as
+    :func:`convert_checkpoint`. Raises ``ValueError`` for missing or misshapen tensors,
+    ``FileExistsError`` for a non-empty ``dst`` without ``overwrite``.
+    """
+    if to not in ("hf", "meta"):
+        raise ValueError(f"to: expected 'hf' or 'meta', got {to!r}")
+    layout = weight_layout(cfg)
+    bad = [
+        f"{e.name}: expected {e.shape}, got {None if e.name not in full else tuple(full[e.name].shape)}"
+        for e in layout
+        if e.name not in full or tuple(full[e.name].shape) != e.shape
+    ]
+    if bad:
+        raise ValueError(
+            "weights do not match the model config: " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        )
+    embedding_dim = _embedding_split_dim(embedding_split)
+    if to == "meta":
+        _check_num_shards(cfg, num_shards)
+    with _atomic_dir(Path(dst), overwrite) as tmp:
+        if to == "hf":
+            _write_hf(full, cfg, tmp, progress, hf_config)
+        else:
+            _write_meta(full, cfg, tmp, num_shards, progress, embedding_dim=embedding_dim)
+        if extra is not None:
+            extra(tmp)

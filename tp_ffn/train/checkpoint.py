@@ -44,6 +44,7 @@ import re
 import secrets
 import shutil
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -356,11 +357,21 @@ class TrainingState:
         return sd
 
     def save(
-        self, ckpt_dir: str | os.PathLike, step: int, position: int, meta: dict[str, Any], *, keep_last: int = 0
+        self,
+        ckpt_dir: str | os.PathLike,
+        step: int,
+        position: int,
+        meta: dict[str, Any],
+        *,
+        keep_last: int = 0,
+        extra_files: Mapping[str, Path] | None = None,
     ) -> Path | None:
         """:func:`save_atomic` of the whole training state."""
         sd = self.state_dict(step=step, position=position)
-        return save_atomic(ckpt_dir, step, sd, meta, planner=BlockSavePlanner(self.blocks), keep_last=keep_last)
+        return save_atomic(
+            ckpt_dir, step, sd, meta, planner=BlockSavePlanner(self.blocks), keep_last=keep_last,
+            extra_files=extra_files,
+        )  # fmt: skip
 
     def load(self, info: CheckpointInfo, *, model_only: bool = False) -> tuple[int, int]:
         """Load ``info`` into the model (and optimizer, scheduler, RNG); return ``(step, position)``.
@@ -429,6 +440,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _copy_synced(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _broadcast(value: Any) -> Any:
     if not _is_dist():
         return value
@@ -450,11 +467,14 @@ def save_atomic(
     *,
     planner: DefaultSavePlanner | None = None,
     keep_last: int = 0,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> Path | None:
     """Save ``state`` as ``ckpt_dir/step_<step>`` (collective); ``None`` when it already exists.
 
     ``meta`` goes to ``meta.json`` with the format, step, world size and file sizes added;
-    ``planner`` is DCP's (a :class:`BlockSavePlanner` for sharded state).
+    ``planner`` is DCP's (a :class:`BlockSavePlanner` for sharded state). ``extra_files`` (name ->
+    source, e.g. the tokenizer's files) are copied into the checkpoint beside DCP's, and listed
+    in ``meta.json`` like them.
     ``keep_last > 0`` then deletes all but the newest ``keep_last`` complete checkpoints.
     """
     root = Path(ckpt_dir)
@@ -474,6 +494,8 @@ def save_atomic(
         state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), planner=planner, no_dist=not _is_dist()
     )
     if rank == 0:
+        for name, src in (extra_files or {}).items():
+            _copy_synced(Path(src), tmp / name)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         full_meta = {
             "format": FORMAT, "step": step, "world": dist.get_world_size() if _is_dist() else 1,

@@ -85,6 +85,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     data: str | None = None
+    tokenizer: str = "auto"
+    token_cache: str | None = None
+    eval_only: bool = False
     corpus_bytes: int = 4_000_000
     val_fraction: float = 0.05
     val_every: int = 50
@@ -139,6 +142,8 @@ class TrainConfig:
                 f"--ffn-comm-chunks: expected 1 with --sequence-parallel (its forward ends in a reduce-scatter, "
                 f"not an all-reduce to split), got {self.ffn_comm_chunks}"
             )
+        if self.eval_only and self.init_from is None and not self.resume:
+            raise UsageError("--eval-only: needs --init-from or --resume (the weights to evaluate)")
         if self.resume and self.ckpt_dir is None:
             raise UsageError("--resume: needs --ckpt-dir (the directory to resume from)")
         if self.ckpt_every and self.ckpt_dir is None:
@@ -183,10 +188,11 @@ class TrainConfig:
             )
         return ParallelPlan(world, tp, dp, self.batch_size, micro, self.batch_size // (micro * dp))
 
-    def check_model(self, cfg: LlamaConfig) -> None:
-        """Raise :class:`UsageError` unless ``cfg`` can be trained with these arguments."""
-        if cfg.vocab_size < 256:
-            raise UsageError(f"model: vocab_size ({cfg.vocab_size}) must be >= 256 for byte-level data")
+    def check_model(self, cfg: LlamaConfig, *, token_ids: int = 256, tokens: str = "byte-level data") -> None:
+        """Raise :class:`UsageError` unless ``cfg`` can be trained with these arguments on ``tokens``
+        (whose ids go up to ``token_ids - 1``: the embedding needs that many rows)."""
+        if cfg.vocab_size < token_ids:
+            raise UsageError(f"model: vocab_size ({cfg.vocab_size}) must be >= {token_ids} for {tokens}")
         if self.seq_len > cfg.max_seq_len:
             raise UsageError(f"--seq-len ({self.seq_len}) must be <= the model's max_seq_len ({cfg.max_seq_len})")
         try:
@@ -320,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=d.steps, help="optimizer steps in total (a resumed run stops at the same step)"
     )
     t.add_argument("--seed", type=int, default=d.seed, help="seeds the weights and the data order")
-    t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens (bytes) per sequence")
+    t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     t.add_argument(
         "--batch-size",
         type=int,
@@ -354,8 +360,22 @@ def build_parser() -> argparse.ArgumentParser:
     dat.add_argument(
         "--data",
         default=None,
-        metavar="FILE",
-        help="UTF-8 text to train on (byte level); default: the Python standard library's sources",
+        metavar="PATH",
+        help="a UTF-8 text file, a .jsonl file with a 'text' field per line, or a directory or glob of them; "
+        "default: the Python standard library's sources",
+    )
+    dat.add_argument(
+        "--tokenizer",
+        default=d.tokenizer,
+        metavar="{auto,bytes,PATH}",
+        help="auto: the --init-from checkpoint's own tokenizer (tokenizer.json or tokenizer.model), else bytes; "
+        "PATH: a tokenizer.json, a tokenizer.model, a directory holding one, or a training checkpoint",
+    )
+    dat.add_argument(
+        "--token-cache",
+        default=None,
+        metavar="DIR",
+        help="where tokenized data is cached (every rank must see it); default $TP_FFN_CACHE/tokens or ~/.cache/tp_ffn/tokens",
     )
     dat.add_argument("--corpus-bytes", type=int, default=d.corpus_bytes, help="size of the default corpus")
     dat.add_argument(
@@ -390,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics file (default <ckpt-dir>/metrics.jsonl); the loss plot is written next to it as .png",
     )
     c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on rank 0")
+    c.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="with --init-from or --resume: print the validation loss of those weights on --data and append it to the "
+        "metrics file; no training, no checkpoint",
+    )
     return p
 
 

@@ -1,8 +1,10 @@
-"""Byte-level data with no download: the Python standard library's sources, or the user's text.
+"""The token stream: the Python standard library's sources (no download) or ``--data``, as bytes or tokens.
 
-The corpus is a flat ``uint8`` tensor (token = byte, vocabulary 256); its tail (``val_fraction``)
-is held out for validation. Training sequences are windows of ``seq_len + 1`` bytes starting at
-multiples of ``seq_len``, visited in a fresh random order every epoch. Where the stream stands is
+With the byte tokenizer the corpus is a flat ``uint8`` tensor of the text's bytes (vocabulary
+256). With a real tokenizer it is the memory-mapped ``uint16`` / ``uint32`` token file of
+:mod:`tp_ffn.train.token_cache`: every document tokenized once, framed by BOS / EOS. Either way
+the tail (``val_fraction``) is held out for validation. Training sequences are windows of
+``seq_len + 1`` tokens starting at multiples of ``seq_len``, visited in a fresh random order every epoch. Where the stream stands is
 one integer, the *position* (sequences consumed since the start, over all ranks), so a checkpoint
 stores it and a resumed run, at any data-parallel size, continues with the very next batch::
 
@@ -25,8 +27,13 @@ import torch
 from torch import Tensor
 
 from .config import UsageError
+from .documents import DataSource, find_data, iter_documents
+from .token_cache import CacheOptions, default_cache_dir, load_tokens, report_failure
+from .tokenizer import Tokenizer
 
-__all__ = ["Corpus", "Windows", "load_corpus", "stdlib_sources", "validation_batch", "validation_count"]
+__all__ = [
+    "Corpus", "Windows", "load_corpus", "stdlib_source", "stdlib_sources", "validation_batch", "validation_count",
+]  # fmt: skip
 
 # Directories of the standard library that are not its own sources (or are mostly test data).
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "idlelib"}
@@ -45,55 +52,101 @@ def stdlib_sources(root: str | os.PathLike | None = None) -> list[Path]:
 
 @dataclass(frozen=True)
 class Corpus:
-    """Train and validation bytes and where they came from."""
+    """Train and validation tokens and where they came from."""
 
-    train: Tensor  # uint8 [n_train]
-    val: Tensor  # uint8 [n_val]
+    train: Tensor  # uint8 (bytes), uint16 or uint32 (tokens) [n_train]
+    val: Tensor  # same dtype [n_val]
     source: str
-    fingerprint: str  # sha256 of all bytes, first 16 hex digits
+    fingerprint: str  # bytes: sha256 of the bytes; tokens: of the data files (16 hex digits)
+    unit: str = "bytes"
 
     def describe(self) -> str:
-        return f"{self.source}: {self.train.numel() + self.val.numel():,} bytes ({self.val.numel():,} held out), sha256 {self.fingerprint}"
+        return f"{self.source}: {self.train.numel() + self.val.numel():,} {self.unit} ({self.val.numel():,} held out), sha256 {self.fingerprint}"
 
 
-def load_corpus(data: str | None, *, corpus_bytes: int, val_fraction: float, seq_len: int) -> Corpus:
-    """Read ``data`` (a UTF-8 text file) or the standard library, and split off the validation tail.
+def _stdlib_files(corpus_bytes: int) -> list[Path]:
+    files, size = [], 0
+    for f in stdlib_sources():
+        if size >= corpus_bytes:
+            break
+        files.append(f)
+        size += f.stat().st_size
+    return files
 
-    Raises :class:`UsageError` for a missing or unreadable file, text that is not UTF-8, or data
-    too short to hold one training and one validation sequence.
-    """
-    if data is not None:
-        path = Path(data)
+
+def stdlib_source(corpus_bytes: int) -> DataSource:
+    """The first ``corpus_bytes`` of the standard library's sources, one document per file."""
+    name = f"Python {sysconfig.get_python_version()} standard library sources"
+    return find_data(name, files=_stdlib_files(corpus_bytes), limit=corpus_bytes)
+
+
+def _byte_stream(data: str | DataSource | None, corpus_bytes: int) -> tuple[bytes, str]:
+    if data is None:
+        raw = b"".join(f.read_bytes() for f in _stdlib_files(corpus_bytes))[:corpus_bytes]
+        return raw, f"Python {sysconfig.get_python_version()} standard library sources"
+    source = data if isinstance(data, DataSource) else find_data(data)
+    if len(source.files) == 1 and source.files[0].suffix != ".jsonl":
+        path = source.files[0]
         try:
             raw = path.read_bytes()
-        except FileNotFoundError:
-            raise UsageError(f"--data: no such file: {data}") from None
         except OSError as e:
-            raise UsageError(f"--data: cannot read {data}: {e.strerror or e}") from None
+            raise UsageError(f"--data: cannot read {path}: {e.strerror or e}") from None
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise UsageError(f"--data: {data} is not UTF-8 text (byte {e.start}: {e.reason})") from None
-        source = f"--data {data}"
+            raise UsageError(f"--data: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        return raw, f"--data {source.spec}"
+    # Several documents: their UTF-8 bytes, back to back (bytes have no EOS to put between them).
+    return b"".join(text.encode("utf-8") for text, _ in iter_documents(source)), f"--data {source.spec}"
+
+
+def load_corpus(
+    data: str | DataSource | None,
+    *,
+    corpus_bytes: int,
+    val_fraction: float,
+    seq_len: int,
+    tokenizer: Tokenizer | None = None,
+    cache: CacheOptions | None = None,
+) -> Corpus:
+    """Read ``data`` (see :mod:`tp_ffn.train.documents`) or the standard library, turn it into
+    tokens, and split off the validation tail.
+
+    ``tokenizer`` ``None`` or of kind ``bytes``: the bytes, in memory. Otherwise the token file
+    of :func:`~tp_ffn.train.token_cache.load_tokens` (``cache``: where, and whether this rank builds
+    it; default: build it in :func:`~tp_ffn.train.token_cache.default_cache_dir`). Raises
+    :class:`UsageError` for a missing or unreadable file, text that is not UTF-8, or data too short
+    to hold one training and one validation sequence.
+    """
+    if tokenizer is None or tokenizer.kind == "bytes":
+        raw, source = _byte_stream(data, corpus_bytes)
+        tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        fingerprint, unit = hashlib.sha256(raw).hexdigest()[:16], "bytes"
     else:
-        chunks, size = [], 0
-        for f in stdlib_sources():
-            if size >= corpus_bytes:
-                break
-            b = f.read_bytes()
-            chunks.append(b)
-            size += len(b)
-        raw = b"".join(chunks)[:corpus_bytes]
-        source = f"Python {sysconfig.get_python_version()} standard library sources"
-    n = len(raw)
+        cache = cache or CacheOptions(default_cache_dir())
+        try:
+            src = (
+                stdlib_source(corpus_bytes)
+                if data is None
+                else data
+                if isinstance(data, DataSource)
+                else find_data(data)
+            )
+        except UsageError as e:
+            if cache.builder:  # the waiting ranks learn of it at once
+                report_failure(cache, str(e))
+            raise
+        tokens = load_tokens(src, tokenizer, cache)
+        source = src.spec if data is None else f"--data {src.spec}"
+        fingerprint, unit = src.fingerprint, f"{tokenizer.kind} tokens"
+    n = tokens.numel()
     n_val = int(n * val_fraction)
     if n - n_val < seq_len + 1 or n_val < seq_len + 1:
         raise UsageError(
-            f"{source}: {n} bytes are too few for --seq-len {seq_len} with --val-fraction {val_fraction} "
-            f"(need at least {seq_len + 1} bytes in each of the training and validation parts)"
+            f"{source}: {n} {unit} are too few for --seq-len {seq_len} with --val-fraction {val_fraction} "
+            f"(need at least {seq_len + 1} in each of the training and validation parts)"
         )
-    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return Corpus(t[: n - n_val], t[n - n_val :], source, hashlib.sha256(raw).hexdigest()[:16])
+    return Corpus(tokens[: n - n_val], tokens[n - n_val :], source, fingerprint, unit)
 
 
 class Windows:
@@ -111,7 +164,7 @@ class Windows:
         return self._perm[1]
 
     def starts(self, position: int, count: int) -> Tensor:
-        """First byte of sequences ``position .. position + count - 1``."""
+        """First token of sequences ``position .. position + count - 1``."""
         out = torch.empty(count, dtype=torch.int64)
         for i in range(count):
             epoch, k = divmod(position + i, self.count)
@@ -133,5 +186,6 @@ def validation_count(data: Tensor, seq_len: int, wanted: int) -> int:
 
 
 def _gather(data: Tensor, starts: Tensor, seq_len: int) -> Tensor:
-    idx = starts[:, None] + torch.arange(seq_len + 1, dtype=torch.int64)
-    return data[idx].long()
+    # Slices widened one by one: uint16 / uint32 tensors (token files) have copy kernels in every
+    # torch this package supports, but not every indexing kernel.
+    return torch.stack([data[s : s + seq_len + 1].long() for s in starts.tolist()])

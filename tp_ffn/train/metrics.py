@@ -2,12 +2,14 @@
 
 Lines of the metrics file::
 
-    {"step": 12, "loss": 2.91, "lr": 0.0029, "tokens_per_s": 8123.4, "grad_norm": 0.83, "time_s": 0.126}
-    {"step": 50, "val_loss": 2.74}
+    {"step": 12, "loss": 2.91, "lr": 0.0029, "tokens": 24576, "tokens_per_s": 8123.4, "grad_norm": 0.83, "time_s": 0.126}
+    {"step": 50, "val_loss": 2.74, "val_ppl": 15.49}
 
-``step`` counts optimizer steps done (the first line is step 1). A resumed run first drops the
-lines past the checkpoint's step (they belong to the interrupted attempt), so the file reads as one
-uninterrupted run.
+``step`` counts optimizer steps done (the first training line is step 1; ``--eval-only`` of
+pretrained weights writes step 0); ``tokens`` counts the tokens trained on so far; ``val_loss``
+is the mean cross-entropy per token (nats) and ``val_ppl`` its exponential. A resumed run first
+drops the lines past the checkpoint's step (they belong to the interrupted attempt), so the file
+reads as one uninterrupted run; a fresh run keeps only the step-0 evaluations.
 """
 
 from __future__ import annotations
@@ -36,18 +38,22 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 class MetricsLog:
     """Appends JSON lines to ``path`` (flushed per line). Inactive when ``path`` is ``None``.
 
-    ``resume_step=None`` starts the file afresh; otherwise lines with ``step > resume_step`` are
-    dropped first (written to a temporary file and renamed over, so a crash leaves either file).
+    Lines with ``step > resume_step`` are dropped first (written to a temporary file and renamed
+    over, so a crash leaves either file); ``resume_step=None`` is a fresh run, which keeps only
+    step-0 lines (evaluations of the weights it starts from). ``append=True`` keeps every line.
     """
 
-    def __init__(self, path: str | os.PathLike | None, *, resume_step: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | None, *, resume_step: int | None = None, append: bool = False) -> None:
         self.path = None if path is None else Path(path)
         self._f: TextIO | None = None
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        if append:
+            self._f = open(self.path, "a")
+        elif self.path.exists():
+            last = 0 if resume_step is None else resume_step
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= last]
             tmp = self.path.with_name(self.path.name + ".tmp")
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -114,7 +120,7 @@ def plot_metrics(path: str | os.PathLike, out: str | os.PathLike | None = None) 
     if val:
         ax.plot(*zip(*val), "o-", label="validation", markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / byte)")
+    ax.set_ylabel("loss (nats / token)")
     ax.set_title(f"{Path(path).parent.name}/{Path(path).name}")
     ax.grid(alpha=0.3)
     ax.legend()

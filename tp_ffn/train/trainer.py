@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,13 +31,16 @@ from .metrics import MetricsLog, Progress, plot_metrics
 from .optim import WarmupCosine, build_optimizer, build_scheduler, clip_grad_norm_, init_adamw_state
 from .outputs import check_outputs
 from .parallelize import Runtime, build_mesh, init_runtime, parallelize
+from .token_cache import CacheOptions, default_cache_dir
+from .tokenizer import ByteTokenizer, Tokenizer, resolve_tokenizer
 
 __all__ = ["TrainResult", "lr_schedule_steps", "train"]
 
 
 @dataclass
 class TrainResult:
-    """What a run did: per-step train losses (index 0 = step ``start_step + 1``), validation losses."""
+    """What a run did: per-step train losses (index 0 = step ``start_step + 1``), validation losses
+    (mean cross-entropy per token; ``--eval-only`` gives one, at ``start_step``)."""
 
     start_step: int
     losses: list[float] = field(default_factory=list)
@@ -65,12 +70,23 @@ def _config_diff(saved: dict[str, Any], current: LlamaConfig) -> list[str]:
     ]
 
 
-def _check_resumable(info: ckpt.CheckpointInfo, mcfg: LlamaConfig, cfg: TrainConfig, corpus: Corpus) -> None:
+def _check_resumable(
+    info: ckpt.CheckpointInfo, mcfg: LlamaConfig, cfg: TrainConfig, corpus: Corpus, tokenizer: Tokenizer
+) -> None:
     diff = _config_diff(info.meta.get("model", {}), mcfg)
     if diff:
         raise UsageError(
             f"checkpoint {info.path} is for another model ({'; '.join(diff)}); use the same --preset / --model-args"
         )
+    saved_tok = info.meta.get("tokenizer") or {"kind": "bytes", "fingerprint": ByteTokenizer().fingerprint}
+    if saved_tok.get("fingerprint") != tokenizer.fingerprint:
+        raise UsageError(
+            f"checkpoint {info.path} was trained with another tokenizer ({saved_tok.get('kind')}, fingerprint "
+            f"{saved_tok.get('fingerprint')}); this run uses {tokenizer.kind}, fingerprint {tokenizer.fingerprint} "
+            f"(--tokenizer {info.path} reads the checkpoint's own copy)"
+        )
+    if cfg.eval_only:  # evaluating the weights: any --data, any --seq-len
+        return
     if info.meta.get("seq_len") != cfg.seq_len:
         raise UsageError(
             f"checkpoint {info.path} was trained with --seq-len {info.meta.get('seq_len')}, not {cfg.seq_len}"
@@ -103,16 +119,19 @@ def lr_schedule_steps(cfg: TrainConfig, resumed: dict[str, Any] | None) -> tuple
     )
 
 
-def _describe_corpus(corpus: Corpus) -> str:
-    return f"{corpus.source}, sha256 {corpus.fingerprint}"
-
-
 class _Trainer:
     def __init__(
-        self, cfg: TrainConfig, rt: Runtime, plan: ParallelPlan, mcfg: LlamaConfig, corpus: Corpus, schedule_steps: int
+        self,
+        cfg: TrainConfig,
+        rt: Runtime,
+        plan: ParallelPlan,
+        mcfg: LlamaConfig,
+        corpus: Corpus,
+        tokenizer: Tokenizer,
+        schedule_steps: int,
     ) -> None:
         self.cfg, self.rt, self.plan, self.mcfg, self.corpus = cfg, rt, plan, mcfg, corpus
-        self.schedule_steps = schedule_steps
+        self.tokenizer, self.schedule_steps = tokenizer, schedule_steps
         self.mesh = build_mesh(rt.device, plan.dp, plan.tp, timeout_s=cfg.timeout)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.tp_rank = self.mesh["tp"].get_local_rank()
@@ -142,6 +161,9 @@ class _Trainer:
             activation_checkpointing=cfg.activation_checkpointing,
         )  # fmt: skip
         self.blocks = param_blocks(self.model)
+        if cfg.eval_only:  # no optimizer state: evaluation needs the weights only
+            self.state = ckpt.TrainingState(self.model)
+            return
         self.opt = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
         init_adamw_state(self.opt)
         self.sched = build_scheduler(self.opt, WarmupCosine(cfg.warmup_steps, self.schedule_steps, cfg.min_lr_ratio))
@@ -198,7 +220,8 @@ class _Trainer:
         return {
             "model": dataclasses.asdict(self.mcfg), "tp": self.plan.tp, "dp": self.plan.dp, "seq_len": cfg.seq_len,
             "batch_size": cfg.batch_size, "data": {"source": self.corpus.source, "fingerprint": self.corpus.fingerprint},
-            "torch": torch.__version__, "args": cfg.to_dict(), "lr_schedule_steps": self.schedule_steps,
+            "tokenizer": self.tokenizer.record(), "torch": torch.__version__, "args": cfg.to_dict(),
+            "lr_schedule_steps": self.schedule_steps,
         }  # fmt: skip
 
 
@@ -225,25 +248,78 @@ def train(cfg: TrainConfig) -> TrainResult:
         rt.shutdown(synchronize=ok)
 
 
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+
+
+def _load_data(cfg: TrainConfig, rt: Runtime, tokenizer: Tokenizer) -> Corpus:
+    """The corpus, the same on every rank. With a tokenizer, global rank 0 builds the token cache
+    (if it is not there yet) while the others wait for the file; no collective runs meanwhile."""
+    box = [secrets.token_hex(8)]
+    dist.broadcast_object_list(box, src=0)  # names this attempt's error file in the cache directory
+    cache = CacheOptions(
+        Path(cfg.token_cache) if cfg.token_cache else default_cache_dir(), builder=rt.rank == 0, nonce=box[0],
+        timeout=cfg.timeout, progress=cfg.progress and rt.rank == 0, log=print if rt.rank == 0 else None,
+    )  # fmt: skip
+    return agree(
+        lambda: load_corpus(
+            cfg.data,
+            corpus_bytes=cfg.corpus_bytes,
+            val_fraction=cfg.val_fraction,
+            seq_len=cfg.seq_len,
+            tokenizer=tokenizer,
+            cache=cache,
+        ),
+        what="the data (every node needs the same --data, --tokenizer and Python version)",
+        describe=lambda corpus: f"{corpus.source}, sha256 {corpus.fingerprint}",
+    )
+
+
+def _evaluate(t: _Trainer, step: int, resume_info: ckpt.CheckpointInfo | None) -> TrainResult:
+    """``--eval-only``: the validation loss of the loaded weights, printed and appended to the metrics."""
+    val = t.validate()
+    ppl = _perplexity(val)
+    where = resume_info.path if resume_info is not None else t.cfg.init_from
+    t.log(
+        f"eval: {where} (step {step}) on {t.corpus.source}: val_loss {val:.4f}, val_ppl {ppl:.2f} "
+        f"({t.n_val} validation sequences of {t.cfg.seq_len} tokens)"
+    )
+    path = t.cfg.metrics_path
+    if t.is_main and path is not None:
+        log = MetricsLog(path, append=True)
+        log.write({"step": step, "val_loss": val, "val_ppl": ppl})
+        log.close()
+    return TrainResult(
+        start_step=step,
+        val_losses=[(step, val)],
+        final_step=step,
+        resumed_from=None if resume_info is None else str(resume_info.path),
+    )
+
+
 def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     def setup() -> tuple[ParallelPlan, LlamaConfig]:
-        plan = cfg.plan(rt.world)
-        mcfg = _model_config(cfg)
-        cfg.check_model(mcfg)
-        return plan, mcfg
+        return cfg.plan(rt.world), _model_config(cfg)
 
     source = f" in --init-from {cfg.init_from}" if cfg.init_from is not None else ""
     plan, mcfg = agree(setup, what=f"the model config{source}", describe=lambda pm: repr(pm[1]))
-    corpus = agree(
-        lambda: load_corpus(
-            cfg.data, corpus_bytes=cfg.corpus_bytes, val_fraction=cfg.val_fraction, seq_len=cfg.seq_len
-        ),
-        what=f"the data (every node needs the same {'--data file' if cfg.data else 'Python version'})",
-        describe=_describe_corpus,
+    tokenizer = agree(
+        lambda: resolve_tokenizer(cfg.tokenizer, init_from=cfg.init_from),
+        what="the tokenizer",
+        describe=lambda tok: f"{tok.kind}, fingerprint {tok.fingerprint}",
     )
+    agree(
+        lambda: cfg.check_model(
+            mcfg,
+            token_ids=tokenizer.vocab_size,
+            tokens=f"its {tokenizer.kind} tokenizer (ids up to {tokenizer.vocab_size - 1})",
+        ),
+        what="the model config",
+    )
+    corpus = _load_data(cfg, rt, tokenizer)
 
     resume_info: ckpt.CheckpointInfo | None = None
     if cfg.ckpt_dir is not None:
@@ -251,20 +327,22 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         def discover() -> ckpt.CheckpointInfo | None:
             ckpt.check_ckpt_dir(cfg.ckpt_dir)
             info, _ = ckpt.find_latest(cfg.ckpt_dir)
-            if info is not None and not cfg.resume:
+            if info is not None and not cfg.resume and not cfg.eval_only:
                 raise UsageError(
                     f"--ckpt-dir {cfg.ckpt_dir} already holds checkpoints (newest: {info.path.name}); "
                     f"pass --resume to continue from it, or choose another directory (nothing was overwritten)"
                 )
-            if info is not None:
-                _check_resumable(info, mcfg, cfg, corpus)
+            if info is not None and cfg.resume:
+                _check_resumable(info, mcfg, cfg, corpus, tokenizer)
                 ckpt.verify_files(info)
-                if cfg.steps < info.step:
+                if cfg.steps < info.step and not cfg.eval_only:
                     raise UsageError(
                         f"--steps {cfg.steps} is below the step of {info.path} ({info.step}): a run cannot go back; "
                         f"pass --steps above {info.step} to continue it (nothing was changed)"
                     )
-            return info
+            if info is None and cfg.eval_only and cfg.init_from is None:
+                raise UsageError(f"--eval-only --resume: --ckpt-dir {cfg.ckpt_dir} holds no complete checkpoint")
+            return info if cfg.resume else None
 
         resume_info = agree(
             discover,
@@ -272,25 +350,28 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             describe=ckpt.describe,
             where=f"in {os.path.abspath(cfg.ckpt_dir)}",
         )
-        if resume_info is not None and cfg.steps == resume_info.step:
+        if resume_info is not None and cfg.steps == resume_info.step and not cfg.eval_only:
             # A finished job started again (a torchrun restart after the last save, a requeued
             # batch job): done, not an error.
             if rt.rank == 0:
                 print(f"{resume_info.path} is already at --steps {cfg.steps}: nothing to do", flush=True)
             return TrainResult(start_step=cfg.steps, final_step=cfg.steps, resumed_from=str(resume_info.path))
-    check_outputs(cfg.ckpt_dir, cfg.metrics_path, rank=rt.rank)
-    if cfg.ckpt_dir is not None and rt.rank == 0:
+    # --eval-only writes no checkpoint (its --ckpt-dir may be read-only); the metrics it appends to.
+    check_outputs(None if cfg.eval_only else cfg.ckpt_dir, cfg.metrics_path, rank=rt.rank)
+    if cfg.ckpt_dir is not None and rt.rank == 0 and not cfg.eval_only:
         ckpt.remove_stale_tmp(cfg.ckpt_dir)
     schedule_steps, schedule_note = lr_schedule_steps(cfg, resume_info.meta if resume_info is not None else None)
 
-    t = _Trainer(cfg, rt, plan, mcfg, corpus, schedule_steps)
+    t = _Trainer(cfg, rt, plan, mcfg, corpus, tokenizer, schedule_steps)
     t.log(
         f"tp_ffn train: world {rt.world} = dp {plan.dp} x tp {plan.tp} ({'nccl' if rt.device.type == 'cuda' else 'gloo'} on {rt.device.type}), "
         f"model {cfg.preset if cfg.init_from is None else cfg.init_from} ({mcfg.num_params() / 1e6:.2f} M params, hidden {mcfg.hidden_dim}), "
         f"batch {plan.batch_size} x {cfg.seq_len} = {plan.batch_size * cfg.seq_len} tokens "
         f"(micro {plan.micro_batch} x grad accum {plan.grad_accum} x dp {plan.dp}), sequence parallel {cfg.sequence_parallel}, "
         f"dtype {cfg.dtype}, ffn fuse_gate_up={cfg.ffn_fuse_gate_up} overlap_comm={cfg.ffn_overlap_comm} "
-        f"comm_chunks={cfg.ffn_comm_chunks}\ndata: {corpus.describe()}"
+        f"comm_chunks={cfg.ffn_comm_chunks}\n"
+        + ("" if tokenizer.kind == "bytes" else f"tokenizer: {tokenizer.describe()}\n")
+        + f"data: {corpus.describe()}"
     )
     t.build(None if resume_info is not None else cfg.init_from)
 
@@ -303,9 +384,11 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             f"resumed from {resume_info.path} (step {step}, saved at tp {resume_info.meta.get('tp')} x dp {resume_info.meta.get('dp')}, "
             f"now tp {plan.tp} x dp {plan.dp})"
         )
-        if schedule_note is not None:
+        if schedule_note is not None and not cfg.eval_only:
             t.log(schedule_note)
     metrics_path = cfg.metrics_path
+    if cfg.eval_only:
+        return _evaluate(t, step, resume_info)
     log = MetricsLog(metrics_path if t.is_main else None, resume_step=step if resume_info is not None else None)
     bar = Progress(cfg.steps, step, enabled=t.is_main and cfg.progress)
     tokens_per_step = plan.batch_size * cfg.seq_len
@@ -325,6 +408,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                     "step": step,
                     "loss": loss,
                     "lr": lr,
+                    "tokens": position * cfg.seq_len,
                     "tokens_per_s": tokens_per_step / dt,
                     "grad_norm": norm,
                     "time_s": dt,
@@ -334,10 +418,12 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             if (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps:
                 val = t.validate()
                 result.val_losses.append((step, val))
-                log.write({"step": step, "val_loss": val})
+                log.write({"step": step, "val_loss": val, "val_ppl": _perplexity(val)})
             bar.update(loss, tokens_per_step / dt, val)
             if cfg.ckpt_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
-                path = t.state.save(cfg.ckpt_dir, step, position, t.meta(), keep_last=cfg.keep_last)
+                path = t.state.save(
+                    cfg.ckpt_dir, step, position, t.meta(), keep_last=cfg.keep_last, extra_files=t.tokenizer.files
+                )
                 if path is not None:
                     result.checkpoints.append(str(path))
                 else:
@@ -354,7 +440,11 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     if result.losses:
         t.log(
             f"done: step {step}, loss {result.losses[-1]:.4f}"
-            + (f", val_loss {result.val_losses[-1][1]:.4f}" if result.val_losses else "")
+            + (
+                f", val_loss {result.val_losses[-1][1]:.4f}, val_ppl {_perplexity(result.val_losses[-1][1]):.2f}"
+                if result.val_losses
+                else ""
+            )
         )
     if result.checkpoints:
         t.log(f"checkpoint: {result.checkpoints[-1]}")

@@ -1,0 +1,263 @@
+"""The two-tensor SwiGLU: what ParallelFeedForward keeps for backward, and that it is still exact.
+
+Memory is measured with ``torch.autograd.graph.saved_tensors_hooks`` (``saved_for_backward``): every
+buffer saved for backward counted once, parameters excluded. Target (issue 13): at most
+``dim + 2 n_r`` elements per token in every mode, with and without sequence parallelism (where the
+token count is the full sequence's: ``g`` and ``u`` span it, and the input kept is the gathered
+one). The plain autograd composition of the same layers, which is what ParallelFeedForward ran
+before, keeps ``dim + 4 n_r`` and is the negative control in every mode; the dense FeedForward
+(untouched) keeps ``dim + 4 hidden``.
+
+Exactness: gradcheck in float64 for every activation, and bit-for-bit equality with autograd's own
+derivative of ``act(g) * u`` in fp32 (same ATen backward kernels on the same operands). The block
+against the float64 dense reference in every mode is covered by test_ffn_parallel.py and
+test_properties.py; compile by test_compile.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rankpool import run_ranks
+from reference import rel_err
+
+from tp_ffn import FeedForward, ParallelFeedForward, split_sequence
+from tp_ffn.diagnostics import saved_for_backward
+from tp_ffn.fused import gate_up_projection
+from tp_ffn.swiglu import ACTIVATIONS, swiglu, swiglu_linear
+
+DIM, HIDDEN, BATCH, SEQ = 24, 101, 2, 12  # 101 is uneven over 2 ranks (51, 50)
+MODES = {
+    "reference": {"fuse_gate_up": False, "overlap_comm": False},
+    "overlap (default)": {},
+    "fused": {"fuse_gate_up": True, "overlap_comm": False},
+    "fused+overlap": {"fuse_gate_up": True, "overlap_comm": True},
+    "chunked": {"comm_chunks": 3},
+    "fused+overlap+chunked": {"fuse_gate_up": True, "comm_chunks": 3},
+}
+
+
+def _autograd_composition(par: ParallelFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """What ParallelFeedForward.forward computed before the two-tensor function: the same GEMMs and
+    collectives, ``act(g) * u`` and the down projection left to autograd (the negative control)."""
+    seq_dim = par.sequence_dim if par.sequence_parallel else None
+    g, u = gate_up_projection(
+        x, par.w1.weight, par.w3.weight, par.w1.bias, par.w3.bias, par.tp.group,
+        sequence_dim=seq_dim, fused=par.fuse_gate_up, overlap=par.overlap_comm,
+    )  # fmt: skip
+    return par.w2.forward_parallel(par.act(g) * u)
+
+
+def _kept(rank: int, world: int, sp: bool, bias: bool, seq: int, autocast: bool) -> dict[str, tuple]:
+    """Per mode: (bytes kept by the block, by the autograd composition, hidden tokens, n_r, item size)."""
+    out = {}
+    for mode, options in MODES.items():
+        if sp and "comm_chunks" in options:
+            continue  # chunking splits an all-reduce; SP has none
+        torch.manual_seed(0)
+        par = ParallelFeedForward(DIM, HIDDEN, bias=bias, sequence_parallel=sp, **options)
+        x = torch.randn(BATCH, seq, DIM)
+        x = (split_sequence(x, par.tp.group) if sp else x).requires_grad_()
+        kept = []
+        for composed in (False, True):
+            with (
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+                saved_for_backward(par.parameters()) as saved,
+            ):
+                y = _autograd_composition(par, x) if composed else par(x)
+            y.float().sum().backward()  # what was saved is still there and sufficient
+            kept.append(saved.nbytes)
+        itemsize = 2 if autocast else 4
+        out[mode] = (*kept, BATCH * seq, par.w1.end - par.w1.start, itemsize)
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "sp"])
+def test_keeps_input_and_two_hidden_tensors(world, sp):
+    """fp32: the bytes kept are exactly those of x (gathered under SP), g and u; the composition
+    that autograd builds keeps two hidden-size tensors more, so the same check rejects it."""
+    for rank, got in enumerate(run_ranks(world, _kept, sp, sp, SEQ, False)):
+        for mode, (kept, composed, tokens, n_r, itemsize) in got.items():
+            target = tokens * (DIM + 2 * n_r) * itemsize
+            where = f"W={world} rank {rank} {mode}"
+            assert kept <= target, f"{where}: kept {kept / itemsize / tokens:.1f} elements/token > dim + 2 n_r"
+            # Negative control: the autograd composition keeps act(g) and the product too.
+            assert composed == tokens * (DIM + 4 * n_r) * itemsize, (where, composed / itemsize / tokens)
+            assert composed > target, where
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [1, 2])
+def test_keeps_two_hidden_tensors_under_bf16_autocast(world):
+    """bf16 autocast: per token (the difference between two sequence lengths, so the weights' bf16
+    copies, which autocast keeps too, cancel) at most dim + 2 n_r bf16 elements."""
+    for sp in (False, True):
+        short = run_ranks(world, _kept, sp, True, SEQ, True)
+        long = run_ranks(world, _kept, sp, True, 2 * SEQ, True)
+        for rank, (a, b) in enumerate(zip(short, long)):
+            for mode in a:
+                (kept_a, comp_a, tok_a, n_r, size), (kept_b, comp_b, tok_b, _, _) = a[mode], b[mode]
+                per_token = (kept_b - kept_a) / (tok_b - tok_a) / size
+                where = f"W={world} rank {rank} sp={sp} {mode}"
+                assert per_token <= DIM + 2 * n_r, (where, per_token)
+                assert (comp_b - comp_a) / (tok_b - tok_a) / size >= DIM + 4 * n_r, where  # control
+
+
+def test_dense_block_keeps_four_hidden_tensors():
+    """The meter against a block whose saved set is known: FeedForward (untouched) keeps x once
+    (read by w1 and w3), g, act(g), u and the product: dim + 4 hidden per token."""
+    torch.manual_seed(0)
+    dense = FeedForward(DIM, HIDDEN)
+    x = torch.randn(BATCH, SEQ, DIM, requires_grad=True)
+    with saved_for_backward(dense.parameters()) as saved:
+        y = dense(x)
+    assert saved.numel == BATCH * SEQ * (DIM + 4 * HIDDEN)
+    with saved_for_backward() as with_params:
+        dense(x)
+    assert with_params.numel == saved.numel + 3 * DIM * HIDDEN  # the weights, when not excluded
+    y.sum().backward()
+
+
+def test_meter_counts_buffers_once():
+    """A tensor saved twice counts once; a saved view keeps (and counts) its whole buffer."""
+    a = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(6, 6, requires_grad=True)
+    with saved_for_backward([w]) as saved:
+        y = a @ w + a @ w  # a saved by both GEMMs
+    assert saved.numel == a.numel()
+    big = torch.randn(8, 6, requires_grad=True)
+    with saved_for_backward() as saved:
+        b = big * 1.0
+        b[:2].sin()  # sin saves a 2-row view of b's 8-row buffer
+    assert saved.numel == big.numel()
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_gradcheck_float64(activation):
+    torch.manual_seed(0)
+    g, u = (torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    if activation == "relu":  # away from the kink, where the finite difference is meaningless
+        with torch.no_grad():
+            g.add_(torch.sign(g) * 0.1)
+    assert torch.autograd.gradcheck(lambda g, u, w: swiglu_linear(g, u, w, activation), (g, u, w))
+    assert torch.autograd.gradcheck(lambda g, u: swiglu(g, u, activation), (g, u))
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_bitwise_equal_to_autograd_composition(activation):
+    """fp32 eager: output and every gradient bit for bit those of ``F.linear(act(g) * u, w)``."""
+    torch.manual_seed(1)
+    g, u = (torch.randn(2, 7, 33, requires_grad=True) for _ in range(2))
+    w = torch.randn(9, 33, requires_grad=True)
+    dy = torch.randn(2, 7, 9)
+    act = ACTIVATIONS[activation]
+    want = F.linear(act(g) * u, w)
+    want_grads = torch.autograd.grad(want, (g, u, w), dy)
+    got = swiglu_linear(g, u, w, activation)
+    got_grads = torch.autograd.grad(got, (g, u, w), dy)
+    assert torch.equal(got, want)
+    for name, a, b in zip(("g", "u", "w"), got_grads, want_grads):
+        assert torch.equal(a, b), (activation, name, rel_err(a, b))
+    h = swiglu(g, u, activation)
+    assert torch.equal(h, act(g) * u)
+    for a, b in zip(
+        torch.autograd.grad(h, (g, u), dy[..., :1].expand(2, 7, 33)),
+        torch.autograd.grad(act(g) * u, (g, u), dy[..., :1].expand(2, 7, 33)),
+    ):
+        assert torch.equal(a, b), activation
+    # Negative control: the derivative of another activation is not bitwise equal.
+    other = "gelu" if activation != "gelu" else "silu"
+    wrong = torch.autograd.grad(swiglu_linear(g, u, w, other), (g,), dy)[0]
+    assert not torch.equal(wrong, want_grads[0])
+
+
+def test_frozen_inputs_and_autocast_dtypes():
+    """Gradients only where asked; under bf16 autocast the output is bf16 and each gradient comes
+    back in its input's dtype (fp32 weights keep fp32 gradients)."""
+    g, u = torch.randn(5, 8), torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(3, 8)
+    y = swiglu_linear(g, u, w)
+    (du,) = torch.autograd.grad(y.sum(), (u,))
+    assert du.shape == u.shape
+    g.requires_grad_()
+    w.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = swiglu_linear(g.bfloat16(), u.bfloat16(), w)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and g.grad.dtype == u.grad.dtype == torch.float32
+    want = F.linear(F.silu(g.double()) * u.double(), w.double())
+    assert rel_err(y, want) < 2e-2
+
+
+def test_unknown_activation_is_one_clear_error():
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        swiglu_linear(torch.ones(1, 2), torch.ones(1, 2), torch.ones(3, 2), "tanh")
+
+
+def _kept_compiled(rank: int, world: int) -> dict[str, tuple]:
+    """As :func:`_kept`, the block under torch.compile (inductor): AOTAutograd partitions forward
+    and backward anew and decides for itself what to save."""
+    import torch._dynamo as dynamo
+
+    out = {}
+    cases = {"overlap (default)": {}, "sequence parallel": {"sequence_parallel": True}}
+    if world > 1:
+        cases["fused+overlap+chunked"] = {"fuse_gate_up": True, "comm_chunks": 3}
+    for name, options in cases.items():
+        torch.manual_seed(0)
+        par = ParallelFeedForward(DIM, HIDDEN, **options)
+        x = torch.randn(BATCH, SEQ, DIM)
+        x = (split_sequence(x, par.tp.group) if par.sequence_parallel else x).requires_grad_()
+        dynamo.reset()
+        compiled = torch.compile(par, fullgraph=True)
+        with saved_for_backward(par.parameters()) as saved:
+            y = compiled(x)
+        y.sum().backward()
+        out[name] = (saved.numel, BATCH * SEQ, par.w1.end - par.w1.start)
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [1, 2])
+def test_compiled_block_keeps_two_hidden_tensors(world):
+    for rank, got in enumerate(run_ranks(world, _kept_compiled, timeout=280)):
+        for name, (kept, tokens, n_r) in got.items():
+            assert kept <= tokens * (DIM + 2 * n_r), (world, rank, name, kept / tokens, DIM + 2 * n_r)
+
+
+_CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+)
+
+
+def compiled_kernels(device: str, activation: str) -> tuple[list[str], list[str]]:
+    """The names of the kernels inductor generates for :func:`swiglu_linear`'s forward and its
+    backward (C++ kernels on the CPU, Triton on CUDA); GEMMs are library calls, not among them."""
+    import re
+
+    import torch._dynamo as dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    g, u = (torch.randn(64, 96, device=device, requires_grad=True) for _ in range(2))
+    w = torch.randn(48, 96, device=device, requires_grad=True)
+    dynamo.reset()
+    fn = torch.compile(lambda g, u, w: swiglu_linear(g, u, w, activation), fullgraph=True)
+    _, (forward, backward) = run_and_get_code(lambda: fn(g, u, w).sum().backward())
+    kernel = re.compile(r"^(\w+) = async_compile\.(?:triton|cpp\w*)\(", re.MULTILINE)
+    return kernel.findall(forward), kernel.findall(backward)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
+def test_compiled_elementwise_is_one_kernel_each_way(device):
+    """Under inductor the elementwise work is one kernel forward (act(g) * u) and one backward
+    (the recomputed product and both input gradients)."""
+    for activation in ("silu", "gelu_tanh"):
+        forward, backward = compiled_kernels(device, activation)
+        assert len(forward) == 1 and len(backward) == 1, (device, activation, forward, backward)

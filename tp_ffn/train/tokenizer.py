@@ -1,0 +1,294 @@
+"""Tokenizers for training and sampling: bytes, or the tokenizer a pretrained checkpoint came with.
+
+An adapter over three libraries, imported only when their format is used (``import tp_ffn`` and
+``import tp_ffn.train`` load none of them)::
+
+    kind            files                                   library         BOS / EOS of a document
+    bytes           none (token = UTF-8 byte, vocab 256)    none            none: documents are concatenated
+    hf              tokenizer.json (+ tokenizer_config.json,  tokenizers    bos_token / eos_token of the config;
+                    special_tokens_map.json)                                BOS when the tokenizer adds it
+    tiktoken        tokenizer.model: "base64 rank" lines    tiktoken        <|begin_of_text|> ... <|end_of_text|>
+                    (Meta Llama 3) + Meta's 256 specials
+    sentencepiece   tokenizer.model: a SentencePiece model  sentencepiece   <s> ... </s> (Meta Llama 2)
+
+Reading a tokenizer runs no code from its files: tokenizer.json and the configs are JSON, a
+tiktoken file is parsed here as base64 and integers, a SentencePiece model is a protobuf message.
+
+``resolve_tokenizer("auto" | "bytes" | PATH, init_from=...)`` picks one for ``scripts/train.py``;
+``tokenizer_from_checkpoint`` reads the copy a training checkpoint carries (its files sit in the
+step directory, listed in ``meta.json``, and its fingerprint is checked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import UsageError
+
+__all__ = [
+    "TOKENIZER_KINDS",
+    "ByteTokenizer",
+    "Tokenizer",
+    "find_tokenizer",
+    "load_tokenizer",
+    "resolve_tokenizer",
+    "tokenizer_from_checkpoint",
+]
+
+TOKENIZER_KINDS = ("bytes", "hf", "tiktoken", "sentencepiece")
+HF_TOKENIZER = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_SPECIAL_TOKENS = "special_tokens_map.json"
+MODEL_FILE = "tokenizer.model"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def encode_threads() -> int:
+    """Threads for batch encoding: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids, and how documents are delimited.
+
+    ``vocab_size`` is one more than the largest id the tokenizer can produce: the model's
+    embedding needs at least that many rows. ``files`` maps each file's role (its name in a
+    checkpoint: ``tokenizer.json``, ``tokenizer.model``, ...) to where it is read from; the
+    ``fingerprint`` covers the kind, the files' contents under those names, and the BOS/EOS
+    policy, so a copy of the files elsewhere has the same fingerprint.
+    """
+
+    kind: str
+    vocab_size: int
+    bos_id: int | None = None
+    eos_id: int | None = None
+    add_bos: bool = False
+    files: Mapping[str, Path] = {}
+
+    @abstractmethod
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text, without BOS/EOS; in parallel threads where the library allows."""
+
+    @abstractmethod
+    def _decode(self, ids: list[int]) -> str:
+        """Text of ids that are all in ``[0, vocab_size)``."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; invalid UTF-8, and ids past the vocabulary (a model's embedding may have
+        more rows than its tokenizer has tokens), become U+FFFD."""
+        out, run = [], []
+        for i in ids:
+            if 0 <= i < self.vocab_size:
+                run.append(int(i))
+                continue
+            if run:
+                out.append(self._decode(run))
+                run = []
+            out.append("\ufffd")
+        if run:
+            out.append(self._decode(run))
+        return "".join(out)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def document(self, ids: list[int]) -> list[int]:
+        """A document's ids as they go into the training stream: BOS first (where the family puts
+        one), EOS last (where the tokenizer has one)."""
+        head = [self.bos_id] if self.add_bos and self.bos_id is not None else []
+        tail = [self.eos_id] if self.eos_id is not None else []
+        return head + ids + tail
+
+    def prompt(self, text: str) -> list[int]:
+        """Ids of a prompt for sampling: BOS (where the family puts one), then the text."""
+        head = [self.bos_id] if self.add_bos and self.bos_id is not None else []
+        return head + self.encode(text)
+
+    @property
+    def fingerprint(self) -> str:
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            files = {role: _sha256_file(path) for role, path in sorted(self.files.items())}
+            policy = {
+                "kind": self.kind,
+                "files": files,
+                "bos": self.bos_id,
+                "eos": self.eos_id,
+                "add_bos": self.add_bos,
+            }
+            cached = self.__dict__["_fingerprint"] = hashlib.sha256(
+                json.dumps(policy, sort_keys=True).encode()
+            ).hexdigest()[:16]
+        return cached
+
+    def describe(self) -> str:
+        where = ", ".join(str(p) for p in self.files.values()) or "built in"
+        return (
+            f"{self.kind} tokenizer ({where}): vocabulary {self.vocab_size}, BOS {self.bos_id if self.add_bos else None}, "
+            f"EOS {self.eos_id}, fingerprint {self.fingerprint}"
+        )
+
+    def record(self) -> dict[str, Any]:
+        """What a training checkpoint's ``meta.json`` says about its tokenizer."""
+        return {
+            "kind": self.kind, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
+            "eos_id": self.eos_id, "add_bos": self.add_bos, "files": sorted(self.files),
+        }  # fmt: skip
+
+
+class ByteTokenizer(Tokenizer):
+    """Token = UTF-8 byte (vocabulary 256), no special tokens: the stream is the text's bytes."""
+
+    kind = "bytes"
+    vocab_size = 256
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def _decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def find_tokenizer(directory: Path) -> dict[str, Path] | None:
+    """The tokenizer files of a checkpoint directory: ``tokenizer.json`` (with its configs) first,
+    else ``tokenizer.model``; for a Meta directory also ``../tokenizer.model`` (the layout of
+    Meta's Llama 2 downloads). ``None`` when there is none."""
+    if (directory / HF_TOKENIZER).is_file():
+        found = {HF_TOKENIZER: directory / HF_TOKENIZER}
+        for extra in (HF_TOKENIZER_CONFIG, HF_SPECIAL_TOKENS):
+            if (directory / extra).is_file():
+                found[extra] = directory / extra
+        return found
+    if (directory / MODEL_FILE).is_file():
+        return {MODEL_FILE: directory / MODEL_FILE}
+    if (directory / "params.json").is_file() and (directory.parent / MODEL_FILE).is_file():
+        return {MODEL_FILE: directory.parent / MODEL_FILE}
+    return None
+
+
+def model_file_kind(path: Path) -> str:
+    """``"tiktoken"`` for a text file of ``base64 rank`` lines, else ``"sentencepiece"``."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    first = head.split(b"\n", 1)[0]
+    parts = first.split()
+    if len(parts) == 2 and parts[1].isdigit():
+        try:
+            import base64
+
+            base64.b64decode(parts[0], validate=True)
+            return "tiktoken"
+        except ValueError:
+            pass
+    return "sentencepiece"
+
+
+def load_tokenizer(files: Mapping[str, Path], *, what: str) -> Tokenizer:
+    """The tokenizer made of ``files`` (roles as :func:`find_tokenizer` returns them).
+
+    ``what`` names the source in errors (e.g. ``"--tokenizer runs/tok"``). Raises
+    :class:`UsageError` for a missing library or a file that is not a tokenizer.
+    """
+    from . import tokenizer_formats as fmt
+
+    try:
+        if HF_TOKENIZER in files:
+            return fmt.HFTokenizer(files)
+        path = files[MODEL_FILE]
+        if model_file_kind(path) == "tiktoken":
+            return fmt.TiktokenTokenizer(path)
+        return fmt.SentencePieceTokenizer(path)
+    except ImportError as e:
+        raise UsageError(
+            f"{what}: reading this tokenizer needs the Python package {e.name!r}: pip install 'tp-ffn[train]'"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what}: {e}") from None
+
+
+def _from_path(path: Path, what: str) -> Tokenizer:
+    if path.is_dir():
+        if (path / "meta.json").is_file() or any(p.name.startswith("step_") for p in path.iterdir()):
+            return tokenizer_from_checkpoint(path)
+        files = find_tokenizer(path)
+        if files is None:
+            raise UsageError(
+                f"{what}: no tokenizer in {path} (expected {HF_TOKENIZER} or {MODEL_FILE}); "
+                f"pass --tokenizer PATH, or --tokenizer bytes to train on byte ids"
+            )
+        return load_tokenizer(files, what=what)
+    if not path.is_file():
+        raise UsageError(f"{what}: no such file or directory: {path}")
+    if path.suffix == ".json":
+        files = {HF_TOKENIZER: path}
+        for extra in (HF_TOKENIZER_CONFIG, HF_SPECIAL_TOKENS):
+            if (path.parent / extra).is_file():
+                files[extra] = path.parent / extra
+        return load_tokenizer(files, what=what)
+    return load_tokenizer({MODEL_FILE: path}, what=what)
+
+
+def resolve_tokenizer(spec: str, *, init_from: str | os.PathLike | None = None) -> Tokenizer:
+    """``--tokenizer``: ``"bytes"``; ``"auto"`` (the tokenizer of ``init_from``, else bytes); or a
+    path: a ``tokenizer.json``, a ``tokenizer.model`` (tiktoken or SentencePiece, told apart by
+    content), a directory holding one, or a training checkpoint (its copy)."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec == "auto":
+        if init_from is None:
+            return ByteTokenizer()
+        root = Path(init_from)
+        files = find_tokenizer(root) if root.is_dir() else None
+        if files is None:
+            raise UsageError(
+                f"--tokenizer auto: --init-from {init_from} holds no tokenizer ({HF_TOKENIZER} or {MODEL_FILE}); "
+                f"pass --tokenizer PATH, or --tokenizer bytes to train the pretrained model on byte ids"
+            )
+        return load_tokenizer(files, what=f"--init-from {init_from}")
+    return _from_path(Path(spec), f"--tokenizer {spec}")
+
+
+def tokenizer_from_checkpoint(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a training checkpoint was trained with (``path``: a ``--ckpt-dir`` or a
+    ``step_N`` directory). Checkpoints from before tokenizers were recorded are byte-level."""
+    from .checkpoint import open_checkpoint
+
+    info = open_checkpoint(path)
+    rec = info.meta.get("tokenizer")
+    if rec is None:
+        return ByteTokenizer()
+    if not isinstance(rec, dict) or rec.get("kind") not in TOKENIZER_KINDS or not isinstance(rec.get("files"), list):
+        raise UsageError(f"checkpoint {info.path} is damaged: meta.json has no readable tokenizer record ({rec!r})")
+    if rec["kind"] == "bytes":
+        tok: Tokenizer = ByteTokenizer()
+    else:
+        files = {}
+        for name in rec["files"]:
+            if name not in (HF_TOKENIZER, HF_TOKENIZER_CONFIG, HF_SPECIAL_TOKENS, MODEL_FILE):
+                raise UsageError(f"checkpoint {info.path} is damaged: meta.json lists tokenizer file {name!r}")
+            if not (info.path / name).is_file():
+                raise UsageError(f"checkpoint {info.path} is damaged: its tokenizer file {name} is missing")
+            files[name] = info.path / name
+        tok = load_tokenizer(files, what=f"checkpoint {info.path}")
+    if tok.kind != rec["kind"] or tok.fingerprint != rec.get("fingerprint"):
+        raise UsageError(
+            f"checkpoint {info.path} is damaged: its tokenizer files give {tok.kind} fingerprint {tok.fingerprint}, "
+            f"meta.json says {rec['kind']} {rec.get('fingerprint')}"
+        )
+    return tok
