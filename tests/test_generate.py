@@ -325,8 +325,9 @@ def test_sequence_parallel_model_is_refused():
 
 
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (parity.py's) look their module up there
     spec.loader.exec_module(module)
     return module
 

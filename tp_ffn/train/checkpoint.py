@@ -43,6 +43,7 @@ blocks: it assumes ``torch.chunk`` sizes.)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -79,6 +80,7 @@ from ..models.config_bounds import check_config_fits
 from ..models.llama import LlamaConfig
 from ..models.weight_names import weight_layout
 from .config import UsageError
+from .consensus import agree
 from .digests import ALGORITHM, file_digest, is_digest
 from .layout import Block, local_tensor, param_blocks
 from .safe_dcp import (
@@ -104,6 +106,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "check_ckpt_dir",
     "checkpoint_reader",
+    "describe",
     "find_latest",
     "load_full_tensors",
     "open_checkpoint",
@@ -319,8 +322,8 @@ def verify_checkpoint(
         verdicts: list[Any] = [None] * world
         dist.all_gather_object(verdicts, error, group=group)
         error = next((v for v in verdicts if v is not None), None)
-    if error is not None:
-        raise _REFUSALS.get(error[0], UsageError)(error[1])
+    if error is not None:  # agreed when gathered: every rank of the group raises it
+        raise _REFUSALS.get(error[0], UsageError)(error[1], agreed=group is not None)
     if legacy and digests and rank == 0:
         print(
             f"notice: checkpoint {info.path} has no digests (written before tp_ffn recorded them): "
@@ -354,6 +357,14 @@ def checkpoint_reader(info: CheckpointInfo, *, digests: bool = True) -> SafeFile
 def read_index_of(info: CheckpointInfo, *, digests: bool = True) -> Metadata:
     """The checked DCP index of ``info`` (see :func:`checkpoint_reader`)."""
     return checkpoint_reader(info, digests=digests).read_metadata()
+
+
+def describe(info: CheckpointInfo | None) -> str:
+    """What a rank found, for comparing across ranks: the step directory and a digest of its meta.json."""
+    if info is None:
+        return "no checkpoint"
+    digest = hashlib.sha256(json.dumps(info.meta, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{info.path.name} (meta.json {digest})"
 
 
 def remove_stale_tmp(ckpt_dir: str | os.PathLike) -> list[Path]:
@@ -455,7 +466,8 @@ class TrainingState:
 
     Sharded tensors appear as the local tensors themselves (aliasing the live parameters and
     optimizer moments, so a load writes into them in place); :attr:`blocks` says where each sits in
-    the full tensor, for :class:`BlockSavePlanner` / :class:`BlockLoadPlanner`.
+    the full tensor, for :class:`BlockSavePlanner` / :class:`BlockLoadPlanner`. ``group``: the ranks
+    that load together (default: the world), e.g. one TP group.
     """
 
     def __init__(
@@ -463,13 +475,16 @@ class TrainingState:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.param_blocks = param_blocks(model)
         self.params = dict(model.named_parameters())
         self.distributed = _is_dist()
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
+        self.group = group
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.world = dist.get_world_size(group) if self.distributed else 1
         self.blocks: dict[str, Block] = {}
         for key, b in self.param_blocks.items():
             self.blocks[f"model.{key}"] = b
@@ -530,11 +545,11 @@ class TrainingState:
         """Load ``info`` into the model (and optimizer, scheduler, RNG); return ``(step, position)``.
 
         The RNG states are restored only when the world size is the one that saved them (they are
-        per rank); a resharded run keeps the freshly seeded generators. The files' sizes are checked
-        and DCP reads through :func:`checkpoint_reader` (no pickled code runs); the data files'
-        digests are :func:`verify_checkpoint`'s job, which the callers run first.
+        per rank); a resharded run keeps the freshly seeded generators. Collective over ``group``.
+        The files' sizes are checked and DCP reads through :func:`checkpoint_reader` (no pickled code
+        runs); the data files' digests are :func:`verify_checkpoint`'s job, which the callers run first.
         """
-        verify_files(info)
+        agree(lambda: verify_files(info), what=f"the files of checkpoint {info.path}", group=self.group)
         same_world = info.meta.get("world") == self.world
         rng_keys = (
             sorted(set(info.meta.get("rng", [])) & {"rng.cpu", "rng.cuda"}) if same_world and not model_only else []
@@ -548,8 +563,12 @@ class TrainingState:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # sample.py's one process
                 reader = checkpoint_reader(info)
-                reader.read_metadata()  # a refusal here is a plain error, not one wrapped by DCP
-                dcp.load(sd, storage_reader=reader, planner=BlockLoadPlanner(self.blocks), no_dist=not self.distributed)
+                # A refusal here is a plain error (not one wrapped by DCP), the same on every rank.
+                agree(reader.read_metadata, what=f"the index of checkpoint {info.path}", group=self.group)
+                dcp.load(
+                    sd, storage_reader=reader, planner=BlockLoadPlanner(self.blocks), process_group=self.group,
+                    no_dist=not self.distributed,
+                )  # fmt: skip
         except (Exception, dcp.CheckpointException) as e:  # a BaseException carrying every rank's failure
             raise _load_error(info, e) from None
         for key in rng_keys:
@@ -562,13 +581,15 @@ class TrainingState:
 
 
 def _load_error(info: CheckpointInfo, e: BaseException) -> UsageError:
-    """A failed DCP load as one line; the safe reader's refusals (maybe inside DCP's exception) as they are."""
+    """A failed DCP load as one line; the safe reader's refusals (maybe inside DCP's exception, which
+    every rank raises with every rank's failures) as they are. Agreed: every rank raises it."""
     if isinstance(e, UsageError):
         return e
     refusal = unwrap_refusal(e)
-    return (
-        refusal if refusal is not None else UsageError(f"checkpoint {info.path} could not be loaded: {_last_line(e)}")
-    )
+    if refusal is None:
+        return UsageError(f"checkpoint {info.path} could not be loaded: {_last_line(e)}", agreed=True)
+    refusal.agreed = True
+    return refusal
 
 
 def _last_line(e: BaseException) -> str:
