@@ -20,7 +20,8 @@ layout (ParallelEmbedding, split on the embedding dimension). DST is written int
 sibling directory and renamed into place at the end, so an interrupted run never leaves a DST
 that looks complete; a non-empty DST is refused without --force. The whole model is held in
 memory once. Loading a checkpoint straight into a tensor-parallel model needs no conversion: see
-tp_ffn.models.load_pretrained.
+tp_ffn.models.load_pretrained. Bad arguments or a SRC it cannot read: one line
+(``convert_checkpoint.py: error: ...``) and exit status 2, nothing written.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_len=args.max_seq_len, progress=tqdm, embedding_split=args.meta_embedding_split or "vocab",
         )  # fmt: skip
     except (ValueError, FileExistsError, UsageError) as e:
-        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
-        return 1
+        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
+        return 2
     shards = f" in {args.num_shards} shard(s)" if args.target_format == "meta" else ""
     print(f"wrote {args.target_format} checkpoint{shards} to {args.dst}")
     return 0

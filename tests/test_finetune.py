@@ -247,7 +247,7 @@ def test_export_round_trip(setup, finetuned, tmp_path):
         str(tmp_path),
         str(tmp_path / "x"),
     )
-    assert bad.returncode == 1 and "no complete checkpoint" in bad.stderr
+    assert bad.returncode == 2 and "no complete checkpoint" in bad.stderr
 
 
 @pytest.mark.timeout(600)

@@ -419,6 +419,23 @@ def test_convert_script(hf, tmp_path):
     _same_files(hf["single"], tmp_path / "hf")
 
 
+@pytest.mark.timeout(120)
+def test_convert_script_bad_sources_exit_2(tmp_path):
+    """A SRC that holds no checkpoint of the --from kind: one line naming it, status 2 (as every
+    script's bad input), nothing written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("x")
+    for kind, message in (("train", "no complete checkpoint"), ("hf", "not a checkpoint this package reads")):
+        cmd = [sys.executable, "scripts/convert_checkpoint.py", "--from", kind, "--to", "hf"]
+        r = subprocess.run([*cmd, str(tmp_path / "src"), str(tmp_path / "dst")], check=False, cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=100)  # fmt: skip
+        assert r.returncode == 2, (kind, r.returncode, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("convert_checkpoint.py: error: ") and message in lines[0], lines
+    assert not (tmp_path / "dst").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Refusals: nothing is written into the model, nothing runs, nothing half-written is left
 
