@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -243,6 +244,34 @@ def test_stale_files_of_dead_builders_are_removed(tmp_path):
     load_tokens(src, tok, cache)
     assert not old_tmp.exists() and not old_fail.exists()
     assert new_tmp.exists() and new_fail.exists(), "a builder that may still be alive keeps its files"
+
+
+def test_a_long_batch_is_progress_for_the_waiting_ranks(tmp_path):
+    """One encode_batch call that lasts longer than the waiters' timeout (a single huge document)
+    is not a dead builder: the builder keeps its temporary file fresh while it works."""
+    root = _write_data(tmp_path / "d")
+    src = find_data(str(root))
+
+    class Slow(Counting):
+        def encode_batch(self, texts):
+            time.sleep(4.0)
+            return super().encode_batch(texts)
+
+    tok, waited = Slow(), {}
+
+    def wait() -> None:
+        opts = CacheOptions(tmp_path / "cache", builder=False, nonce="n", timeout=1.5)
+        try:
+            waited["tokens"] = load_tokens(src, tok, opts).tolist()
+        except UsageError as e:
+            waited["error"] = str(e)
+
+    (tmp_path / "cache").mkdir()
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    built = load_tokens(src, tok, CacheOptions(tmp_path / "cache", nonce="n", timeout=1.5)).tolist()
+    waiter.join(30)
+    assert waited == {"tokens": built}
 
 
 def test_waiting_without_a_builder_times_out(tmp_path):
