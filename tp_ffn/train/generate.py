@@ -43,7 +43,8 @@ def load_checkpoint_model(
     ``path`` is a ``--ckpt-dir`` (its newest complete checkpoint is used) or one ``step_N``
     directory. ``group`` is the TP group (``None``: the default group, or a world of one). Reads
     only the model's tensors, whatever TP / dp layout wrote them. Collective when ``group`` has
-    several ranks.
+    several ranks. Raises :class:`UsageError` naming the checkpoint when it cannot be read or its
+    heads do not split over the group.
     """
     info = ckpt.open_checkpoint(path)
     try:
@@ -51,7 +52,10 @@ def load_checkpoint_model(
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"checkpoint {info.path}: cannot read its model config ({e})") from None
     torch.manual_seed(0)  # the values are overwritten; the seed only keeps ranks' builds identical
-    model = Transformer(cfg, group=group, device=device)
+    try:
+        model = Transformer(cfg, group=group, device=device)
+    except ValueError as e:  # e.g. heads that do not split over this TP size
+        raise UsageError(f"checkpoint {info.path}: {e}") from None
     ckpt.TrainingState(model).load(info, model_only=True)
     return model.eval(), info
 
