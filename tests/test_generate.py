@@ -391,3 +391,11 @@ def test_sample_script_at_a_tp_size_the_heads_do_not_split_over(tmp_path):
     rc, err = run_ranks(2, _sample_rank, str(tmp_path / "ckpt"), timeout=200)[0]
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("sample.py: error: checkpoint ") and "n_kv_heads (1)" in err and "tp=2" in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_scripts_asked_for_cuda_without_one_say_so_in_one_line(tmp_path, capsys):
+    assert _load_script("sample").main(["--ckpt-dir", str(tmp_path), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == "sample.py: error: --device cuda: CUDA is not available"
+    assert _load_script("train").main(["--device", "cuda", "--steps", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "train.py: error: --device cuda: CUDA is not available"
