@@ -3,6 +3,8 @@
 One responsibility per module, dependencies pointing one way (trainer -> the rest)::
 
     config.py       TrainConfig (the command line, validated in one place), ParallelPlan, UsageError
+    consensus.py    decisions taken from what each rank sees, agreed by every rank; reporting errors once
+    outputs.py      before step 1: the output paths can be written, and --ckpt-dir is shared by every rank
     documents.py    what --data names: text files, .jsonl lines, directories, globs; their fingerprint
     tokenizer.py    Tokenizer, bytes, --tokenizer resolution, a checkpoint's own tokenizer
     tokenizer_formats.py  tokenizer.json, Meta Llama 3 (tiktoken) and Llama 2 (SentencePiece) tokenizer.model

@@ -37,6 +37,7 @@ blocks: it assumes ``torch.chunk`` sizes.)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -67,6 +68,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from .config import UsageError
+from .consensus import agree
 from .layout import Block, local_tensor, param_blocks
 
 __all__ = [
@@ -76,6 +78,7 @@ __all__ = [
     "CheckpointInfo",
     "TrainingState",
     "check_ckpt_dir",
+    "describe",
     "find_latest",
     "load_full_tensors",
     "open_checkpoint",
@@ -188,6 +191,14 @@ def verify_files(info: CheckpointInfo) -> None:
             raise UsageError(f"checkpoint {info.path} is damaged: {name} is {got}, expected {size} bytes")
 
 
+def describe(info: CheckpointInfo | None) -> str:
+    """What a rank found, for comparing across ranks: the step directory and a digest of its meta.json."""
+    if info is None:
+        return "no checkpoint"
+    digest = hashlib.sha256(json.dumps(info.meta, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{info.path.name} (meta.json {digest})"
+
+
 def remove_stale_tmp(ckpt_dir: str | os.PathLike) -> list[Path]:
     """Delete ``.tmp-step_*`` directories left by interrupted saves (rank 0, before training)."""
     root = Path(ckpt_dir)
@@ -287,7 +298,8 @@ class TrainingState:
 
     Sharded tensors appear as the local tensors themselves (aliasing the live parameters and
     optimizer moments, so a load writes into them in place); :attr:`blocks` says where each sits in
-    the full tensor, for :class:`BlockSavePlanner` / :class:`BlockLoadPlanner`.
+    the full tensor, for :class:`BlockSavePlanner` / :class:`BlockLoadPlanner`. ``group``: the ranks
+    that load together (default: the world), e.g. one TP group.
     """
 
     def __init__(
@@ -295,13 +307,16 @@ class TrainingState:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.param_blocks = param_blocks(model)
         self.params = dict(model.named_parameters())
         self.distributed = _is_dist()
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
+        self.group = group
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.world = dist.get_world_size(group) if self.distributed else 1
         self.blocks: dict[str, Block] = {}
         for key, b in self.param_blocks.items():
             self.blocks[f"model.{key}"] = b
@@ -362,9 +377,9 @@ class TrainingState:
         """Load ``info`` into the model (and optimizer, scheduler, RNG); return ``(step, position)``.
 
         The RNG states are restored only when the world size is the one that saved them (they are
-        per rank); a resharded run keeps the freshly seeded generators.
+        per rank); a resharded run keeps the freshly seeded generators. Collective over ``group``.
         """
-        verify_files(info)
+        agree(lambda: verify_files(info), what=f"the files of checkpoint {info.path}", group=self.group)
         same_world = info.meta.get("world") == self.world
         rng_keys = (
             sorted(set(info.meta.get("rng", [])) & {"rng.cpu", "rng.cuda"}) if same_world and not model_only else []
@@ -378,9 +393,12 @@ class TrainingState:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # sample.py's one process
                 reader = dcp.FileSystemReader(str(info.path))
-                dcp.load(sd, storage_reader=reader, planner=BlockLoadPlanner(self.blocks), no_dist=not self.distributed)
+                dcp.load(
+                    sd, storage_reader=reader, planner=BlockLoadPlanner(self.blocks), process_group=self.group,
+                    no_dist=not self.distributed,
+                )  # fmt: skip
         except (Exception, dcp.CheckpointException) as e:  # a BaseException carrying every rank's failure
-            raise UsageError(f"checkpoint {info.path} could not be loaded: {_last_line(e)}") from None
+            raise UsageError(f"checkpoint {info.path} could not be loaded: {_last_line(e)}", agreed=True) from None
         for key in rng_keys:
             (torch.set_rng_state if key == "rng.cpu" else torch.cuda.set_rng_state)(sd[key].reshape(-1).clone())
         if self.scheduler is not None and not model_only:

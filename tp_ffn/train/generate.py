@@ -31,6 +31,7 @@ from ..groups import GroupLike, resolve_group
 from ..models.llama import LlamaConfig, Transformer
 from . import checkpoint as ckpt
 from .config import UsageError
+from .consensus import agree
 
 __all__ = ["check_sampling", "generate", "load_checkpoint_model", "sample_next_token"]
 
@@ -42,21 +43,36 @@ def load_checkpoint_model(
 
     ``path`` is a ``--ckpt-dir`` (its newest complete checkpoint is used) or one ``step_N``
     directory. ``group`` is the TP group (``None``: the default group, or a world of one). Reads
-    only the model's tensors, whatever TP / dp layout wrote them. Collective when ``group`` has
-    several ranks. Raises :class:`UsageError` naming the checkpoint when it cannot be read or its
-    heads do not split over the group.
+    only the model's tensors, whatever TP / dp layout wrote them. Collective over ``group`` (and only
+    over it) when it has several ranks: the ranks agree on the checkpoint they found before reading
+    it, and a disagreement is one :class:`UsageError` on every rank.
     """
-    info = ckpt.open_checkpoint(path)
-    try:
-        cfg = LlamaConfig(**info.meta["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"checkpoint {info.path}: cannot read its model config ({e})") from None
+    tp = resolve_group(group)
+
+    def find() -> tuple[ckpt.CheckpointInfo, LlamaConfig]:
+        info = ckpt.open_checkpoint(path)
+        try:
+            cfg = LlamaConfig(**info.meta["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"checkpoint {info.path}: cannot read its model config ({e})") from None
+        try:
+            cfg.check_tp(tp.size)
+        except ValueError:
+            fits = [str(n) for n in cfg.tp_sizes()]
+            raise UsageError(
+                f"checkpoint {info.path}: the model's n_heads ({cfg.n_heads}) and n_kv_heads ({cfg.kv_heads}) must "
+                f"both be divisible by the tensor-parallel size ({tp.size}); run it on "
+                f"{', '.join(fits[:-1]) + ' or ' if len(fits) > 1 else ''}{fits[-1]} rank{'s' if fits != ['1'] else ''}"
+            ) from None
+        return info, cfg
+
+    info, cfg = agree(
+        find, what=f"checkpoint {path}", describe=lambda found: ckpt.describe(found[0]),
+        where=f"in {os.path.abspath(path)}", group=tp.group,
+    )  # fmt: skip
     torch.manual_seed(0)  # the values are overwritten; the seed only keeps ranks' builds identical
-    try:
-        model = Transformer(cfg, group=group, device=device)
-    except ValueError as e:  # e.g. heads that do not split over this TP size
-        raise UsageError(f"checkpoint {info.path}: {e}") from None
-    ckpt.TrainingState(model).load(info, model_only=True)
+    model = Transformer(cfg, group=group, device=device)
+    ckpt.TrainingState(model, group=tp.group).load(info, model_only=True)
     return model.eval(), info
 
 
