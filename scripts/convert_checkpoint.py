@@ -21,8 +21,9 @@ whole attention heads (a common divisor of n_heads and n_kv_heads), as Meta's mo
 other counts are refused (key/value heads are not replicated). DST is written into a hidden
 sibling directory and renamed into place at the end, so an interrupted run never leaves a DST
 that looks complete; a non-empty DST is refused without --force. The whole model is held in
-memory once. Errors: one line, exit status 2. Loading a checkpoint straight into a
-tensor-parallel model needs no conversion: see tp_ffn.models.load_pretrained.
+memory once. Errors: one line (``convert_checkpoint.py: error: ...``),
+exit status 2. Loading a checkpoint straight into a tensor-parallel model needs no
+conversion: see tp_ffn.models.load_pretrained.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_len=args.max_seq_len, progress=tqdm, embedding_split=args.meta_embedding_split or "vocab",
         )  # fmt: skip
     except (ValueError, FileExistsError, UsageError) as e:
-        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
+        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
         return 2  # bad input, as argparse's own errors
     shards = f" in {args.num_shards} shard(s)" if args.target_format == "meta" else ""
     print(f"wrote {args.target_format} checkpoint{shards} to {args.dst}")

@@ -450,12 +450,29 @@ def test_meta_shards_hold_whole_heads(tmp_path):
     cmd = [sys.executable, "scripts/convert_checkpoint.py", "--from", "meta", "--to", "meta", "--num-shards", "8"]
     cmd += [str(src), str(tmp_path / "mp8")]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=100, check=False)
-    assert r.returncode == 2 and r.stderr.startswith("convert_checkpoint: error: num_shards:"), r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("convert_checkpoint.py: error: num_shards:"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "mp8").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     convert_checkpoint(src, tmp_path / "mp4", to="meta", num_shards=4)
     wk = [torch.load(tmp_path / "mp4" / f"consolidated.{i:02d}.pth")["layers.0.attention.wk.weight"] for i in range(4)]
     assert [tuple(w.shape) for w in wk] == [(cfg.head_dim, cfg.dim)] * 4  # one whole key head each
+
+
+@pytest.mark.timeout(120)
+def test_convert_script_bad_sources_exit_2(tmp_path):
+    """A SRC that holds no checkpoint of the --from kind: one line naming it, status 2 (as every
+    script's bad input), nothing written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("x")
+    for kind, message in (("train", "no complete checkpoint"), ("hf", "not a checkpoint this package reads")):
+        cmd = [sys.executable, "scripts/convert_checkpoint.py", "--from", kind, "--to", "hf"]
+        r = subprocess.run([*cmd, str(tmp_path / "src"), str(tmp_path / "dst")], check=False, cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=100)  # fmt: skip
+        assert r.returncode == 2, (kind, r.returncode, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("convert_checkpoint.py: error: ") and message in lines[0], lines
+    assert not (tmp_path / "dst").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class DataSource:
 
     spec: str
     files: tuple[Path, ...]
-    fingerprint: str  # sha256 over every file's size and sha256, in order (16 hex digits)
+    fingerprint: str  # sha256 over every file's size, sha256 and reading (JSON lines or text), in order (16 hex digits)
     total_bytes: int
     limit: int | None = None
 
@@ -61,6 +61,11 @@ def _walk(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _is_jsonl(path: Path, limit: int | None) -> bool:
+    """Whether ``path`` is read as JSON lines (documents) rather than as one text."""
+    return path.suffix == ".jsonl" and limit is None
+
+
 def _fingerprint(files: list[Path], limit: int | None) -> tuple[str, int]:
     h, total = hashlib.sha256(), 0
     for f in files:
@@ -69,7 +74,8 @@ def _fingerprint(files: list[Path], limit: int | None) -> tuple[str, int]:
             for chunk in iter(lambda: stream.read(1 << 22), b""):
                 fh.update(chunk)
                 size += len(chunk)
-        h.update(f"{size} {fh.hexdigest()}\n".encode())
+        # The same bytes read as JSON lines are other documents; text files keep their earlier line.
+        h.update(f"{size} {fh.hexdigest()}{' jsonl' if _is_jsonl(f, limit) else ''}\n".encode())
         total += size
     if limit is not None:
         h.update(f"limit {limit}\n".encode())
@@ -133,7 +139,7 @@ def iter_documents(source: DataSource) -> Iterator[tuple[str, int]]:
     left = source.limit
     for path in source.files:
         try:
-            if path.suffix == ".jsonl" and left is None:
+            if _is_jsonl(path, left):
                 yield from _jsonl(path)
                 continue
             raw = path.read_bytes()

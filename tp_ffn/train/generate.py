@@ -200,6 +200,9 @@ def generate(
     tp = resolve_group(model.tp.group)
     device = model.tok_embeddings.weight.device
     window = model.cfg.max_seq_len
+    # A prompt longer than the window keeps its last `window` tokens (only those could be seen):
+    # then every context starts at 0 and moves with `cur` alone, the same in a batch as alone.
+    batch = [p[-window:] for p in batch]
     lengths = [len(p) for p in batch]
     total = max(lengths) + max_new_tokens
     tokens = torch.zeros(len(batch), total, dtype=torch.int64, device=device)
@@ -210,7 +213,7 @@ def generate(
     ctx = _Context(model, len(batch), min(window, total), use_cache)
     done = [False] * len(batch)
     ends = [length + max_new_tokens for length in lengths]  # where each sample's output ends (exclusive)
-    start = max(0, min(lengths) - window)
+    start = 0
     for cur in range(min(lengths), total):
         if cur - start > window:
             start = cur - max(1, window // 2)
