@@ -20,13 +20,13 @@ def _script_main(rank: int, world: int, script: str, argv: list[str]) -> tuple[i
     return rc, err.getvalue()
 
 
-def script_error(script: str, argv: list[str], timeout: float = 120, prog: str | None = None) -> str | None:
+def script_error(script: str, argv: list[str], timeout: float = 120) -> str | None:
     """``None`` when ``script`` succeeds; else its error message, after checking that it exited with
-    status 2 and wrote exactly one line to stderr, ``<prog>: error: ...`` (``prog``: the script's name)."""
+    status 2 and wrote exactly one line to stderr, ``<script>: error: ...``."""
     rc, err = run_ranks(1, _script_main, script, argv, timeout=timeout)[0]
     if rc == 0:
         return None
-    prefix = f"{prog or script}: error: "
+    prefix = f"{script}: error: "
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(prefix), (rc, err)
     return lines[0][len(prefix) :]

@@ -248,9 +248,7 @@ def _resume(d: Path, model_args: str = "n_layers=1") -> str | None:
 
 def _convert(d: Path) -> str | None:
     out = d.parent / f"{d.name}-as-hf"
-    error = script_error(
-        "convert_checkpoint.py", ["--from", "train", "--to", "hf", str(d), str(out)], prog="convert_checkpoint"
-    )
+    error = script_error("convert_checkpoint.py", ["--from", "train", "--to", "hf", str(d), str(out)])
     assert (error is None) == out.exists(), "a refused conversion wrote its destination"
     return error
 
