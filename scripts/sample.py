@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--no-verify-checkpoint",
+        dest="verify_checkpoint",
+        action="store_false",
+        help="skip comparing the checkpoint's data files with their SHA-256 digests (no pickled code runs either way)",
+    )
     return p
 
 
@@ -72,7 +78,7 @@ def _load(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Modu
         return agree(find, what="the tokenizer", describe=lambda tok: f"{tok.kind}, fingerprint {tok.fingerprint}")
 
     if args.ckpt_dir is not None:
-        model, info = load_checkpoint_model(args.ckpt_dir, device=device)
+        model, info = load_checkpoint_model(args.ckpt_dir, device=device, verify=args.verify_checkpoint)
         if args.tokenizer == "auto":
             tok = same_tokenizer(lambda: tokenizer_from_checkpoint(info.path))
         else:

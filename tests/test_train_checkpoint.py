@@ -182,7 +182,7 @@ def test_damaged_or_mismatched_checkpoints_are_refused(reference, tmp_path):
             {},
             r"is damaged: __1_0.distcp is \d+ bytes, expected \d+",
         ),
-        "garbled": (lambda d: _garble(d / "step_00000010" / ".metadata"), {}, r"could not be loaded"),
+        "garbled": (lambda d: _garble(d / "step_00000010" / ".metadata"), {}, r"is damaged: .metadata does not match its digest"),
         "foreign": (lambda d: _foreign(d / "step_00000010" / "meta.json"), {}, r"is not a tp_ffn training checkpoint"),
         "other-model": (
             lambda d: None,

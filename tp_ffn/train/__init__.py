@@ -14,7 +14,9 @@ One responsibility per module, dependencies pointing one way (trainer -> the res
     layout.py       where each rank's block of every parameter sits in the full model
     parallelize.py  process group, ("dp", "tp") mesh, activation checkpointing, compile, FSDP2
     optim.py        AdamW, warmup + cosine, clipping by the true global gradient norm
-    checkpoint.py   atomic DCP checkpoints that reshard over TP and dp
+    checkpoint.py   atomic DCP checkpoints that reshard over TP and dp, verified before every read
+    safe_dcp.py     DCP's reader without pickled code: restricted index unpickler, tensor-only records
+    digests.py      SHA-256 of checkpoint files, streamed
     metrics.py      JSONL metrics, progress bar, loss plot
     generate.py     sampling from a checkpoint (scripts/sample.py)
     export.py       a training checkpoint as a Hugging Face / Meta directory (convert_checkpoint.py --from train)

@@ -96,6 +96,7 @@ class TrainConfig:
     ckpt_every: int = 0
     keep_last: int = 0
     resume: bool = False
+    verify_checkpoint: bool = True
     metrics: str | None = None
     progress: bool = True
     deterministic: bool = False
@@ -402,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from the newest complete checkpoint in --ckpt-dir, if any (any --tp / --dp)",
+    )
+    c.add_argument(
+        "--no-verify-checkpoint",
+        dest="verify_checkpoint",
+        action="store_false",
+        help="on --resume, skip comparing the data files with their SHA-256 digests in meta.json (reads the whole "
+        "checkpoint once); sizes, the index and the model config are still checked, and no pickled code ever runs",
     )
     c.add_argument(
         "--metrics",

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import regular_size
 from .config import UsageError
 
-__all__ = ["DataSource", "find_data", "iter_documents"]
+__all__ = ["DataSource", "find_data", "iter_documents", "regular_file"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -43,11 +44,20 @@ class DataSource:
         return f"{what}: {self.total_bytes:,} bytes, sha256 {self.fingerprint}"
 
 
+def regular_file(path: Path) -> Path:
+    """``path`` if it is a regular file (links followed); else :class:`UsageError` saying what it is
+    (see :func:`tp_ffn.files.regular_size`)."""
+    why = "; expected regular files of UTF-8 text or JSON lines"
+    if regular_size(path, lambda what: UsageError(f"--data: {path} {what}{why}")) is None:
+        raise UsageError(f"--data: no such file: {path}")
+    return path
+
+
 def _walk(root: Path) -> list[Path]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # links to directories are not followed
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+        found += [regular_file(Path(dirpath) / f) for f in filenames if not f.startswith(".")]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -90,10 +100,8 @@ def find_data(spec: str, *, files: list[Path] | None = None, limit: int | None =
             files = _walk(path)
             if not files:
                 raise UsageError(f"--data: the directory {spec} holds no file")
-        elif path.is_file():
-            files = [path]
         else:
-            raise UsageError(f"--data: no such file: {spec}")
+            files = [regular_file(path)]
     try:
         fingerprint, total = _fingerprint(files, limit)
     except OSError as e:
@@ -117,7 +125,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, int]]:
             where = f"{path} line {number}"
             try:
                 record = json.loads(_decode(line, where))
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise UsageError(f"--data: {where}: not a JSON object ({e})") from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):

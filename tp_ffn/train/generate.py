@@ -37,7 +37,11 @@ __all__ = ["check_sampling", "generate", "load_checkpoint_model", "sample_next_t
 
 
 def load_checkpoint_model(
-    path: str | os.PathLike, *, group: GroupLike = None, device: torch.device | str | None = None
+    path: str | os.PathLike,
+    *,
+    group: GroupLike = None,
+    device: torch.device | str | None = None,
+    verify: bool = True,
 ) -> tuple[Transformer, ckpt.CheckpointInfo]:
     """The model of a checkpoint, this rank's TP shard of it.
 
@@ -45,7 +49,10 @@ def load_checkpoint_model(
     directory. ``group`` is the TP group (``None``: the default group, or a world of one). Reads
     only the model's tensors, whatever TP / dp layout wrote them. Collective over ``group`` (and only
     over it) when it has several ranks: the ranks agree on the checkpoint they found before reading
-    it, and a disagreement is one :class:`UsageError` on every rank.
+    it, and a disagreement is one :class:`UsageError` on every rank. The checkpoint is then checked
+    (:func:`~tp_ffn.train.checkpoint.verify_checkpoint`; ``verify=False`` skips the data files'
+    digests) and read without running pickled code; a bad one raises :class:`UsageError` before the
+    model is built.
     """
     tp = resolve_group(group)
 
@@ -70,6 +77,7 @@ def load_checkpoint_model(
         find, what=f"checkpoint {path}", describe=lambda found: ckpt.describe(found[0]),
         where=f"in {os.path.abspath(path)}", group=tp.group,
     )  # fmt: skip
+    ckpt.verify_checkpoint(info, digests=verify, group=tp.group if tp.size > 1 else None)
     torch.manual_seed(0)  # the values are overwritten; the seed only keeps ranks' builds identical
     model = Transformer(cfg, group=group, device=device)
     ckpt.TrainingState(model, group=tp.group).load(info, model_only=True)

@@ -356,6 +356,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             if rt.rank == 0:
                 print(f"{resume_info.path} is already at --steps {cfg.steps}: nothing to do", flush=True)
             return TrainResult(start_step=cfg.steps, final_step=cfg.steps, resumed_from=str(resume_info.path))
+        if resume_info is not None:  # before anything is written: each rank digests its share, all agree
+            ckpt.verify_checkpoint(resume_info, digests=cfg.verify_checkpoint, group=dist.group.WORLD)
     # --eval-only writes no checkpoint (its --ckpt-dir may be read-only); the metrics it appends to.
     check_outputs(None if cfg.eval_only else cfg.ckpt_dir, cfg.metrics_path, rank=rt.rank)
     if cfg.ckpt_dir is not None and rt.rank == 0 and not cfg.eval_only:
