@@ -350,3 +350,24 @@ def test_agree_compares_what_each_rank_found():
         )
         assert got["same error"] == "UsageError bad agreed=True"
     assert r0["crash"] == "RuntimeError rank 1 failed while checking z: OSError: boom" and r1["crash"] == "OSError boom"
+
+
+def test_quiet_ranks_give_the_printing_rank_time_under_torchrun(monkeypatch, capsys):
+    """torchrun stops every worker once one exits: a rank that prints nothing must not exit at once,
+    or the rank that prints the agreed error can be killed before its line is out."""
+    from tp_ffn.train import consensus
+    from tp_ffn.train.config import UsageError
+
+    slept: list[float] = []
+    monkeypatch.setattr(consensus.time, "sleep", slept.append)
+    error = UsageError("checkpoint X is damaged", agreed=True)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    for rank, lines, pauses in (("0", 1, []), ("1", 0, [consensus.QUIET_RANK_GRACE_S])):
+        slept.clear()
+        monkeypatch.setenv("RANK", rank)
+        consensus.report_error("train.py", error)
+        assert len(capsys.readouterr().err.splitlines()) == lines and slept == pauses, rank
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # plain python or in-process ranks: no pause
+    slept.clear()
+    consensus.report_error("train.py", error)
+    assert slept == []

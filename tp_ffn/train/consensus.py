@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,6 +21,9 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .config import UsageError
+
+# Seconds a rank that prints nothing waits before exiting under torchrun (see report_error).
+QUIET_RANK_GRACE_S = 2.0
 
 __all__ = ["agree", "report_error"]
 
@@ -111,3 +115,7 @@ def report_error(prog: str, error: UsageError) -> None:
         show, prefix = int(os.environ.get("LOCAL_RANK", "0")) == 0, ""
     if show:
         print(f"{prog}: error: {prefix}{error}", file=sys.stderr, flush=True)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        # torchrun stops every worker as soon as one exits: a quiet rank that exits first could get
+        # the printing rank killed before its line is out. Leave it a moment to print and exit.
+        time.sleep(QUIET_RANK_GRACE_S)
