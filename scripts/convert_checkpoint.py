@@ -16,11 +16,14 @@ Hugging Face, which transformers' from_pretrained and AutoTokenizer load). Tenso
 their dtype and values bit for bit; only the q/k rows are permuted between the two rotary
 conventions. Meta shards split tok_embeddings.weight by vocabulary, as Llama 3's code and
 llama-models load it (VocabParallelEmbedding); --meta-embedding-split dim writes Llama 1/2's
-layout (ParallelEmbedding, split on the embedding dimension). DST is written into a hidden
+layout (ParallelEmbedding, split on the embedding dimension). --num-shards must give every shard
+whole attention heads (a common divisor of n_heads and n_kv_heads), as Meta's model code requires:
+other counts are refused (key/value heads are not replicated). DST is written into a hidden
 sibling directory and renamed into place at the end, so an interrupted run never leaves a DST
 that looks complete; a non-empty DST is refused without --force. The whole model is held in
-memory once. Loading a checkpoint straight into a tensor-parallel model needs no conversion: see
-tp_ffn.models.load_pretrained.
+memory once. Errors: one line (``convert_checkpoint.py: error: ...``),
+exit status 2. Loading a checkpoint straight into a tensor-parallel model needs no
+conversion: see tp_ffn.models.load_pretrained.
 """
 
 from __future__ import annotations
@@ -112,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_len=args.max_seq_len, progress=tqdm, embedding_split=args.meta_embedding_split or "vocab",
         )  # fmt: skip
     except (ValueError, FileExistsError, UsageError) as e:
-        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
-        return 1
+        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
+        return 2  # bad input, as argparse's own errors
     shards = f" in {args.num_shards} shard(s)" if args.target_format == "meta" else ""
     print(f"wrote {args.target_format} checkpoint{shards} to {args.dst}")
     return 0

@@ -146,6 +146,10 @@ def errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
 def run(cfg: ParityConfig, device: torch.device) -> bool:
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = DTYPES[cfg.dtype]
+    if cfg.hidden_dim < world:
+        raise ValueError(
+            f"--hidden-dim: expected at least one row per rank (>= the world size {world}), got {cfg.hidden_dim}"
+        )
     if cfg.sequence_parallel and cfg.seq % world:
         raise ValueError(
             f"--seq: expected a multiple of the world size {world} with --sequence-parallel, got {cfg.seq}"
@@ -263,10 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(backend)
     try:
         ok = run(cfg, device)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # bad arguments for this world size: the same on every rank
         if dist.get_rank() == 0:
             print(f"parity.py: {e}", file=sys.stderr)
-        ok = False
+        return 2
     finally:
         dist.destroy_process_group()
     return 0 if ok else 1

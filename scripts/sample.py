@@ -11,7 +11,9 @@ directory; ``--init-from``: the directory's own tokenizer), or ``--tokenizer``. 
 with BOS where the model family puts one; a sample ends at the tokenizer's EOS. Rank 0 prints each
 sample: the prompt, then the continuation. ``--temperature 0`` is greedy; otherwise ``--top-k``
 then ``--top-p`` narrow the choice, drawn from a generator seeded with ``--seed`` (the same samples
-at every TP size). Errors: one line on rank 0, exit status 2.
+at every TP size). Errors: one line, exit status 2; the ranks agree on the checkpoint and the
+tokenizer first, so one that some ranks cannot see (a relative --ckpt-dir, a node without the
+mount) is reported, naming what each rank saw.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import typing
 import torch
 
 from tp_ffn.train import UsageError
+from tp_ffn.train.consensus import agree, report_error
 from tp_ffn.train.generate import check_sampling, generate, load_checkpoint_model
 from tp_ffn.train.parallelize import init_runtime
 
@@ -48,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0: greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens (0: all)")
     p.add_argument(
         "--top-p", type=float, default=1.0, help="then among the fewest whose probability reaches p (1: all)"
@@ -58,29 +61,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--no-verify-checkpoint",
+        dest="verify_checkpoint",
+        action="store_false",
+        help="skip comparing the checkpoint's data files with their SHA-256 digests (no pickled code runs either way)",
+    )
     return p
 
 
 def _load(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, typing.Any, str]:
-    """The model (this rank's TP shard), its tokenizer, and a header line."""
+    """The model (this rank's TP shard), its tokenizer, and a header line; every rank found the same."""
     from tp_ffn.train.tokenizer import resolve_tokenizer, tokenizer_from_checkpoint
 
+    def same_tokenizer(find: typing.Callable[[], typing.Any]) -> typing.Any:
+        return agree(find, what="the tokenizer", describe=lambda tok: f"{tok.kind}, fingerprint {tok.fingerprint}")
+
     if args.ckpt_dir is not None:
-        model, info = load_checkpoint_model(args.ckpt_dir, device=device)
-        tok = tokenizer_from_checkpoint(info.path) if args.tokenizer == "auto" else resolve_tokenizer(args.tokenizer)
+        model, info = load_checkpoint_model(args.ckpt_dir, device=device, verify=args.verify_checkpoint)
+        if args.tokenizer == "auto":
+            tok = same_tokenizer(lambda: tokenizer_from_checkpoint(info.path))
+        else:
+            tok = same_tokenizer(lambda: resolve_tokenizer(args.tokenizer))
         return model, tok, f"{info.path} (step {info.step})"
     from tp_ffn.models.llama import Transformer
 
-    try:
-        model = Transformer.from_pretrained(args.init_from, device=device)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--init-from {args.init_from}: {e}") from None
-    tok = resolve_tokenizer(args.tokenizer, init_from=args.init_from)
+    def load() -> torch.nn.Module:
+        try:
+            return Transformer.from_pretrained(args.init_from, device=device)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--init-from {args.init_from}: {e}") from None
+
+    model = agree(load, what=f"--init-from {args.init_from}")
+    tok = same_tokenizer(lambda: resolve_tokenizer(args.tokenizer, init_from=args.init_from))
     return model.eval(), tok, args.init_from
 
 
 def main(argv: list[str] | None = None) -> int:
-    rank = 0
     try:
         args = build_parser().parse_args(argv)
         if args.max_new_tokens < 0 or args.num_samples < 1:
@@ -91,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             name, _, problem = str(e).partition(":")  # the message names the keyword: say the flag
             raise UsageError(f"--{name.replace('_', '-')}:{problem}") from None
         rt = init_runtime(args.device)
-        rank = rt.rank
+        rank, ok = rt.rank, False
         try:
             model, tok, header = _load(args, rt.device)
-            if tok.vocab_size > model.cfg.vocab_size:
+            if tok.vocab_size > model.cfg.vocab_size:  # the model and tokenizer are agreed: so is this
                 raise UsageError(
                     f"--tokenizer: its ids go up to {tok.vocab_size - 1}, the model's embedding has "
-                    f"{model.cfg.vocab_size} rows"
+                    f"{model.cfg.vocab_size} rows",
+                    agreed=True,
                 )
             if rank == 0:
                 print(
@@ -108,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             gen = torch.Generator().manual_seed(args.seed)
             prompt = tok.prompt(args.prompt)
             if not prompt:
-                raise UsageError("--prompt: expected some text (this tokenizer adds no BOS)")
+                raise UsageError("--prompt: expected some text (this tokenizer adds no BOS)", agreed=True)
             shown = prompt[1:] if tok.add_bos and tok.bos_id is not None else prompt
             for i in range(args.num_samples):
                 out = generate(
@@ -124,11 +142,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if rank == 0:
                     print(f"--- sample {i + 1}\n{tok.decode(shown + out)}", flush=True)
+            ok = True
+        except UsageError as e:
+            if not e.agreed and rt.world > 1:
+                e.rank = rt.rank  # seen by this rank alone: it reports it
+            raise
         finally:
-            rt.shutdown()
+            rt.shutdown(synchronize=ok)
     except UsageError as e:
-        if rank == 0:
-            print(f"sample.py: error: {e}", file=sys.stderr, flush=True)
+        report_error("sample.py", e)
         return 2
     return 0
 

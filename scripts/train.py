@@ -6,10 +6,11 @@ CPU, one machine, 2 processes (gloo), the tiny preset on the Python standard lib
         --preset tiny --tp 2 --steps 300 --seed 0 --ckpt-dir runs/tiny --ckpt-every 100 \
         --metrics runs/tiny/metrics.jsonl
 
-Continue it (same or other --tp / --dp: checkpoints reshard), here at tp 1 x dp 2 up to step 600:
+Continue it (same or other --tp / --dp: checkpoints reshard), here at tp 1 x dp 2 up to step 600,
+the cosine stretched to the new end (without --lr-schedule-steps it keeps the 300-step schedule):
 
     torchrun --standalone --nproc_per_node 2 scripts/train.py --preset tiny --tp 1 --dp 2 \
-        --steps 600 --ckpt-dir runs/tiny --resume
+        --steps 600 --lr-schedule-steps 600 --ckpt-dir runs/tiny --resume
 
 Fine-tune a pretrained model on your text with its own tokenizer (tokenizer.json or
 tokenizer.model beside the weights); evaluate it before and after (--eval-only):
@@ -41,8 +42,9 @@ file system):
         scripts/train.py --tp 8 --dp 2 --ckpt-dir /shared/ckpt/run1 --resume
 
 Plain ``python scripts/train.py ...`` is a world of one. ``--help`` lists every flag. Bad
-arguments, files or checkpoints end with one line on rank 0 (``train.py: error: ...``) and exit
-status 2; nothing already saved is overwritten.
+arguments, files or checkpoints, and ranks that see different files, end with one line
+(``train.py: error: ...``) and exit status 2 before step 1; nothing already saved is overwritten.
+A resumed run keeps its learning-rate schedule; ``--lr-schedule-steps N`` stretches it.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import os
 import sys
 
 from tp_ffn.train import UsageError, parse_args, train
+from tp_ffn.train.consensus import report_error
 
 
 def _rank() -> int:
@@ -65,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(parse_args(argv))
     except UsageError as e:
-        if _rank() == 0:
-            print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        report_error("train.py", e)
         return 2
     except FloatingPointError as e:  # the loss diverged: the same on every rank (it is all-reduced)
         if _rank() == 0:

@@ -622,6 +622,9 @@ def _layout(rank: int, world: int) -> tuple[list[tuple[dict, dict]], dict[str, s
     errors["initialized after"] = str(initialize.model_parallel_is_initialized())
     errors["twice"] = error_of(initialize.initialize_model_parallel, 2)
     initialize.destroy_model_parallel()
+    initialize.initialize_model_parallel(model_parallel_size_=2)  # fairscale's keyword spelling
+    errors["keyword mp size"] = str(initialize.get_model_parallel_world_size())
+    initialize.destroy_model_parallel()
     return pairs, errors
 
 
@@ -642,6 +645,7 @@ def test_initialize_groups_are_fairscales_and_misuse_is_refused():
         )
         assert errors["zero"].startswith("ValueError: initialize_model_parallel: model_parallel_size: expected")
         assert errors["twice"].startswith("RuntimeError: initialize_model_parallel: model parallel is already")
+        assert errors["keyword mp size"] == "2"
 
 
 def test_fairscale_modules_not_provided():
@@ -662,6 +666,10 @@ def test_initialize_without_torch_distributed_says_so():
         pytest.skip("a process group is initialised in this process")
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised; call"):
         initialize.initialize_model_parallel(1)
+    with pytest.raises(TypeError, match="expected the model-parallel size once"):
+        initialize.initialize_model_parallel()
+    with pytest.raises(TypeError, match="expected the model-parallel size once"):
+        initialize.initialize_model_parallel(2, model_parallel_size_=2)
     with pytest.raises(RuntimeError, match="model parallel group is not initialized"):
         initialize.get_model_parallel_group()
     assert initialize.model_parallel_is_initialized() is False

@@ -143,7 +143,7 @@ def test_finetune_tp1_matches_tp2_on_the_tokenizers_stream(setup, finetuned):
     meta = json.loads((step / "meta.json").read_text())
     assert meta["tokenizer"]["kind"] == "hf" and meta["tokenizer"]["fingerprint"] == tok.fingerprint
     for name in meta["tokenizer"]["files"]:
-        assert meta["files"][name] == (step / name).stat().st_size == (setup["pre"] / name).stat().st_size
+        assert meta["files"][name]["size"] == (step / name).stat().st_size == (setup["pre"] / name).stat().st_size
     assert tokenizer_from_checkpoint(finetuned["ckpt"]).fingerprint == tok.fingerprint
     rows = read_metrics(finetuned["ckpt"] / "metrics.jsonl")
     assert [r["tokens"] for r in rows if "loss" in r] == [s * BATCH * SEQ for s in range(1, 11)]
@@ -247,7 +247,7 @@ def test_export_round_trip(setup, finetuned, tmp_path):
         str(tmp_path),
         str(tmp_path / "x"),
     )
-    assert bad.returncode == 1 and "no complete checkpoint" in bad.stderr
+    assert bad.returncode == 2 and "no complete checkpoint" in bad.stderr
 
 
 @pytest.mark.timeout(600)

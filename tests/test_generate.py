@@ -164,6 +164,12 @@ def test_batch_equals_each_prompt_alone():
     model = _model(GQA)
     together = generate(model, PROMPTS, 12, temperature=0)
     assert together == [generate(model, p, 12, temperature=0) for p in PROMPTS]
+    # Past the window of 24, with a prompt longer than the window beside short ones.
+    long = torch.randint(0, GQA.vocab_size, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    batch = [long, *PROMPTS]
+    for use_cache in (True, False):
+        together = generate(model, batch, 30, temperature=0, use_cache=use_cache)
+        assert together == [generate(model, p, 30, temperature=0, use_cache=use_cache) for p in batch], use_cache
 
 
 def test_stop_tokens_end_each_sample():
@@ -325,8 +331,9 @@ def test_sequence_parallel_model_is_refused():
 
 
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (parity.py's) look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -204,6 +204,68 @@ def test_from_pretrained_equals_load_then_parallelize(checkpoints):
         assert not bad, f"rank {rank}: {bad}"
 
 
+def _new_head(rank: int, world: int, path: str) -> dict[str, object]:
+    import warnings
+
+    cls = transformers.Qwen2ForSequenceClassification
+    torch.manual_seed(rank)  # generators differ across ranks (e.g. seeded per data-parallel rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = tphf.from_pretrained(cls, path, torch_dtype=torch.float32, num_labels=3)
+    ref = cls.from_pretrained(path, torch_dtype=torch.float32, num_labels=3)
+    tphf.parallelize_mlp(ref)
+    score = ours.score.weight.detach()
+    gathered = [torch.empty_like(score) for _ in range(world)]
+    dist.all_gather(gathered, score)
+    mine, theirs = dict(ours.named_parameters()), dict(ref.named_parameters())
+    return {
+        "warned": any("newly initialized: ['score.weight']" in str(w.message) for w in caught),
+        "same head on every rank": all(torch.equal(g, score) for g in gathered),
+        "head drawn by _init_weights": 0.5 < score.std().item() / ours.config.initializer_range < 1.5,
+        "the rest loaded": all(torch.equal(v, theirs[k]) for k, v in mine.items() if k != "score.weight"),
+        "runs": tuple(ours(tokens(batch=1)).logits.shape) == (1, 3),
+    }
+
+
+@pytest.mark.timeout(120)
+def test_from_pretrained_initialises_a_new_head(checkpoints):
+    """As transformers does, a head the checkpoint lacks (a sequence-classification head on a causal-LM
+    checkpoint) is drawn by the model's _init_weights with a warning, here the same on every rank (the head is
+    replicated); every other tensor is loaded as transformers loads it. A missing MLP weight stays an error
+    (test_from_pretrained_errors)."""
+    for rank, got in enumerate(run_ranks(2, _new_head, checkpoints["qwen2"], timeout=100)):
+        assert all(got.values()), (rank, got)
+
+
+def _deepcopied(rank: int, world: int) -> dict[str, object]:
+    """A parallelized model deep-copied the way TRL's reference models, EMA and AveragedModel copy it."""
+    par = build("llama", mlp_bias=True).train()
+    tphf.parallelize_mlp(par)
+    twin = copy.deepcopy(par)
+    mlp, twin_mlp = par.model.layers[0].mlp, twin.model.layers[0].mlp
+    x = tokens()
+    with torch.no_grad():
+        same_logits = torch.equal(twin(x).logits, par(x).logits)
+    before = {k: v.clone() for k, v in par.state_dict().items()}
+    twin(x, labels=x).loss.backward()
+    torch.optim.SGD(twin.parameters(), lr=0.1).step()
+    return {
+        "same logits": same_logits,
+        "same group": twin_mlp.tp.group is mlp.tp.group,
+        "own parameters": twin_mlp.gate_proj.weight is not mlp.gate_proj.weight,
+        "original untouched": all(torch.equal(v, before[k]) for k, v in par.state_dict().items()),
+        "copy trained": not torch.equal(twin_mlp.down_proj.weight, mlp.down_proj.weight),
+    }
+
+
+@pytest.mark.timeout(120)
+def test_deepcopy_of_a_parallelized_model():
+    """At W=2 a parallelized model deep-copies (a ProcessGroup cannot be pickled: the copy shares the group) into
+    an independent model with the same logits, whose training leaves the original as it was."""
+    for rank, got in enumerate(run_ranks(2, _deepcopied, timeout=100)):
+        assert all(got.values()), (rank, got)
+
+
 def _collectives(rank: int, world: int) -> dict[str, dict[str, int]]:
     """All-reduces in forward and backward of one MLP: tp_ffn's block against Hugging Face's tp_plan for
     the MLP (gate_proj and up_proj "colwise", down_proj "rowwise", as in LlamaConfig.base_model_tp_plan
@@ -297,9 +359,14 @@ def test_compile_does_not_break_on_the_mlp():
 
 
 def test_import_tp_ffn_does_not_import_transformers():
-    code = "import sys, tp_ffn, tp_ffn.hf; print('transformers' in sys.modules, 'accelerate' in sys.modules)"
+    """The core imports no adapter (tp_ffn.hf, tp_ffn.fairscale); tp_ffn.hf imports neither transformers nor
+    accelerate until from_pretrained runs."""
+    code = (
+        "import sys, tp_ffn; print(sorted(m for m in sys.modules if m.startswith(('tp_ffn.hf', 'tp_ffn.fairscale'))))\n"
+        "import tp_ffn.hf; print('transformers' in sys.modules, 'accelerate' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"], out
+    assert out.stdout.split() == ["[]", "False", "False"], out
 
 
 def test_activation_errors():
@@ -397,11 +464,14 @@ def test_from_pretrained_errors(checkpoints, tmp_path):
     for kwargs, match in (
         ({"tp_plan": "auto"}, r"tp_plan: not supported by tp_ffn.hf.from_pretrained"),
         ({"device_map": "auto"}, r"device_map: expected one device"),
+        ({"device_map": {"model": "cpu", "lm_head": "cpu"}}, r"device_map: expected one device"),
         ({"torch_dtype": "float7"}, r"dtype: expected a torch.dtype"),
         ({"trust_remote_code": True}, r"trust_remote_code: expected False"),
     ):
         with pytest.raises(ValueError, match=match):
             tphf.from_pretrained(cls, path, **kwargs)
+    # accelerate's / TRL's spelling of one device for the whole model: {"": device}.
+    assert tphf.from_pretrained(cls, path, device_map={"": "cpu"}).lm_head.weight.device == torch.device("cpu")
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['not_an_option'\]"):
         tphf.from_pretrained(cls, path, not_an_option=1)
     with pytest.raises(ValueError, match=r"path: expected a local checkpoint directory"):
@@ -414,7 +484,7 @@ def test_from_pretrained_errors(checkpoints, tmp_path):
     (bad / "config.json").write_text((__import__("pathlib").Path(checkpoints["gemma"]) / "config.json").read_text())
     tensors = load_file(os.path.join(checkpoints["gemma"], "model.safetensors"))
     save_file({k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}, str(bad / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"lacks 1 parameters of the model: \['model.layers.1.mlp.up_proj.weight'\]"):
+    with pytest.raises(ValueError, match=r"lacks 1 MLP weights of the model: \['model.layers.1.mlp.up_proj.weight'\]"):
         tphf.from_pretrained(transformers.GemmaForCausalLM, bad)
     tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:, :-1].contiguous()
     save_file(tensors, str(bad / "model.safetensors"))

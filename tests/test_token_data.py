@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -129,6 +130,22 @@ def test_cache_built_once_reused_and_rebuilt(tmp_path):
     assert wide.dtype == torch.uint32 and wide[1].item() == first[1].item() - 3 + 70_000
 
 
+def test_the_same_bytes_as_jsonl_and_as_text_are_different_data(tmp_path):
+    """A file's bytes read as JSON lines (documents) or as one text: two streams, so two cache
+    files, and a checkpoint of one does not resume on the other."""
+    lines = "\n".join(json.dumps({"text": d}) for d in DOCS[:4]) + "\n"
+    (tmp_path / "docs.jsonl").write_text(lines)
+    (tmp_path / "docs.txt").write_text(lines)
+    as_jsonl, as_text = find_data(str(tmp_path / "docs.jsonl")), find_data(str(tmp_path / "docs.txt"))
+    assert as_jsonl.fingerprint != as_text.fingerprint
+    cache, tok = CacheOptions(tmp_path / "cache"), Counting()
+    load_tokens(as_text, tok, cache)
+    assert load_tokens(as_jsonl, tok, cache).tolist() == _expected(tok, DOCS[:4])
+    # Text files keep the fingerprint they had before JSON lines were told apart (their caches and
+    # the data fingerprints in checkpoints stay valid): the value the earlier code gave.
+    assert as_text.fingerprint == "85251f87cee5fb88"
+
+
 def _damage(path: Path, how: str) -> None:
     raw = bytearray(path.read_bytes())
     if how == "token":
@@ -227,6 +244,34 @@ def test_stale_files_of_dead_builders_are_removed(tmp_path):
     load_tokens(src, tok, cache)
     assert not old_tmp.exists() and not old_fail.exists()
     assert new_tmp.exists() and new_fail.exists(), "a builder that may still be alive keeps its files"
+
+
+def test_a_long_batch_is_progress_for_the_waiting_ranks(tmp_path):
+    """One encode_batch call that lasts longer than the waiters' timeout (a single huge document)
+    is not a dead builder: the builder keeps its temporary file fresh while it works."""
+    root = _write_data(tmp_path / "d")
+    src = find_data(str(root))
+
+    class Slow(Counting):
+        def encode_batch(self, texts):
+            time.sleep(4.0)
+            return super().encode_batch(texts)
+
+    tok, waited = Slow(), {}
+
+    def wait() -> None:
+        opts = CacheOptions(tmp_path / "cache", builder=False, nonce="n", timeout=1.5)
+        try:
+            waited["tokens"] = load_tokens(src, tok, opts).tolist()
+        except UsageError as e:
+            waited["error"] = str(e)
+
+    (tmp_path / "cache").mkdir()
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    built = load_tokens(src, tok, CacheOptions(tmp_path / "cache", nonce="n", timeout=1.5)).tolist()
+    waiter.join(30)
+    assert waited == {"tokens": built}
 
 
 def test_waiting_without_a_builder_times_out(tmp_path):

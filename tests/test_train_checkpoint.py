@@ -182,7 +182,7 @@ def test_damaged_or_mismatched_checkpoints_are_refused(reference, tmp_path):
             {},
             r"is damaged: __1_0.distcp is \d+ bytes, expected \d+",
         ),
-        "garbled": (lambda d: _garble(d / "step_00000010" / ".metadata"), {}, r"could not be loaded"),
+        "garbled": (lambda d: _garble(d / "step_00000010" / ".metadata"), {}, r"is damaged: .metadata does not match its digest"),
         "foreign": (lambda d: _foreign(d / "step_00000010" / "meta.json"), {}, r"is not a tp_ffn training checkpoint"),
         "other-model": (
             lambda d: None,
@@ -266,3 +266,36 @@ def test_init_from_pretrained_weights(tmp_path, fmt):
             Transformer(PRESETS["tiny"])(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()
         ).item()
     assert abs(fresh - want) / want > 1e-3
+
+
+def _load_on_a_one_rank_group(rank: int, world: int, path: str) -> tuple[float, dict] | None:
+    import time
+
+    import torch.distributed as dist
+
+    from tp_ffn.train.generate import load_checkpoint_model
+
+    groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    if rank != 0:
+        return None  # rank 1 never loads: a collective over the world would wait for it
+    t0 = time.monotonic()
+    model, _ = load_checkpoint_model(path, group=groups[0])
+    return time.monotonic() - t0, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.timeout(120)
+def test_load_checkpoint_model_waits_only_on_its_group(tmp_path):
+    """A one-rank group on rank 0 of a 2-rank world: DCP's load ran over the default group and
+    blocked until the group timeout (60 s in the rank pool)."""
+    import dataclasses
+
+    from tp_ffn.models import PRESETS, Transformer
+
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(1)
+    model = Transformer(cfg)
+    ck.TrainingState(model).save(tmp_path, 1, 0, {"model": dataclasses.asdict(cfg)})
+    seconds, state = run_ranks(2, _load_on_a_one_rank_group, str(tmp_path), timeout=45)[0]
+    assert seconds < 20
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -47,10 +47,11 @@ HF_KW = dict(
     hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=256, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
 )  # fmt: skip
-# 12 heads / 6 kv heads split over TP 1, 2 and 3; hidden 200 and vocab 250 make Meta's shard borders
-# (MP 2, 4) and ours (TP 3: 67/67/66 rows of w1, 84/83/83 of output) fall in different places.
+# 24 heads / 12 kv heads split whole over TP 1, 2, 3 and MP 1, 2, 4; hidden 200 and vocab 250 make
+# Meta's shard borders (MP 2, 4) and ours (TP 3: 67/67/66 rows of w1, 84/83/83 of output) fall in
+# different places.
 META_CFG = LlamaConfig(
-    dim=96, n_layers=2, n_heads=12, n_kv_heads=6, vocab_size=250, multiple_of=8, ffn_dim_multiplier=0.78, max_seq_len=32
+    dim=96, n_layers=2, n_heads=24, n_kv_heads=12, vocab_size=250, multiple_of=8, ffn_dim_multiplier=0.78, max_seq_len=32
 )
 SHARDED_HF = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
@@ -381,7 +382,7 @@ def test_convert_round_trips_bit_exact(hf, tmp_path):
             convert_checkpoint(src, tmp_path / "m2", to="meta", num_shards=2, overwrite=True, progress=progress) == "hf"
         )
         assert seen == ["read hf", "meta shards"]
-        convert_checkpoint(tmp_path / "m2", tmp_path / "m3", to="meta", num_shards=3, overwrite=True)  # reshard
+        convert_checkpoint(tmp_path / "m2", tmp_path / "m3", to="meta", num_shards=1, overwrite=True)  # reshard
         assert convert_checkpoint(tmp_path / "m3", tmp_path / "back", to="hf", overwrite=True, max_seq_len=64) == "meta"
         want = hf["single"] if src == hf["sharded"] else bf16
         _same_files(want, tmp_path / "back")
@@ -417,6 +418,61 @@ def test_convert_script(hf, tmp_path):
     assert config_from_hf(tmp_path / "hf") == config_from_hf(hf["single"])
     assert not (tmp_path / "hf" / "keep.txt").exists()
     _same_files(hf["single"], tmp_path / "hf")
+    # Bad input found after the arguments parse: one line, status 2 (as argparse's own), nothing written.
+    for args, message in (
+        (("--from", "meta", "--to", "hf", str(hf["sharded"])), "--from meta: but"),
+        (
+            ("--from", "hf", "--to", "meta", "--num-shards", "100000", str(hf["sharded"])),
+            "num_shards: expected at most",
+        ),
+    ):
+        r = script(*args, str(tmp_path / "refused"))
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.timeout(120)
+def test_meta_shards_hold_whole_heads(tmp_path):
+    """4 key/value heads over 8 shards were split in half without a word; Meta's code gives every
+    model-parallel rank n_kv_heads // MP whole heads. Refused by export_meta, convert_checkpoint and
+    the script (exit 2, nothing written); 4 shards still work."""
+    cfg = LlamaConfig(dim=64, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=16, max_seq_len=16)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    src = tmp_path / "mp1"
+    export_meta(model, src, 1)
+    message = r"num_shards: .*8 shards would split the model's 8 query / 4 key-value heads; refused .*work: 1, 2, 4"
+    with pytest.raises(ValueError, match=message):
+        export_meta(model, tmp_path / "mp8", 8)
+    with pytest.raises(ValueError, match=message):
+        convert_checkpoint(src, tmp_path / "mp8", to="meta", num_shards=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "scripts/convert_checkpoint.py", "--from", "meta", "--to", "meta", "--num-shards", "8"]
+    cmd += [str(src), str(tmp_path / "mp8")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=100, check=False)
+    assert r.returncode == 2 and r.stderr.startswith("convert_checkpoint.py: error: num_shards:"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "mp8").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    convert_checkpoint(src, tmp_path / "mp4", to="meta", num_shards=4)
+    wk = [torch.load(tmp_path / "mp4" / f"consolidated.{i:02d}.pth")["layers.0.attention.wk.weight"] for i in range(4)]
+    assert [tuple(w.shape) for w in wk] == [(cfg.head_dim, cfg.dim)] * 4  # one whole key head each
+
+
+@pytest.mark.timeout(120)
+def test_convert_script_bad_sources_exit_2(tmp_path):
+    """A SRC that holds no checkpoint of the --from kind: one line naming it, status 2 (as every
+    script's bad input), nothing written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("x")
+    for kind, message in (("train", "no complete checkpoint"), ("hf", "not a checkpoint this package reads")):
+        cmd = [sys.executable, "scripts/convert_checkpoint.py", "--from", kind, "--to", "hf"]
+        r = subprocess.run([*cmd, str(tmp_path / "src"), str(tmp_path / "dst")], check=False, cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=100)  # fmt: skip
+        assert r.returncode == 2, (kind, r.returncode, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("convert_checkpoint.py: error: ") and message in lines[0], lines
+    assert not (tmp_path / "dst").exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,7 +549,7 @@ def _edit_shard(path: Path, fn) -> None:
          r"layers.1.feed_forward.w1.weight: expected full shape \(200, 96\) split over 2 shards on dim 0, got shard shapes \[\(100, 96\), \(99, 96\)\]"),
         (lambda d: (d / "consolidated.00.pth").unlink(), r"shards are missing: no consolidated.00.pth"),
         (lambda d: (d / "params.json").write_text(json.dumps({**json.loads((d / "params.json").read_text()), "n_heads": 8, "n_kv_heads": 4})),
-         r"does not match the model's: n_heads: model 12, checkpoint 8; kv_heads: model 6, checkpoint 4"),
+         r"does not match the model's: n_heads: model 24, checkpoint 8; kv_heads: model 12, checkpoint 4"),
     ],
 )  # fmt: skip
 def test_meta_bad_checkpoint_leaves_model_untouched(meta, tmp_path, edit, match):

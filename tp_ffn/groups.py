@@ -28,6 +28,10 @@ class TPGroup:
 
     ``group`` is ``None`` only when no process group is initialised (a single process, e.g. a
     notebook); then ``rank == 0`` and ``size == 1`` and every collective is skipped.
+
+    ``copy.copy`` and ``copy.deepcopy`` return the object itself: a copied module (``deepcopy``,
+    ``torch.optim.swa_utils.AveragedModel``) works on the same group, which cannot be copied anyway.
+    Pickling is unchanged (it fails for a live ``ProcessGroup``, as it always did).
     """
 
     group: ProcessGroup | None
@@ -37,6 +41,13 @@ class TPGroup:
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
             raise ValueError(f"TPGroup: expected 0 <= rank < size, got rank={self.rank}, size={self.size}")
+
+    def __copy__(self) -> TPGroup:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> TPGroup:
+        # A ProcessGroup cannot be copied (nor pickled); a deep-copied module talks over the same group.
+        return self
 
 
 def resolve_group(group: GroupLike) -> TPGroup:

@@ -74,12 +74,13 @@ def _subgroup(ranks: list[list[int]], backend: str | None) -> ProcessGroup:
 
 
 def initialize_model_parallel(
-    model_parallel_size: int,
+    model_parallel_size: int | None = None,
     pipeline_length: int = 1,
     *,
     model_parallel_backend: str | None = None,
     pipeline_backend: str | None = None,
     ddp_backend: str | None = None,
+    model_parallel_size_: int | None = None,
 ) -> None:
     """Split the world into model-, data- and pipeline-parallel groups (fairscale's layout, above).
 
@@ -87,9 +88,17 @@ def initialize_model_parallel(
     fairscale, ``model_parallel_size`` larger than the world is reduced to the world size. The
     ``*_backend`` arguments choose each group's backend (``None``: the default group's).
     Raises ``RuntimeError`` when ``torch.distributed`` is not initialised or the groups already
-    are, ``ValueError`` when the sizes do not divide the world.
+    are, ``ValueError`` when the sizes do not divide the world. ``model_parallel_size_`` is
+    fairscale's own spelling of the first argument, accepted as a keyword for code that uses it.
     """
     global _groups
+    if (model_parallel_size is None) == (model_parallel_size_ is None):
+        raise TypeError(
+            "initialize_model_parallel: expected the model-parallel size once, as model_parallel_size "
+            f"(or fairscale's keyword model_parallel_size_), got {model_parallel_size!r} and {model_parallel_size_!r}"
+        )
+    if model_parallel_size is None:
+        model_parallel_size = model_parallel_size_
     for name, value in (("model_parallel_size", model_parallel_size), ("pipeline_length", pipeline_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"initialize_model_parallel: {name}: expected a positive int, got {value!r}")

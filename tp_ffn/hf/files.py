@@ -70,9 +70,6 @@ class SafetensorsDir:
             if missing:
                 raise ValueError(f"{index_path}: lists tensors its files do not hold: {missing[:10]}")
 
-    def keys(self) -> list[str]:
-        return list(self.file_of)
-
     def first_float_dtype(self) -> str | None:
         """The dtype (``"bfloat16"`` ...) of the first floating-point tensor of the first file."""
         for key, path in self.file_of.items():

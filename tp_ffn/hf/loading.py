@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..groups import GroupLike
+from ..groups import GroupLike, resolve_group
 from ..layers import ColumnParallelLinear, RowParallelLinear
 from .files import SafetensorsDir
 from .mlp import parallelize_mlp
@@ -95,9 +96,12 @@ def _parse_dtype(value: Any) -> torch.dtype | str | None:
 
 
 def _parse_device(value: Any) -> torch.device:
-    """``device_map``: one device for the whole model (each rank holds its model on one device)."""
+    """``device_map``: one device for the whole model (each rank holds its model on one device), also in
+    accelerate's spelling ``{"": device}``."""
     if value is None:
         return torch.device("cpu")
+    if isinstance(value, Mapping) and list(value) == [""]:
+        value = value[""]
     if isinstance(value, int) and not isinstance(value, bool):
         return torch.device("cuda", value)
     if isinstance(value, (str, torch.device)) and str(value) not in ("auto", "balanced", "sequential"):
@@ -275,6 +279,39 @@ def _load(model: nn.Module, files: SafetensorsDir, device: torch.device) -> None
         )
 
 
+@torch.no_grad()
+def _init_missing(model: nn.Module, group: GroupLike, device: torch.device, root: Path) -> None:
+    """Parameters still on the meta device (the checkpoint lacks them): transformers draws them with the model's
+    ``_init_weights`` and warns; so does this, then broadcasts them from the group's rank 0, since every rank
+    must hold the same replicated weights. A missing tensor-parallel shard (an MLP weight) is an error."""
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if not missing:
+        return
+    owners = {n: model.get_submodule(n.rpartition(".")[0]) for n in missing}
+    sharded = [n for n, m in owners.items() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    if sharded:
+        raise ValueError(f"{root}: the checkpoint lacks {len(sharded)} MLP weights of the model: {sharded[:10]}")
+    tp = resolve_group(group)
+    for module in {id(m): m for m in owners.values()}.values():
+        params = module._parameters
+        loaded = {a: p.clone() for a, p in params.items() if p is not None and p.device.type != "meta"}
+        for a, p in params.items():
+            if p is not None and p.device.type == "meta":
+                params[a] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+        model._init_weights(module)  # it may draw every parameter of the module: put the loaded ones back
+        for a, value in loaded.items():
+            params[a].copy_(value)
+        if tp.size > 1:
+            for p in params.values():
+                if p is not None:
+                    dist.broadcast(p, src=dist.get_global_rank(tp.group, 0), group=tp.group)
+    warnings.warn(
+        f"Some weights of {type(model).__name__} were not initialized from the model checkpoint at {root} and are "
+        f"newly initialized: {missing[:10]}",
+        stacklevel=3,
+    )
+
+
 def from_pretrained(
     model_class: type,
     path: str | Path,
@@ -296,10 +333,12 @@ def from_pretrained(
     checkpoint with its ``model.safetensors.index.json``).
 
     Keyword arguments as in transformers: ``torch_dtype`` / ``dtype`` (a dtype, its name or ``"auto"``),
-    ``device_map`` (one device, e.g. ``f"cuda:{local_rank}"``), ``attn_implementation``, ``config``, and
-    config overrides; anything else is an error naming it. Tied weights are tied, the model is returned in
-    eval mode with its generation config. Missing weights are a ``ValueError``; checkpoint tensors the model
-    has no place for a warning. Every rank of ``group`` must call it.
+    ``device_map`` (one device, e.g. ``f"cuda:{local_rank}"`` or ``{"": local_rank}``),
+    ``attn_implementation``, ``config``, and config overrides; anything else is an error naming it. Tied
+    weights are tied, the model is returned in eval mode with its generation config. Weights the checkpoint
+    lacks are drawn by the model's ``_init_weights`` with a warning, as transformers does (a new
+    classification head), the same on every rank; a missing MLP weight is a ``ValueError``. Checkpoint tensors
+    the model has no place for are a warning. Every rank of ``group`` must call it.
     """
     opts = _LoadOptions.from_kwargs(kwargs)
     root = Path(path)
@@ -312,9 +351,7 @@ def from_pretrained(
     parallelize_mlp(model, group, fuse_gate_up=fuse_gate_up, overlap_comm=overlap_comm, comm_chunks=comm_chunks)
     _load(model, files, opts.device)
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise ValueError(f"{root}: the checkpoint lacks {len(missing)} parameters of the model: {missing[:10]}")
+    _init_missing(model, group, opts.device, root)
     for module in model.modules():
         for name, buf in module._buffers.items():
             if buf is not None and buf.device != opts.device:

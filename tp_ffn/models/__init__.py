@@ -4,6 +4,7 @@ llama.py              LlamaConfig, Transformer (the decoder on a TP group), pres
 kv_cache.py           KVCache: this rank's keys and values of earlier positions, for generation
 weight_names.py       file and tensor names of the Hugging Face and Meta layouts, HF's q/k row order
 pretrained_config.py  the LlamaConfig of a checkpoint directory; which layout it is
+config_bounds.py      a config may not describe more than the weights beside it hold
 hf_files.py           safetensors, read one slice at a time
 meta_files.py         consolidated.XX.pth, memory-mapped and weights_only
 loading.py            this rank's slices of a checkpoint into a Transformer

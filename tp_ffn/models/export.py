@@ -149,6 +149,15 @@ def _check_num_shards(cfg: LlamaConfig, num_shards: int) -> None:
     smallest = min(e.shape[e.meta_dim] for e in weight_layout(cfg) if e.meta_dim is not None)
     if num_shards > smallest:
         raise ValueError(f"num_shards: expected at most {smallest} (the smallest split dimension), got {num_shards}")
+    if num_shards not in cfg.tp_sizes():
+        # Meta's model code gives each model-parallel rank n_heads // MP query heads and
+        # n_kv_heads // MP key/value heads: a shard holding part of a head would load as garbage.
+        raise ValueError(
+            f"num_shards: Meta's checkpoints hold whole attention heads in every shard, and {num_shards} shards "
+            f"would split the model's {cfg.n_heads} query / {cfg.kv_heads} key-value heads; refused (key/value "
+            f"heads are not replicated, which would change n_kv_heads); shard counts that work: "
+            f"{', '.join(map(str, cfg.tp_sizes()))}"
+        )
 
 
 def _write_meta(
@@ -233,10 +242,13 @@ def export_meta(
     Shards are contiguous ``torch.tensor_split`` blocks on Meta's split dims (table above).
     ``tok_embeddings.weight`` is split by vocabulary (``embedding_split="vocab"``, dim 0: Llama 3's
     and llama-models' ``VocabParallelEmbedding``) or by embedding dimension (``"dim"``, dim 1: Llama
-    1/2's ``ParallelEmbedding``). Shards are even whenever the sizes divide, as Meta's own code
-    requires; otherwise :func:`load_meta_checkpoint` still reads them. ``params.json`` always names
-    ``rope_theta`` (Llama 3's and Code Llama's ``ModelArgs`` take it; the original Llama 2 code does
-    not, and assumes 10000). Collective and atomic as :func:`export_hf`.
+    1/2's ``ParallelEmbedding``). ``num_shards`` must give every shard whole attention heads (a
+    common divisor of ``n_heads`` and ``n_kv_heads``, as Meta's model code requires): anything else
+    raises ``ValueError`` (key/value heads are not replicated). Other blocks are even whenever the
+    sizes divide, as Meta's own code requires; otherwise :func:`load_meta_checkpoint` still reads
+    them. ``params.json`` always names ``rope_theta`` (Llama 3's and Code Llama's ``ModelArgs`` take
+    it; the original Llama 2 code does not, and assumes 10000). Collective and atomic as
+    :func:`export_hf`.
     """
     _check_num_shards(model.cfg, num_shards)
     embedding_dim = _embedding_split_dim(embedding_split)

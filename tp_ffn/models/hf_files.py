@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ class HFReader:
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise ValueError(f"{index_path}: expected a 'weight_map' object of tensor name to file name")
+            outside = sorted({v for v in weight_map.values() if Path(v).name != v or v in (".", "..")})
+            if outside:
+                raise ValueError(f"{index_path}: names files outside {root}: {outside[:3]}")
             files = sorted(set(weight_map.values()))
         elif single.exists():
             weight_map, files = None, [HF_SINGLE]
@@ -37,7 +41,8 @@ class HFReader:
         for name in files:
             file = root / name
             if not file.is_file():
-                raise ValueError(f"{index_path}: lists {name}, which is not in {root}")
+                where = f"{index_path}: lists {name}, which" if weight_map is not None else f"{file}:"
+                raise ValueError(f"{where} is not a regular file in {root}")
             try:
                 self.handles[name] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
@@ -51,6 +56,10 @@ class HFReader:
                 if key not in held[name]:
                     raise ValueError(f"{index_path}: says {key} is in {name}, which does not hold it")
                 self.where[key] = name
+
+    def stored_elements(self) -> int:
+        """Elements of every tensor in the files, from their headers (nothing is read or allocated)."""
+        return sum(math.prod(self._slice(key).get_shape()) for key in self.where)
 
     def _slice(self, key: str) -> Any:
         return self.handles[self.where[key]].get_slice(key)

@@ -80,12 +80,17 @@ class LlamaConfig:
     def hidden_dim(self) -> int:
         return llama_ffn_hidden_dim(self.dim, multiple_of=self.multiple_of, ffn_dim_multiplier=self.ffn_dim_multiplier)
 
+    def tp_sizes(self) -> list[int]:
+        """The tensor-parallel sizes (and Meta shard counts) that give every rank whole heads: the
+        common divisors of ``n_heads`` and ``n_kv_heads``."""
+        return [n for n in range(1, self.kv_heads + 1) if self.n_heads % n == 0 and self.kv_heads % n == 0]
+
     def check_tp(self, tp: int) -> None:
         """Raise ``ValueError`` unless the heads split evenly over ``tp`` ranks."""
         if self.n_heads % tp or self.kv_heads % tp:
             raise ValueError(
                 f"tp: n_heads ({self.n_heads}) and n_kv_heads ({self.kv_heads}) must both be divisible by the "
-                f"tensor-parallel size, got tp={tp}"
+                f"tensor-parallel size, got tp={tp} (sizes that split them: {', '.join(map(str, self.tp_sizes()))})"
             )
 
     def num_params(self) -> int:
@@ -295,10 +300,29 @@ class Transformer(nn.Module):
             sequence_parallel=self.sequence_parallel,
             **kw,
         )
-        cos, sin = precompute_rope(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Not in the state dict (derived from the config); to_empty() wipes them: see init_buffers.
         rope_device = None if device is None or torch.device(device).type == "meta" else device
-        self.register_buffer("rope_cos", cos.to(rope_device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(rope_device), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0, device=rope_device), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0, device=rope_device), persistent=False)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Compute the rotary tables ``rope_cos, rope_sin [max_seq_len, head_dim / 2]`` (float32) on
+        their current device; on ``meta`` they stay empty placeholders of the right shape."""
+        cos, sin = precompute_rope(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos = cos.to(self.rope_cos.device)
+        self.rope_sin = sin.to(self.rope_sin.device)
+
+    def reset_parameters(self) -> None:
+        """What this module itself holds: the rotary tables (:meth:`init_buffers`); it has no
+        parameters of its own, and draws no random numbers.
+
+        PyTorch's meta-device recipe (build under ``device="meta"``, ``to_empty(device=...)``, then
+        ``reset_parameters()`` on every module that has one, in ``modules()`` order, after the same
+        seed) then gives the model a direct build gives, bit for bit.
+        """
+        self.init_buffers()
 
     @classmethod
     def from_pretrained(

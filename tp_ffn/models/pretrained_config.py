@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from ..files import regular_size
+from .config_bounds import check_config_fits
 from .llama import LlamaConfig
 from .meta_files import load_torch_file, meta_shard_files
 from .weight_names import HF_CONFIG, HF_INDEX, HF_SINGLE, META_PARAMS, META_SHARD
 from .weights_types import PathLike
 
 __all__ = [
-    "config_from_hf", "config_from_meta", "config_from_pretrained", "detect_format", "ffn_rule_for", "read_json_object",
+    "JSON_MAX_BYTES", "config_from_hf", "config_from_meta", "config_from_pretrained", "detect_format", "ffn_rule_for",
+    "read_json_object", "stored_elements",
 ]  # fmt: skip
 
 
@@ -60,14 +64,25 @@ def ffn_rule_for(dim: int, hidden_dim: int) -> tuple[int, float | None]:
     )
 
 
+JSON_MAX_BYTES = 64 << 20  # configs and indexes are KB; a bigger file is not read into memory
+
+
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a small regular file; ``ValueError`` naming the file for anything else.
+
+    A FIFO or device in its place is refused before it is opened (reading it could block forever
+    or never end), and so is a file larger than :data:`JSON_MAX_BYTES`.
+    """
+    size = regular_size(path, lambda why: ValueError(f"{path}: the {what} {why}"))
+    if size is None:
+        raise ValueError(f"{path}: no {what} here")
+    if size > JSON_MAX_BYTES:
+        raise ValueError(f"{path}: {size} bytes is far more than a {what}; refusing to read it")
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no {what} here") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the {what}: {e}") from None
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: cannot read the {what}: {type(e).__name__}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -78,6 +93,21 @@ def _int_field(data: Mapping[str, Any], key: str, source: Path) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{source}: {key}: expected an int, got {v!r}")
     return v
+
+
+def _float_field(data: Mapping[str, Any], key: str, default: float, source: Path) -> float:
+    """A finite number > 0 (eps, theta, multiplier): JSON's NaN / Infinity or a string would pass ``float``."""
+    v = data.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{source}: {key}: expected a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def _config(source: Path, **fields: Any) -> LlamaConfig:
+    try:
+        return LlamaConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def config_from_hf(path: PathLike, *, max_seq_len: int | None = None) -> LlamaConfig:
@@ -109,6 +139,8 @@ def config_from_hf(path: PathLike, *, max_seq_len: int | None = None) -> LlamaCo
         raise ValueError(f"{source}: hidden_act: expected 'silu', got {data['hidden_act']!r}")
     dim, n_heads = _int_field(data, "hidden_size", source), _int_field(data, "num_attention_heads", source)
     head_dim = data.get("head_dim")
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int)):
+        raise ValueError(f"{source}: head_dim: expected an int, got {head_dim!r}")
     if head_dim is not None and n_heads > 0 and head_dim * n_heads != dim:
         raise ValueError(
             f"{source}: head_dim: expected hidden_size / num_attention_heads = {dim} / {n_heads}, got {head_dim}"
@@ -118,7 +150,8 @@ def config_from_hf(path: PathLike, *, max_seq_len: int | None = None) -> LlamaCo
     except ValueError as e:
         raise ValueError(f"{source}: intermediate_size: {e}") from None
     n_kv = data.get("num_key_value_heads")
-    return LlamaConfig(
+    return _config(
+        source,
         dim=dim,
         n_layers=_int_field(data, "num_hidden_layers", source),
         n_heads=n_heads,
@@ -126,9 +159,10 @@ def config_from_hf(path: PathLike, *, max_seq_len: int | None = None) -> LlamaCo
         vocab_size=_int_field(data, "vocab_size", source),
         multiple_of=multiple_of,
         ffn_dim_multiplier=mult,
-        norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(data.get("rope_theta", 10000.0)),
-        max_seq_len=max_seq_len or int(data.get("max_position_embeddings", 2048)),
+        norm_eps=_float_field(data, "rms_norm_eps", 1e-6, source),
+        rope_theta=_float_field(data, "rope_theta", 10000.0, source),
+        max_seq_len=max_seq_len
+        or _int_field({"max_position_embeddings": 2048, **data}, "max_position_embeddings", source),
     )
 
 
@@ -166,16 +200,17 @@ def config_from_meta(path: PathLike, *, max_seq_len: int | None = None) -> Llama
     n_kv = data.get("n_kv_heads")
     if max_seq_len is None:
         max_seq_len = _int_field(data, "max_seq_len", source) if "max_seq_len" in data else LlamaConfig.max_seq_len
-    return LlamaConfig(
+    return _config(
+        source,
         dim=dim,
         n_layers=_int_field(data, "n_layers", source),
         n_heads=_int_field(data, "n_heads", source),
         n_kv_heads=None if n_kv is None else _int_field(data, "n_kv_heads", source),
         vocab_size=vocab,
         multiple_of=_int_field(data, "multiple_of", source) if "multiple_of" in data else 256,
-        ffn_dim_multiplier=None if mult is None else float(mult),
-        norm_eps=float(data.get("norm_eps", 1e-5)),
-        rope_theta=float(data.get("rope_theta", 10000.0)),
+        ffn_dim_multiplier=None if mult is None else _float_field(data, "ffn_dim_multiplier", 1.0, source),
+        norm_eps=_float_field(data, "norm_eps", 1e-5, source),
+        rope_theta=_float_field(data, "rope_theta", 10000.0, source),
         max_seq_len=max_seq_len,
     )
 
@@ -225,6 +260,21 @@ def detect_format(path: PathLike) -> str:
 
 
 def config_from_pretrained(path: PathLike, *, max_seq_len: int | None = None) -> LlamaConfig:
-    """:func:`config_from_hf` or :func:`config_from_meta`, by :func:`detect_format`."""
-    reader = config_from_hf if detect_format(path) == "hf" else config_from_meta
-    return reader(path, max_seq_len=max_seq_len)
+    """:func:`config_from_hf` or :func:`config_from_meta`, by :func:`detect_format`, checked against
+    the weight files beside it (:func:`~tp_ffn.models.config_bounds.check_config_fits`): a config that
+    describes more parameters than the files hold is refused here, before a model is built from it."""
+    fmt = detect_format(path)
+    cfg = (config_from_hf if fmt == "hf" else config_from_meta)(path, max_seq_len=max_seq_len)
+    check_config_fits(cfg, stored_elements(path, fmt), str(Path(path) / (HF_CONFIG if fmt == "hf" else META_PARAMS)))
+    return cfg
+
+
+def stored_elements(path: PathLike, fmt: str) -> int:
+    """Elements of all tensors in a Hugging Face (safetensors headers only) or Meta (memory-mapped) checkpoint."""
+    root = Path(path)
+    if fmt == "meta":
+        return sum(t.numel() for f in meta_shard_files(root) for t in load_torch_file(f).values())
+    from .hf_files import HFReader  # hf_files reads its index with read_json_object, from here
+
+    with ExitStack() as stack:
+        return HFReader(root, stack).stored_elements()

@@ -3,6 +3,8 @@
 One responsibility per module, dependencies pointing one way (trainer -> the rest)::
 
     config.py       TrainConfig (the command line, validated in one place), ParallelPlan, UsageError
+    consensus.py    decisions taken from what each rank sees, agreed by every rank; reporting errors once
+    outputs.py      before step 1: the output paths can be written, and --ckpt-dir is shared by every rank
     documents.py    what --data names: text files, .jsonl lines, directories, globs; their fingerprint
     tokenizer.py    Tokenizer, bytes, --tokenizer resolution, a checkpoint's own tokenizer
     tokenizer_formats.py  tokenizer.json, Meta Llama 3 (tiktoken) and Llama 2 (SentencePiece) tokenizer.model
@@ -12,7 +14,9 @@ One responsibility per module, dependencies pointing one way (trainer -> the res
     layout.py       where each rank's block of every parameter sits in the full model
     parallelize.py  process group, ("dp", "tp") mesh, activation checkpointing, compile, FSDP2
     optim.py        AdamW, warmup + cosine, clipping by the true global gradient norm
-    checkpoint.py   atomic DCP checkpoints that reshard over TP and dp
+    checkpoint.py   atomic DCP checkpoints that reshard over TP and dp, verified before every read
+    safe_dcp.py     DCP's reader without pickled code: restricted index unpickler, tensor-only records
+    digests.py      SHA-256 of checkpoint files, streamed
     metrics.py      JSONL metrics, progress bar, loss plot
     flops.py        model FLOPs per token, MFU and the peak it is held against
     memory.py       the memory plan: per-rank estimate, budget, refusal and what would fit

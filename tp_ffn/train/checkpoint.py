@@ -6,15 +6,21 @@ Layout of ``--ckpt-dir``::
       step_00000100/              one complete checkpoint (the name is the number of optimizer steps)
         .metadata                 DCP's index: every tensor's global shape and the chunks on disk
         __0_0.distcp ...          one file per rank (replicated tensors written once)
-        meta.json                 written last: format, step, model config, tp/dp, data, file sizes
+        meta.json                 written last: format, step, model config, tp/dp, data, each file's size and SHA-256
       step_00000200/
       .tmp-step_00000300-1a2b3c/  a save in progress (or one that crashed): never read, removed at start
       metrics.jsonl, metrics.png  (default place of the metrics)
 
-A save writes into ``.tmp-step_N-<random>/``, then rank 0 writes ``meta.json`` (with every file's
-size), fsyncs, and renames the directory to ``step_N`` in one ``rename(2)``. A crash at any moment
-leaves either no ``step_N`` or a complete one, and never touches older checkpoints. An existing
-``step_N`` is never overwritten.
+A save writes into ``.tmp-step_N-<random>/``; each rank then digests the files it wrote, and rank 0
+writes ``meta.json`` (with every file's size and digest), fsyncs, and renames the directory to
+``step_N`` in one ``rename(2)``. A crash at any moment leaves either no ``step_N`` or a complete one,
+and never touches older checkpoints. An existing ``step_N`` is never overwritten.
+
+Reading trusts nothing in the directory: :func:`verify_checkpoint` checks every file's size and
+digest against ``meta.json`` and ``meta.json``'s model config against the tensors, and every DCP
+read goes through :class:`~tp_ffn.train.safe_dcp.SafeFileSystemReader`, which runs no pickled code
+(``meta.json`` itself is the root of trust for the digests, so a hostile directory can match them:
+the restricted reader is what keeps it from running anything).
 
 What is saved (flat keys; every tensor with its *global* shape)::
 
@@ -37,11 +43,14 @@ blocks: it assumes ``torch.chunk`` sizes.)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import re
 import secrets
 import shutil
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +68,7 @@ from torch.distributed.checkpoint.default_planner import (
 )
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
+    Metadata,
     MetadataIndex,
     TensorProperties,
     TensorStorageMetadata,
@@ -66,26 +76,55 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from ..models.config_bounds import check_config_fits
+from ..models.llama import LlamaConfig
+from ..models.weight_names import weight_layout
 from .config import UsageError
+from .consensus import agree
+from .digests import ALGORITHM, file_digest, is_digest
 from .layout import Block, local_tensor, param_blocks
+from .safe_dcp import (
+    INDEX,
+    DamagedCheckpointError,
+    SafeFileSystemReader,
+    UnsafeCheckpointError,
+    damaged,
+    is_count,
+    is_plain_name,
+    regular_file_size,
+    unwrap_refusal,
+)
 
 __all__ = [
     "FORMAT",
     "BlockLoadPlanner",
     "BlockSavePlanner",
     "CheckpointInfo",
+    "DamagedCheckpointError",
+    "SafeFileSystemReader",
     "TrainingState",
+    "UnsafeCheckpointError",
     "check_ckpt_dir",
+    "checkpoint_reader",
+    "describe",
     "find_latest",
     "load_full_tensors",
     "open_checkpoint",
     "remove_stale_tmp",
     "save_atomic",
     "step_dir",
+    "verify_checkpoint",
+    "verify_files",
 ]
 
 FORMAT = "tp_ffn.train.checkpoint/1"
 META = "meta.json"
+_META_MAX_BYTES = 64 << 20  # ours are a few KB; a bigger one is not read into memory
+# Types of the meta.json fields the code reads, so a hostile or damaged file cannot reach them as others.
+_META_TYPES: dict[str, type] = {
+    "step": int, "world": int, "tp": int, "dp": int, "seq_len": int, "model": dict, "data": dict, "rng": list,
+    "files": dict, "args": dict,
+}  # fmt: skip
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _TMP_PREFIX = ".tmp-step_"
 
@@ -106,13 +145,24 @@ class CheckpointInfo:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
+    size = regular_file_size(path / META)
+    if size is None:
+        raise damaged(path, f"{META} is missing")
+    if size > _META_MAX_BYTES:
+        raise damaged(path, f"{META} is {size} bytes, far more than a checkpoint's {META}; move it out of the way")
     try:
-        meta = json.loads((path / META).read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"checkpoint {path} is damaged: {META} cannot be read ({e}); move it out of the way") from None
+        meta = json.loads((path / META).read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        raise damaged(path, f"{META} cannot be read ({type(e).__name__}: {e}); move it out of the way") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise UsageError(f"{path} is not a tp_ffn training checkpoint (format {found!r}, expected {FORMAT!r})")
+    for key, kind in _META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise damaged(path, f"{META}: {key} is a {type(value).__name__}, expected a {kind.__name__}")
+    if not all(isinstance(k, str) for k in meta.get("rng", [])):
+        raise damaged(path, f"{META}: rng must list state names")
     return meta
 
 
@@ -175,17 +225,146 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     return info
 
 
-def verify_files(info: CheckpointInfo) -> None:
-    """Check that every file listed in ``meta.json`` is there with its size (truncation, deletion)."""
+def _listed_files(info: CheckpointInfo) -> tuple[dict[str, int], dict[str, str] | None]:
+    """``meta.json``'s files: ``({name: size}, {name: digest})``; the digests are ``None`` for a
+    checkpoint written before they were recorded (its entries are bare sizes)."""
     files = info.meta.get("files")
-    if not isinstance(files, dict) or ".metadata" not in files:
-        raise UsageError(f"checkpoint {info.path} is damaged: {META} lists no files")
-    for name, size in sorted(files.items()):
-        f = info.path / name
-        actual = f.stat().st_size if f.is_file() else None
+    if not isinstance(files, dict) or INDEX not in files:
+        raise damaged(info.path, f"{META} lists no files")
+    legacy = all(is_count(v) for v in files.values())
+    sizes: dict[str, int] = {}
+    sums: dict[str, str] = {}
+    for name, entry in files.items():
+        if not is_plain_name(name) or name == META:
+            raise damaged(info.path, f"{META} lists {name!r}, which is not a file name inside the checkpoint")
+        if legacy:
+            sizes[name] = entry
+            continue
+        if not isinstance(entry, dict) or not is_count(entry.get("size")) or not is_digest(entry.get(ALGORITHM)):
+            raise damaged(info.path, f"{META}'s entry for {name} has no size and {ALGORITHM} digest: {entry!r}")
+        sizes[name], sums[name] = entry["size"], entry[ALGORITHM]
+    return sizes, None if legacy else sums
+
+
+def verify_files(info: CheckpointInfo) -> None:
+    """Check that every file listed in ``meta.json`` is there, a regular file of its size (truncation, deletion)."""
+    sizes, _ = _listed_files(info)
+    for name, size in sorted(sizes.items()):
+        actual = regular_file_size(info.path / name)
         if actual != size:
             got = "missing" if actual is None else f"{actual} bytes"
-            raise UsageError(f"checkpoint {info.path} is damaged: {name} is {got}, expected {size} bytes")
+            raise damaged(info.path, f"{name} is {got}, expected {size} bytes")
+
+
+def _check_model(info: CheckpointInfo, md: Metadata) -> None:
+    """``meta.json``'s model config must describe exactly the ``model.*`` tensors of the index."""
+    model = info.meta.get("model")
+    try:
+        cfg = LlamaConfig(**model) if isinstance(model, dict) else None
+    except (TypeError, ValueError) as e:
+        raise damaged(info.path, f"{META}'s model config is not valid ({e})") from None
+    if cfg is None:
+        raise damaged(info.path, f"{META} has no model config")
+    stored = {
+        k[len("model.") :]: tuple(v.size)
+        for k, v in md.state_dict_metadata.items()
+        if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
+    }
+    try:  # bounds first: the layout below has one entry per weight of the config
+        check_config_fits(cfg, sum(math.prod(s) for s in stored.values()), f"{META}'s model config")
+    except ValueError as e:
+        raise damaged(info.path, str(e)) from None
+    if 9 * cfg.n_layers + 3 != len(stored):
+        raise damaged(
+            info.path, f"{META}'s model config has {cfg.n_layers} layers; {INDEX} holds {len(stored)} model tensors"
+        )
+    expected = {e.name: e.shape for e in weight_layout(cfg)}
+    names = sorted(set(expected) | set(stored))
+    diff = [f"{k}: config {expected.get(k)}, stored {stored.get(k)}" for k in names if expected.get(k) != stored.get(k)]
+    if diff:
+        raise damaged(info.path, f"{META}'s model config does not match the tensors in {INDEX} ({'; '.join(diff[:3])})")
+
+
+_REFUSALS: dict[str, type[UsageError]] = {
+    c.__name__: c for c in (UsageError, DamagedCheckpointError, UnsafeCheckpointError)
+}
+
+
+def verify_checkpoint(
+    info: CheckpointInfo, *, digests: bool = True, group: dist.ProcessGroup | None = None
+) -> Metadata:
+    """Check a checkpoint before anything reads its data, and return its DCP index (read safely).
+
+    Checked: ``meta.json`` lists every file with its size and digest, and each is a regular file of
+    that size; ``.metadata`` matches its digest and is a DCP index of tensors only, read without
+    running code (:class:`~tp_ffn.train.safe_dcp.SafeFileSystemReader`); the model config in
+    ``meta.json`` describes exactly the model tensors in it; and, with ``digests``, every data file
+    matches its digest. ``digests=False`` (``--no-verify-checkpoint``) skips only the data files'
+    digests (reading the whole checkpoint once), not the rest.
+
+    Collective over ``group`` (``None``: this process alone): each rank digests its share of the
+    data files (file ``i`` on rank ``i % world``), so the checkpoint is read once in all, and the
+    ranks agree on the verdict: every rank raises the same error, or none does.
+    A checkpoint written before digests were recorded passes with a one-line notice on stderr.
+    The data files are digested before DCP reads them, not as it reads them: one replaced in between
+    is still read only by the restricted reader (no code runs), but unverified.
+    Raises :class:`DamagedCheckpointError` or :class:`UnsafeCheckpointError` (both :class:`UsageError`).
+    """
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    md, legacy, error = None, False, None
+    try:
+        md, legacy = _verify_here(info, digests, rank, world)
+    except UsageError as e:
+        error = (type(e).__name__, str(e))
+    except Exception as e:  # noqa: BLE001 - one rank's surprise must not leave the others waiting
+        error = ("DamagedCheckpointError", f"checkpoint {info.path} could not be verified ({type(e).__name__}: {e})")
+    if world > 1:
+        verdicts: list[Any] = [None] * world
+        dist.all_gather_object(verdicts, error, group=group)
+        error = next((v for v in verdicts if v is not None), None)
+    if error is not None:  # agreed when gathered: every rank of the group raises it
+        raise _REFUSALS.get(error[0], UsageError)(error[1], agreed=group is not None)
+    if legacy and digests and rank == 0:
+        print(
+            f"notice: checkpoint {info.path} has no digests (written before tp_ffn recorded them): "
+            f"sizes checked, contents not verified",
+            file=sys.stderr,
+            flush=True,
+        )
+    assert md is not None
+    return md
+
+
+def _verify_here(info: CheckpointInfo, digests: bool, rank: int, world: int) -> tuple[Metadata, bool]:
+    _, sums = _listed_files(info)
+    verify_files(info)
+    md = read_index_of(info, digests=digests)
+    _check_model(info, md)
+    if digests and sums is not None:
+        for name in sorted(n for n in sums if n != INDEX)[rank::world]:
+            if file_digest(info.path / name) != sums[name]:
+                raise damaged(info.path, f"{name} does not match its digest")
+    return md, sums is None
+
+
+def checkpoint_reader(info: CheckpointInfo, *, digests: bool = True) -> SafeFileSystemReader:
+    """The DCP storage reader for ``info``: restricted to the files ``meta.json`` lists, at their sizes,
+    and (with ``digests``) to the ``.metadata`` whose digest it records."""
+    sizes, sums = _listed_files(info)
+    return SafeFileSystemReader(info.path, sizes=sizes, metadata_digest=sums[INDEX] if digests and sums else None)
+
+
+def read_index_of(info: CheckpointInfo, *, digests: bool = True) -> Metadata:
+    """The checked DCP index of ``info`` (see :func:`checkpoint_reader`)."""
+    return checkpoint_reader(info, digests=digests).read_metadata()
+
+
+def describe(info: CheckpointInfo | None) -> str:
+    """What a rank found, for comparing across ranks: the step directory and a digest of its meta.json."""
+    if info is None:
+        return "no checkpoint"
+    digest = hashlib.sha256(json.dumps(info.meta, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{info.path.name} (meta.json {digest})"
 
 
 def remove_stale_tmp(ckpt_dir: str | os.PathLike) -> list[Path]:
@@ -194,7 +373,7 @@ def remove_stale_tmp(ckpt_dir: str | os.PathLike) -> list[Path]:
     removed = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(_TMP_PREFIX) and p.is_dir():
+            if p.name.startswith(_TMP_PREFIX) and p.is_dir() and not p.is_symlink():  # never into a link
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
@@ -287,7 +466,8 @@ class TrainingState:
 
     Sharded tensors appear as the local tensors themselves (aliasing the live parameters and
     optimizer moments, so a load writes into them in place); :attr:`blocks` says where each sits in
-    the full tensor, for :class:`BlockSavePlanner` / :class:`BlockLoadPlanner`.
+    the full tensor, for :class:`BlockSavePlanner` / :class:`BlockLoadPlanner`. ``group``: the ranks
+    that load together (default: the world), e.g. one TP group.
     """
 
     def __init__(
@@ -295,13 +475,16 @@ class TrainingState:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.param_blocks = param_blocks(model)
         self.params = dict(model.named_parameters())
         self.distributed = _is_dist()
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
+        self.group = group
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.world = dist.get_world_size(group) if self.distributed else 1
         self.blocks: dict[str, Block] = {}
         for key, b in self.param_blocks.items():
             self.blocks[f"model.{key}"] = b
@@ -362,9 +545,11 @@ class TrainingState:
         """Load ``info`` into the model (and optimizer, scheduler, RNG); return ``(step, position)``.
 
         The RNG states are restored only when the world size is the one that saved them (they are
-        per rank); a resharded run keeps the freshly seeded generators.
+        per rank); a resharded run keeps the freshly seeded generators. Collective over ``group``.
+        The files' sizes are checked and DCP reads through :func:`checkpoint_reader` (no pickled code
+        runs); the data files' digests are :func:`verify_checkpoint`'s job, which the callers run first.
         """
-        verify_files(info)
+        agree(lambda: verify_files(info), what=f"the files of checkpoint {info.path}", group=self.group)
         same_world = info.meta.get("world") == self.world
         rng_keys = (
             sorted(set(info.meta.get("rng", [])) & {"rng.cpu", "rng.cuda"}) if same_world and not model_only else []
@@ -377,10 +562,15 @@ class TrainingState:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # sample.py's one process
-                reader = dcp.FileSystemReader(str(info.path))
-                dcp.load(sd, storage_reader=reader, planner=BlockLoadPlanner(self.blocks), no_dist=not self.distributed)
+                reader = checkpoint_reader(info)
+                # A refusal here is a plain error (not one wrapped by DCP), the same on every rank.
+                agree(reader.read_metadata, what=f"the index of checkpoint {info.path}", group=self.group)
+                dcp.load(
+                    sd, storage_reader=reader, planner=BlockLoadPlanner(self.blocks), process_group=self.group,
+                    no_dist=not self.distributed,
+                )  # fmt: skip
         except (Exception, dcp.CheckpointException) as e:  # a BaseException carrying every rank's failure
-            raise UsageError(f"checkpoint {info.path} could not be loaded: {_last_line(e)}") from None
+            raise _load_error(info, e) from None
         for key in rng_keys:
             (torch.set_rng_state if key == "rng.cpu" else torch.cuda.set_rng_state)(sd[key].reshape(-1).clone())
         if self.scheduler is not None and not model_only:
@@ -388,6 +578,18 @@ class TrainingState:
         if model_only:
             return 0, 0
         return int(sd["train.step"]), int(sd["data.position"])
+
+
+def _load_error(info: CheckpointInfo, e: BaseException) -> UsageError:
+    """A failed DCP load as one line; the safe reader's refusals (maybe inside DCP's exception, which
+    every rank raises with every rank's failures) as they are. Agreed: every rank raises it."""
+    if isinstance(e, UsageError):
+        return e
+    refusal = unwrap_refusal(e)
+    if refusal is None:
+        return UsageError(f"checkpoint {info.path} could not be loaded: {_last_line(e)}", agreed=True)
+    refusal.agreed = True
+    return refusal
 
 
 def _last_line(e: BaseException) -> str:
@@ -453,10 +655,11 @@ def save_atomic(
 ) -> Path | None:
     """Save ``state`` as ``ckpt_dir/step_<step>`` (collective); ``None`` when it already exists.
 
-    ``meta`` goes to ``meta.json`` with the format, step, world size and file sizes added;
-    ``planner`` is DCP's (a :class:`BlockSavePlanner` for sharded state). ``extra_files`` (name ->
-    source, e.g. the tokenizer's files) are copied into the checkpoint beside DCP's, and listed
-    in ``meta.json`` like them.
+    ``meta`` goes to ``meta.json`` with the format, step, world size and each file's size and
+    SHA-256 added (each rank digests the files it wrote, right after writing them, while they are
+    still in the page cache); ``planner`` is DCP's (a :class:`BlockSavePlanner` for sharded state).
+    ``extra_files`` (name -> source, e.g. the tokenizer's files) are copied into the checkpoint beside
+    DCP's, and listed and digested in ``meta.json`` like them.
     ``keep_last > 0`` then deletes all but the newest ``keep_last`` complete checkpoints.
     """
     root = Path(ckpt_dir)
@@ -478,7 +681,8 @@ def save_atomic(
     if rank == 0:
         for name, src in (extra_files or {}).items():
             _copy_synced(Path(src), tmp / name)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = _digest_written_files(tmp, rank)  # after the copies: rank 0 lists and digests them too
+    if rank == 0:
         full_meta = {
             "format": FORMAT, "step": step, "world": dist.get_world_size() if _is_dist() else 1,
             "rng": sorted(k for k in state if k.startswith("rng.")), **meta, "files": files,
@@ -496,6 +700,31 @@ def save_atomic(
     return final
 
 
+def _writer(name: str, world: int) -> int:
+    """The rank that wrote ``name``: DCP names rank r's files ``__r_<n>.distcp``; anything else is rank 0's."""
+    m = re.match(r"^__(\d+)_\d+\.distcp$", name)
+    return int(m.group(1)) if m and int(m.group(1)) < world else 0
+
+
+def _digest_written_files(tmp: Path, rank: int) -> dict[str, dict[str, Any]]:
+    """``{name: {"size": bytes, "sha256": hex}}`` for every file of a just-written save (collective).
+
+    Rank 0 lists the directory; each rank digests the files it wrote, all ranks at once.
+    """
+    world = dist.get_world_size() if _is_dist() else 1
+    names = _broadcast(sorted(p.name for p in tmp.iterdir() if p.is_file()) if rank == 0 else None)
+    mine = {
+        name: {"size": (tmp / name).stat().st_size, ALGORITHM: file_digest(tmp / name)}
+        for name in names
+        if _writer(name, world) == rank
+    }
+    if not _is_dist():
+        return mine
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {name: entry for part in parts for name, entry in sorted(part.items())}
+
+
 def _prune(root: Path, keep_last: int) -> None:
     complete = sorted(p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / META).exists())
     for old in complete[:-keep_last]:
@@ -504,17 +733,28 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def load_full_tensors(path: str | os.PathLike, prefix: str = "model.") -> dict[str, Tensor]:
-    """Every tensor under ``prefix`` in a checkpoint directory, whole, in this one process (no
-    process group needed): for tests, export and inspection."""
-    reader = dcp.FileSystemReader(str(path))
-    md = reader.read_metadata()
+def load_full_tensors(path: str | os.PathLike, prefix: str = "model.", *, verify: bool = True) -> dict[str, Tensor]:
+    """Every tensor under ``prefix`` in a checkpoint, whole, in this one process (no process group
+    needed): for tests, export and inspection.
+
+    ``path`` is a ``step_N`` directory or a ``--ckpt-dir`` (its newest checkpoint). The checkpoint
+    is checked by :func:`verify_checkpoint` first (``verify=False``: without the data files'
+    digests) and read without running pickled code. Raises :class:`UsageError` (a
+    :class:`DamagedCheckpointError` / :class:`UnsafeCheckpointError` for a bad checkpoint).
+    """
+    info = open_checkpoint(path)
+    md = verify_checkpoint(info, digests=verify)
     sd = {
         k: torch.empty(v.size, dtype=v.properties.dtype)
         for k, v in md.state_dict_metadata.items()
-        if k.startswith(prefix) and hasattr(v, "size")
+        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
     }
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # it is: one process
-        dcp.load(sd, storage_reader=reader, no_dist=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # it is: one process
+            reader = checkpoint_reader(info, digests=verify)
+            reader.read_metadata()
+            dcp.load(sd, storage_reader=reader, no_dist=True)
+    except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - reported as one line
+        raise _load_error(info, e) from None
     return {k[len(prefix) :]: v for k, v in sd.items()}

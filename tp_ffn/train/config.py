@@ -25,7 +25,16 @@ DTYPES = ("float32", "bfloat16")
 
 
 class UsageError(Exception):
-    """A bad argument, file or checkpoint: reported as one line, without a traceback."""
+    """A bad argument, file or checkpoint: reported as one line, without a traceback.
+
+    ``agreed``: every rank raised this same error (see :func:`tp_ffn.train.consensus.agree`), so one
+    rank reports it. ``rank``: the rank that saw it alone, once the process group existed.
+    """
+
+    def __init__(self, message: str, *, agreed: bool = False) -> None:
+        super().__init__(message)
+        self.agreed = agreed
+        self.rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
+    lr_schedule_steps: int | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -86,6 +96,7 @@ class TrainConfig:
     ckpt_every: int = 0
     keep_last: int = 0
     resume: bool = False
+    verify_checkpoint: bool = True
     metrics: str | None = None
     progress: bool = True
     deterministic: bool = False
@@ -107,7 +118,7 @@ class TrainConfig:
             "ffn_comm_chunks",
         ):
             _positive(name, getattr(self, name))
-        for name in ("dp", "micro_batch_size"):
+        for name in ("dp", "micro_batch_size", "lr_schedule_steps"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         for name in ("warmup_steps", "val_every", "ckpt_every", "keep_last", "seed"):
@@ -345,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
     t.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine decays to lr x this")
     t.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
+    t.add_argument(
+        "--lr-schedule-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="length of the warmup + cosine schedule (later steps stay at its floor); default --steps, and for "
+        "--resume the resumed run's own (recorded in meta.json), so a larger --steps keeps it: pass N to stretch it",
+    )
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay of matrices (not norms)")
     t.add_argument("--beta1", type=float, default=d.beta1)
     t.add_argument("--beta2", type=float, default=d.beta2)
@@ -397,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from the newest complete checkpoint in --ckpt-dir, if any (any --tp / --dp)",
+    )
+    c.add_argument(
+        "--no-verify-checkpoint",
+        dest="verify_checkpoint",
+        action="store_false",
+        help="on --resume, skip comparing the data files with their SHA-256 digests in meta.json (reads the whole "
+        "checkpoint once); sizes, the index and the model config are still checked, and no pickled code ever runs",
     )
     c.add_argument(
         "--metrics",

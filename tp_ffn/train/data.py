@@ -17,6 +17,7 @@ Sequence ``q`` is window ``perm_e[q mod n]`` of epoch ``e = q // n``, where ``pe
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import sysconfig
@@ -85,19 +86,40 @@ def _byte_stream(data: str | DataSource | None, corpus_bytes: int) -> tuple[byte
         raw = b"".join(f.read_bytes() for f in _stdlib_files(corpus_bytes))[:corpus_bytes]
         return raw, f"Python {sysconfig.get_python_version()} standard library sources"
     source = data if isinstance(data, DataSource) else find_data(data)
+    limit = memory_bytes() // 4  # the bytes are held in memory, twice while they are loaded
+    if limit and source.total_bytes > limit:
+        raise UsageError(
+            f"--data: {source.spec} is {source.total_bytes / 2**30:.1f} GiB; the byte-level corpus is held in memory, "
+            f"and this machine's {memory_bytes() / 2**30:.1f} GiB allow at most {limit / 2**30:.1f} GiB"
+        )
     if len(source.files) == 1 and source.files[0].suffix != ".jsonl":
-        path = source.files[0]
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise UsageError(f"--data: cannot read {path}: {e.strerror or e}") from None
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"--data: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
-        return raw, f"--data {source.spec}"
+        return _read_text_file(source.files[0]), f"--data {source.spec}"
     # Several documents: their UTF-8 bytes, back to back (bytes have no EOS to put between them).
     return b"".join(text.encode("utf-8") for text, _ in iter_documents(source)), f"--data {source.spec}"
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _read_text_file(path: Path) -> bytes:
+    """The bytes of a UTF-8 text file, checked in pieces (a decoded copy of the whole could be 4x its size)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"--data: cannot read {path}: {e.strerror or e}") from None
+    decoder, view, step = codecs.getincrementaldecoder("utf-8")(), memoryview(raw), 1 << 24
+    for i in range(0, len(raw) + 1, step):
+        pending = len(decoder.getstate()[0])
+        try:
+            decoder.decode(view[i : i + step], final=i + step > len(raw))
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--data: {path} is not UTF-8 text (byte {i - pending + e.start}: {e.reason})") from None
+    return raw
 
 
 def load_corpus(

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import regular_size
 from .config import UsageError
 
-__all__ = ["DataSource", "find_data", "iter_documents"]
+__all__ = ["DataSource", "find_data", "iter_documents", "regular_file"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -33,7 +34,7 @@ class DataSource:
 
     spec: str
     files: tuple[Path, ...]
-    fingerprint: str  # sha256 over every file's size and sha256, in order (16 hex digits)
+    fingerprint: str  # sha256 over every file's size, sha256 and reading (JSON lines or text), in order (16 hex digits)
     total_bytes: int
     limit: int | None = None
 
@@ -43,12 +44,26 @@ class DataSource:
         return f"{what}: {self.total_bytes:,} bytes, sha256 {self.fingerprint}"
 
 
+def regular_file(path: Path) -> Path:
+    """``path`` if it is a regular file (links followed); else :class:`UsageError` saying what it is
+    (see :func:`tp_ffn.files.regular_size`)."""
+    why = "; expected regular files of UTF-8 text or JSON lines"
+    if regular_size(path, lambda what: UsageError(f"--data: {path} {what}{why}")) is None:
+        raise UsageError(f"--data: no such file: {path}")
+    return path
+
+
 def _walk(root: Path) -> list[Path]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # links to directories are not followed
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+        found += [regular_file(Path(dirpath) / f) for f in filenames if not f.startswith(".")]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _is_jsonl(path: Path, limit: int | None) -> bool:
+    """Whether ``path`` is read as JSON lines (documents) rather than as one text."""
+    return path.suffix == ".jsonl" and limit is None
 
 
 def _fingerprint(files: list[Path], limit: int | None) -> tuple[str, int]:
@@ -59,7 +74,8 @@ def _fingerprint(files: list[Path], limit: int | None) -> tuple[str, int]:
             for chunk in iter(lambda: stream.read(1 << 22), b""):
                 fh.update(chunk)
                 size += len(chunk)
-        h.update(f"{size} {fh.hexdigest()}\n".encode())
+        # The same bytes read as JSON lines are other documents; text files keep their earlier line.
+        h.update(f"{size} {fh.hexdigest()}{' jsonl' if _is_jsonl(f, limit) else ''}\n".encode())
         total += size
     if limit is not None:
         h.update(f"limit {limit}\n".encode())
@@ -84,10 +100,8 @@ def find_data(spec: str, *, files: list[Path] | None = None, limit: int | None =
             files = _walk(path)
             if not files:
                 raise UsageError(f"--data: the directory {spec} holds no file")
-        elif path.is_file():
-            files = [path]
         else:
-            raise UsageError(f"--data: no such file: {spec}")
+            files = [regular_file(path)]
     try:
         fingerprint, total = _fingerprint(files, limit)
     except OSError as e:
@@ -111,7 +125,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, int]]:
             where = f"{path} line {number}"
             try:
                 record = json.loads(_decode(line, where))
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise UsageError(f"--data: {where}: not a JSON object ({e})") from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
@@ -125,7 +139,7 @@ def iter_documents(source: DataSource) -> Iterator[tuple[str, int]]:
     left = source.limit
     for path in source.files:
         try:
-            if path.suffix == ".jsonl" and left is None:
+            if _is_jsonl(path, left):
                 yield from _jsonl(path)
                 continue
             raw = path.read_bytes()

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..models.export import write_pretrained
 from ..models.llama import LlamaConfig
 from ..models.weights_types import Progress
-from .checkpoint import load_full_tensors, open_checkpoint, verify_files
+from .checkpoint import load_full_tensors, open_checkpoint, verify_checkpoint
 from .config import UsageError
 from .tokenizer import tokenizer_from_checkpoint
 from .tokenizer_export import save_hf_tokenizer, save_meta_tokenizer
@@ -50,7 +50,7 @@ def export_checkpoint(
     :func:`~tp_ffn.models.export.write_pretrained`.
     """
     info = open_checkpoint(src)
-    verify_files(info)
+    verify_checkpoint(info)  # every file against its digest, before the tokenizer or any tensor is read
     try:
         cfg = LlamaConfig(**info.meta["model"])
     except (KeyError, TypeError, ValueError) as e:
@@ -59,13 +59,13 @@ def export_checkpoint(
     if to == "hf":
         ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
         write_pretrained(
-            load_full_tensors(info.path), cfg, dst, to="hf", overwrite=overwrite, progress=progress, hf_config=ids,
+            load_full_tensors(info.path, verify=False), cfg, dst, to="hf", overwrite=overwrite, progress=progress, hf_config=ids,
             extra=lambda d: save_hf_tokenizer(tok, d, model_max_length=cfg.max_seq_len),
         )  # fmt: skip
     else:
         split = embedding_split or ("dim" if tok.kind == "sentencepiece" else "vocab")
         write_pretrained(
-            load_full_tensors(info.path), cfg, dst, to=to, num_shards=num_shards, overwrite=overwrite,
+            load_full_tensors(info.path, verify=False), cfg, dst, to=to, num_shards=num_shards, overwrite=overwrite,
             progress=progress, extra=lambda d: save_meta_tokenizer(tok, d), embedding_split=split,
         )  # fmt: skip
     return info.path

@@ -31,28 +31,56 @@ from ..groups import GroupLike, resolve_group
 from ..models.llama import LlamaConfig, Transformer
 from . import checkpoint as ckpt
 from .config import UsageError
+from .consensus import agree
 
 __all__ = ["check_sampling", "generate", "load_checkpoint_model", "sample_next_token"]
 
 
 def load_checkpoint_model(
-    path: str | os.PathLike, *, group: GroupLike = None, device: torch.device | str | None = None
+    path: str | os.PathLike,
+    *,
+    group: GroupLike = None,
+    device: torch.device | str | None = None,
+    verify: bool = True,
 ) -> tuple[Transformer, ckpt.CheckpointInfo]:
     """The model of a checkpoint, this rank's TP shard of it.
 
     ``path`` is a ``--ckpt-dir`` (its newest complete checkpoint is used) or one ``step_N``
     directory. ``group`` is the TP group (``None``: the default group, or a world of one). Reads
-    only the model's tensors, whatever TP / dp layout wrote them. Collective when ``group`` has
-    several ranks.
+    only the model's tensors, whatever TP / dp layout wrote them. Collective over ``group`` (and only
+    over it) when it has several ranks: the ranks agree on the checkpoint they found before reading
+    it, and a disagreement is one :class:`UsageError` on every rank. The checkpoint is then checked
+    (:func:`~tp_ffn.train.checkpoint.verify_checkpoint`; ``verify=False`` skips the data files'
+    digests) and read without running pickled code; a bad one raises :class:`UsageError` before the
+    model is built.
     """
-    info = ckpt.open_checkpoint(path)
-    try:
-        cfg = LlamaConfig(**info.meta["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"checkpoint {info.path}: cannot read its model config ({e})") from None
+    tp = resolve_group(group)
+
+    def find() -> tuple[ckpt.CheckpointInfo, LlamaConfig]:
+        info = ckpt.open_checkpoint(path)
+        try:
+            cfg = LlamaConfig(**info.meta["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"checkpoint {info.path}: cannot read its model config ({e})") from None
+        try:
+            cfg.check_tp(tp.size)
+        except ValueError:
+            fits = [str(n) for n in cfg.tp_sizes()]
+            raise UsageError(
+                f"checkpoint {info.path}: the model's n_heads ({cfg.n_heads}) and n_kv_heads ({cfg.kv_heads}) must "
+                f"both be divisible by the tensor-parallel size ({tp.size}); run it on "
+                f"{', '.join(fits[:-1]) + ' or ' if len(fits) > 1 else ''}{fits[-1]} rank{'s' if fits != ['1'] else ''}"
+            ) from None
+        return info, cfg
+
+    info, cfg = agree(
+        find, what=f"checkpoint {path}", describe=lambda found: ckpt.describe(found[0]),
+        where=f"in {os.path.abspath(path)}", group=tp.group,
+    )  # fmt: skip
+    ckpt.verify_checkpoint(info, digests=verify, group=tp.group if tp.size > 1 else None)
     torch.manual_seed(0)  # the values are overwritten; the seed only keeps ranks' builds identical
     model = Transformer(cfg, group=group, device=device)
-    ckpt.TrainingState(model).load(info, model_only=True)
+    ckpt.TrainingState(model, group=tp.group).load(info, model_only=True)
     return model.eval(), info
 
 
@@ -172,6 +200,9 @@ def generate(
     tp = resolve_group(model.tp.group)
     device = model.tok_embeddings.weight.device
     window = model.cfg.max_seq_len
+    # A prompt longer than the window keeps its last `window` tokens (only those could be seen):
+    # then every context starts at 0 and moves with `cur` alone, the same in a batch as alone.
+    batch = [p[-window:] for p in batch]
     lengths = [len(p) for p in batch]
     total = max(lengths) + max_new_tokens
     tokens = torch.zeros(len(batch), total, dtype=torch.int64, device=device)
@@ -182,7 +213,7 @@ def generate(
     ctx = _Context(model, len(batch), min(window, total), use_cache)
     done = [False] * len(batch)
     ends = [length + max_new_tokens for length in lengths]  # where each sample's output ends (exclusive)
-    start = max(0, min(lengths) - window)
+    start = 0
     for cur in range(min(lengths), total):
         if cur - start > window:
             start = cur - max(1, window // 2)

@@ -44,7 +44,8 @@ rotary copies in bf16). Outside the layers: the final norm, the output head's in
 ``T`` tokens) and the token ids.
 
 The budget is the device's: CUDA ``torch.cuda.mem_get_info`` free bytes of this rank's GPU; CPU
-``MemAvailable`` of ``/proc/meminfo`` divided among this node's ranks (``LOCAL_WORLD_SIZE``).
+``MemAvailable`` of ``/proc/meminfo`` divided among this node's ranks (``LOCAL_WORLD_SIZE``); the
+smallest of all ranks' budgets decides (:func:`smallest_budget`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..models.llama import LlamaConfig
 from .config import ParallelPlan, TrainConfig, UsageError
@@ -72,6 +74,7 @@ __all__ = [
     "memory_report",
     "plan_memory",
     "saved_activation_bytes",
+    "smallest_budget",
     "suggest",
 ]
 
@@ -322,8 +325,9 @@ def check_memory(
 def plan_memory(
     cfg: TrainConfig, plan: ParallelPlan, mcfg: LlamaConfig, tp_group: Any, device: torch.device
 ) -> tuple[MemoryEstimate, str]:
-    """The training job's memory plan (:func:`check_memory` for its arguments); every rank of
-    ``tp_group`` calls it at once (the feed-forward block is measured on that group)."""
+    """The training job's memory plan (:func:`check_memory` for its arguments). Every rank calls it
+    at once: the feed-forward block is measured on ``tp_group``, and the budget is the smallest any
+    rank of the world has, so that every rank reaches the same decision in the same words."""
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     modes = {
         "fuse_gate_up": cfg.ffn_fuse_gate_up,
@@ -333,7 +337,21 @@ def plan_memory(
     ffn = measure_ffn_saved(tp_group, dtype=dtype, device=device, sequence_parallel=cfg.sequence_parallel, modes=modes)
     layout = Layout(plan.tp, plan.dp, plan.micro_batch, cfg.activation_checkpointing)
     work = Workload(cfg.seq_len, cfg.dtype, cfg.sequence_parallel and plan.tp > 1, ffn, device.type, not cfg.eval_only)
-    return check_memory(mcfg, layout, available_memory(device), batch_size=plan.batch_size, work=work, force=cfg.force)
+    return check_memory(mcfg, layout, smallest_budget(device), batch_size=plan.batch_size, work=work, force=cfg.force)
+
+
+def smallest_budget(device: torch.device) -> Budget | None:
+    """:func:`available_memory` of the rank that has the least (every rank calls this at once);
+    ``None`` if any rank cannot tell."""
+    mine = available_memory(device)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mine
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if any(b is None for b in every):
+        return None
+    least = min(every, key=lambda b: b.bytes)
+    return Budget(least.bytes, f"{least.source}; the least of {len(every)} ranks")
 
 
 def memory_report(measured: float, est: MemoryEstimate, device: torch.device) -> str:

@@ -24,14 +24,17 @@ __all__ = ["MetricsLog", "Progress", "plot_metrics", "read_metrics"]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete JSON line of ``path`` (a torn last line, from a crash, is skipped)."""
+    """Every complete JSON object line of ``path`` with an int ``step`` (a torn last line, from a
+    crash, and anything else a hand-edited file holds are skipped)."""
     out = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
-                out.append(json.loads(line))
-            except ValueError:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
                 continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                out.append(record)
     return out
 
 

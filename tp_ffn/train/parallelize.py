@@ -30,6 +30,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from ..models.llama import Transformer
+from .config import UsageError
 
 __all__ = ["Runtime", "apply_activation_checkpointing", "init_runtime", "parallelize"]
 
@@ -69,7 +70,7 @@ def init_runtime(device: str = "auto", timeout_s: float = 600) -> Runtime:
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: CUDA is not available")
+        raise UsageError("--device cuda: CUDA is not available (torch.cuda.is_available() is False); use --device cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

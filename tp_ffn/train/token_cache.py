@@ -15,8 +15,9 @@ One rank builds (``builder=True``; the trainer picks global rank 0): it writes a
 the same directory and renames it into place, so a reader never sees half a file. The other ranks
 poll for the finished file; they fail with one clear line when the builder reports an error
 (through a ``.failed-<nonce>`` file of this attempt in the cache directory) or when the builder's
-temporary file has not grown for ``timeout`` seconds (a builder on another machine that cannot see
-the directory, or one that died; a later builder removes such leftovers). No collective runs while
+temporary file has not been touched for ``timeout`` seconds (a builder on another machine that
+cannot see the directory, or one that died; a later builder removes such leftovers). A working
+builder touches it every few seconds, even inside one long batch. No collective runs while
 they wait, so a long tokenization cannot time out a process group.
 """
 
@@ -27,6 +28,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from array import array
 from collections.abc import Callable
@@ -94,11 +96,24 @@ def _header(fields: dict[str, Any]) -> bytes:
     return MAGIC + body.ljust(HEADER_BYTES - len(MAGIC) - 1) + b"\n"
 
 
-def write_token_file(path: Path, source: DataSource, tokenizer: Tokenizer, *, progress: bool = False) -> dict[str, Any]:
+def _keep_fresh(path: Path, every: float, stop: threading.Event) -> None:
+    """Touch ``path`` every ``every`` seconds until ``stop``: the waiting ranks' sign of life."""
+    while not stop.wait(every):
+        try:
+            os.utime(path)
+        except OSError:
+            return
+
+
+def write_token_file(
+    path: Path, source: DataSource, tokenizer: Tokenizer, *, progress: bool = False, heartbeat: float | None = None
+) -> dict[str, Any]:
     """Tokenize every document of ``source`` into ``path`` (atomically); returns the header.
 
     Documents go through ``tokenizer.encode_batch`` in batches (parallel threads inside the
-    tokenizer library) and are framed by :meth:`Tokenizer.document` (BOS / EOS).
+    tokenizer library) and are framed by :meth:`Tokenizer.document` (BOS / EOS). ``heartbeat``:
+    touch the temporary file every that many seconds while working, so that ranks waiting for it
+    see progress even during one long batch (a single huge document).
     """
     name, _, code = _dtype_for(tokenizer.vocab_size)
     tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
@@ -108,9 +123,12 @@ def write_token_file(path: Path, source: DataSource, tokenizer: Tokenizer, *, pr
         from tqdm.auto import tqdm
 
         bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr)
+    stop = threading.Event()
     try:
         with open(tmp, "wb") as f:
             f.write(b"\0" * HEADER_BYTES)
+            if heartbeat is not None:
+                threading.Thread(target=_keep_fresh, args=(tmp, heartbeat, stop), daemon=True).start()
 
             def flush(texts: list[str], nbytes: int) -> None:
                 nonlocal count, documents
@@ -146,6 +164,7 @@ def write_token_file(path: Path, source: DataSource, tokenizer: Tokenizer, *, pr
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
+        stop.set()
         if bar is not None:
             bar.close()
         tmp.unlink(missing_ok=True)
@@ -253,7 +272,9 @@ def load_tokens(source: DataSource, tokenizer: Tokenizer, options: CacheOptions)
             _remove_stale(options, path)
             log(f"token cache: {'building' if why == 'absent' else f'rebuilding ({why})'} {path}")
             t0 = time.perf_counter()
-            header = write_token_file(path, source, tokenizer, progress=options.progress)
+            header = write_token_file(
+                path, source, tokenizer, progress=options.progress, heartbeat=min(5.0, options.timeout / 4)
+            )
             dt = time.perf_counter() - t0
             log(
                 f"token cache: {header['count']:,} tokens from {header['documents']:,} documents, "

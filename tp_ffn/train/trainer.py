@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..models.llama import LlamaConfig, Transformer
 from . import checkpoint as ckpt
 from .config import ParallelPlan, TrainConfig, UsageError
+from .consensus import agree
 from .data import Corpus, Windows, load_corpus, validation_batch, validation_count
 from .flops import measure_peak, mfu, model_flops_per_token
 from .layout import param_blocks
@@ -31,13 +33,12 @@ from .memory import memory_report, plan_memory
 from .memory_use import peak_bytes, release_freed_memory, reset_peak
 from .metrics import MetricsLog, Progress, plot_metrics
 from .optim import WarmupCosine, build_optimizer, build_scheduler, clip_grad_norm_, init_adamw_state
+from .outputs import check_outputs
 from .parallelize import Runtime, build_mesh, init_runtime, parallelize
 from .token_cache import CacheOptions, default_cache_dir
 from .tokenizer import ByteTokenizer, Tokenizer, resolve_tokenizer
 
-__all__ = ["TrainResult", "train"]
-
-T = TypeVar("T")
+__all__ = ["TrainResult", "lr_schedule_steps", "train"]
 
 
 @dataclass
@@ -52,25 +53,6 @@ class TrainResult:
     resumed_from: str | None = None
     checkpoints: list[str] = field(default_factory=list)
     plot: str | None = None
-
-
-def agree(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on every rank; if it raises :class:`UsageError` anywhere, raise it everywhere.
-
-    Checks that touch the file system can fail on one node only; this turns that into one error on
-    all ranks instead of a hang in the next collective.
-    """
-    value, error = None, None
-    try:
-        value = fn()
-    except UsageError as e:
-        error = str(e)
-    errors: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
-    if first is not None:
-        raise UsageError(first)
-    return value  # type: ignore[return-value]
 
 
 def _model_config(cfg: TrainConfig) -> LlamaConfig:
@@ -121,6 +103,26 @@ def _check_resumable(
         )
 
 
+def lr_schedule_steps(cfg: TrainConfig, resumed: dict[str, Any] | None) -> tuple[int, str | None]:
+    """The length of the warmup + cosine schedule, and a note when a resumed run outlives it.
+
+    ``--lr-schedule-steps`` if given; for a fresh run ``--steps``; for a run resumed from a checkpoint
+    with meta.json ``resumed``, the schedule that run had (older checkpoints did not record it: their
+    ``--steps``), so that ``--steps`` can grow without the lr jumping back up from the cosine floor.
+    """
+    if cfg.lr_schedule_steps is not None:
+        return cfg.lr_schedule_steps, None
+    saved = None if resumed is None else resumed.get("lr_schedule_steps", resumed.get("args", {}).get("steps"))
+    if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
+        return cfg.steps, None
+    if cfg.steps <= saved:
+        return saved, None
+    return saved, (
+        f"lr schedule: keeping the checkpoint's {saved}-step schedule, so steps {saved + 1}-{cfg.steps} run at its "
+        f"floor ({cfg.lr * cfg.min_lr_ratio:.2g}); pass --lr-schedule-steps {cfg.steps} to stretch the cosine to the new end"
+    )
+
+
 class _Trainer:
     def __init__(
         self,
@@ -130,10 +132,11 @@ class _Trainer:
         mcfg: LlamaConfig,
         corpus: Corpus,
         tokenizer: Tokenizer,
+        schedule_steps: int,
         mesh: DeviceMesh,
     ) -> None:
         self.cfg, self.rt, self.plan, self.mcfg, self.corpus, self.mesh = cfg, rt, plan, mcfg, corpus, mesh
-        self.tokenizer = tokenizer
+        self.tokenizer, self.schedule_steps = tokenizer, schedule_steps
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.tp_rank = self.mesh["tp"].get_local_rank()
         self.dp_group = self.mesh["dp"].get_group()
@@ -155,7 +158,7 @@ class _Trainer:
         if init_from is not None:
             from ..models.weights import load_pretrained
 
-            agree(lambda: _load_pretrained(load_pretrained, model, init_from))
+            agree(lambda: _load_pretrained(load_pretrained, model, init_from), what=f"--init-from {init_from}")
             self.log(f"initialised from {init_from}")
         self.model = parallelize(
             model, self.mesh, dtype=cfg.dtype, compile=cfg.compile, compile_backend=cfg.compile_backend,
@@ -167,7 +170,7 @@ class _Trainer:
             return
         self.opt = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
         init_adamw_state(self.opt)
-        self.sched = build_scheduler(self.opt, WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        self.sched = build_scheduler(self.opt, WarmupCosine(cfg.warmup_steps, self.schedule_steps, cfg.min_lr_ratio))
         self.state = ckpt.TrainingState(self.model, self.opt, self.sched)
 
     def loss(self, tokens: Tensor, reduction: str = "mean") -> Tensor:
@@ -222,6 +225,7 @@ class _Trainer:
             "model": dataclasses.asdict(self.mcfg), "tp": self.plan.tp, "dp": self.plan.dp, "seq_len": cfg.seq_len,
             "batch_size": cfg.batch_size, "data": {"source": self.corpus.source, "fingerprint": self.corpus.fingerprint},
             "tokenizer": self.tokenizer.record(), "torch": torch.__version__, "args": cfg.to_dict(),
+            "lr_schedule_steps": self.schedule_steps,
         }  # fmt: skip
 
 
@@ -240,6 +244,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         result = _train(cfg, rt)
         ok = True
         return result
+    except UsageError as e:
+        if not e.agreed and rt.world > 1:
+            e.rank = rt.rank  # seen by this rank alone: it reports it
+        raise
     finally:
         rt.shutdown(synchronize=ok)
 
@@ -257,7 +265,7 @@ def _load_data(cfg: TrainConfig, rt: Runtime, tokenizer: Tokenizer) -> Corpus:
         Path(cfg.token_cache) if cfg.token_cache else default_cache_dir(), builder=rt.rank == 0, nonce=box[0],
         timeout=cfg.timeout, progress=cfg.progress and rt.rank == 0, log=print if rt.rank == 0 else None,
     )  # fmt: skip
-    corpus = agree(
+    return agree(
         lambda: load_corpus(
             cfg.data,
             corpus_bytes=cfg.corpus_bytes,
@@ -265,16 +273,10 @@ def _load_data(cfg: TrainConfig, rt: Runtime, tokenizer: Tokenizer) -> Corpus:
             seq_len=cfg.seq_len,
             tokenizer=tokenizer,
             cache=cache,
-        )
+        ),
+        what="the data (every node needs the same --data, --tokenizer and Python version)",
+        describe=lambda corpus: f"{corpus.source}, sha256 {corpus.fingerprint}",
     )
-    fingerprints: list[Any] = [None] * rt.world
-    dist.all_gather_object(fingerprints, (corpus.fingerprint, tokenizer.fingerprint))
-    if len(set(fingerprints)) > 1:
-        raise UsageError(
-            f"the ranks read different data or tokenizers (sha256 {sorted(set(fingerprints))}); every node needs the "
-            f"same --data, --tokenizer and Python version"
-        )
-    return corpus
 
 
 def _evaluate(t: _Trainer, step: int, resume_info: ckpt.CheckpointInfo | None) -> TrainResult:
@@ -302,19 +304,30 @@ def _evaluate(t: _Trainer, step: int, resume_info: ckpt.CheckpointInfo | None) -
 def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    plan = cfg.plan(rt.world)
-    mcfg = agree(lambda: _model_config(cfg))
-    tokenizer = agree(lambda: resolve_tokenizer(cfg.tokenizer, init_from=cfg.init_from))
-    cfg.check_model(
-        mcfg,
-        token_ids=tokenizer.vocab_size,
-        tokens=f"its {tokenizer.kind} tokenizer (ids up to {tokenizer.vocab_size - 1})",
+
+    def setup() -> tuple[ParallelPlan, LlamaConfig]:
+        return cfg.plan(rt.world), _model_config(cfg)
+
+    source = f" in --init-from {cfg.init_from}" if cfg.init_from is not None else ""
+    plan, mcfg = agree(setup, what=f"the model config{source}", describe=lambda pm: repr(pm[1]))
+    tokenizer = agree(
+        lambda: resolve_tokenizer(cfg.tokenizer, init_from=cfg.init_from),
+        what="the tokenizer",
+        describe=lambda tok: f"{tok.kind}, fingerprint {tok.fingerprint}",
+    )
+    agree(
+        lambda: cfg.check_model(
+            mcfg,
+            token_ids=tokenizer.vocab_size,
+            tokens=f"its {tokenizer.kind} tokenizer (ids up to {tokenizer.vocab_size - 1})",
+        ),
+        what="the model config",
     )
     if rt.device.type == "cpu":
         release_freed_memory()  # so that the resident set follows the tensors the plan counts
     mesh = build_mesh(rt.device, plan.dp, plan.tp, timeout_s=cfg.timeout)
     # Before anything is loaded or allocated: refuse a run that cannot fit.
-    estimate, memory_line = agree(lambda: plan_memory(cfg, plan, mcfg, mesh["tp"], rt.device))
+    estimate, memory_line = agree(lambda: plan_memory(cfg, plan, mcfg, mesh["tp"], rt.device), what="the memory plan")
     corpus = _load_data(cfg, rt, tokenizer)
 
     resume_info: ckpt.CheckpointInfo | None = None
@@ -331,15 +344,36 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             if info is not None and cfg.resume:
                 _check_resumable(info, mcfg, cfg, corpus, tokenizer)
                 ckpt.verify_files(info)
+                if cfg.steps < info.step and not cfg.eval_only:
+                    raise UsageError(
+                        f"--steps {cfg.steps} is below the step of {info.path} ({info.step}): a run cannot go back; "
+                        f"pass --steps above {info.step} to continue it (nothing was changed)"
+                    )
             if info is None and cfg.eval_only and cfg.init_from is None:
                 raise UsageError(f"--eval-only --resume: --ckpt-dir {cfg.ckpt_dir} holds no complete checkpoint")
             return info if cfg.resume else None
 
-        resume_info = agree(discover)
-        if rt.rank == 0 and not cfg.eval_only:
-            ckpt.remove_stale_tmp(cfg.ckpt_dir)
+        resume_info = agree(
+            discover,
+            what=f"the checkpoints in --ckpt-dir {cfg.ckpt_dir} (every rank must see the same directory)",
+            describe=ckpt.describe,
+            where=f"in {os.path.abspath(cfg.ckpt_dir)}",
+        )
+        if resume_info is not None and cfg.steps == resume_info.step and not cfg.eval_only:
+            # A finished job started again (a torchrun restart after the last save, a requeued
+            # batch job): done, not an error.
+            if rt.rank == 0:
+                print(f"{resume_info.path} is already at --steps {cfg.steps}: nothing to do", flush=True)
+            return TrainResult(start_step=cfg.steps, final_step=cfg.steps, resumed_from=str(resume_info.path))
+        if resume_info is not None:  # before anything is written: each rank digests its share, all agree
+            ckpt.verify_checkpoint(resume_info, digests=cfg.verify_checkpoint, group=dist.group.WORLD)
+    # --eval-only writes no checkpoint (its --ckpt-dir may be read-only); the metrics it appends to.
+    check_outputs(None if cfg.eval_only else cfg.ckpt_dir, cfg.metrics_path, rank=rt.rank)
+    if cfg.ckpt_dir is not None and rt.rank == 0 and not cfg.eval_only:
+        ckpt.remove_stale_tmp(cfg.ckpt_dir)
+    schedule_steps, schedule_note = lr_schedule_steps(cfg, resume_info.meta if resume_info is not None else None)
 
-    t = _Trainer(cfg, rt, plan, mcfg, corpus, tokenizer, mesh)
+    t = _Trainer(cfg, rt, plan, mcfg, corpus, tokenizer, schedule_steps, mesh)
     compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     peak, bf16_warning = measure_peak(compute_dtype, rt.device, given_tflops=cfg.peak_tflops)
     baseline = reset_peak(rt.device)
@@ -366,6 +400,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             f"resumed from {resume_info.path} (step {step}, saved at tp {resume_info.meta.get('tp')} x dp {resume_info.meta.get('dp')}, "
             f"now tp {plan.tp} x dp {plan.dp})"
         )
+        if schedule_note is not None and not cfg.eval_only:
+            t.log(schedule_note)
     metrics_path = cfg.metrics_path
     if cfg.eval_only:
         return _evaluate(t, step, resume_info)

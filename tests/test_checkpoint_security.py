@@ -1,0 +1,658 @@
+"""Training checkpoints from elsewhere run no code, and damaged ones are refused before they are used.
+
+Every hostile or damaged checkpoint below is the newest of a ``--ckpt-dir`` that also holds an older,
+intact one, and is tried through every path that reads a training checkpoint: the Python APIs
+``load_checkpoint_model`` and ``load_full_tensors``, and ``scripts/sample.py`` and
+``scripts/train.py --resume`` (their ``main``, in a one-rank process group; two cases also as real
+processes, under ``python`` and under ``torchrun`` with two ranks). Each must end in one line naming
+the cause (exit status 2 from the scripts), the file the payload would create must not exist, and
+the whole ``--ckpt-dir`` must be byte-for-byte as before.
+
+Negative controls, so that no assertion passes vacuously: every payload does run its code when read
+the way DCP reads it by default (plain pickle / ``torch.load(weights_only=False)``); the intact
+checkpoint passes through every path; the same-size overwrite loads silently once digests are
+skipped; the restricted unpickler, when it is made to allow every global, runs the payload; and the
+ranks disagree when the verdict is not gathered.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from rankpool import run_ranks
+from scriptmain import ROOT, script_error
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+
+from tp_ffn.train import TrainConfig, UsageError, safe_dcp, train
+from tp_ffn.train import checkpoint as ck
+from tp_ffn.train.generate import load_checkpoint_model
+
+TRAIN = dict(
+    preset="tiny", model_args={"n_layers": 1}, seq_len=16, batch_size=2, corpus_bytes=20_000, val_every=0,
+    val_sequences=2, warmup_steps=1, seed=0, progress=False, steps=2, ckpt_every=1,
+)  # fmt: skip
+TRAIN_ARGV = [
+    "--preset", "tiny", "--model-args", "n_layers=1", "--seq-len", "16", "--batch-size", "2", "--corpus-bytes",
+    "20000", "--val-every", "0", "--val-sequences", "2", "--warmup-steps", "1", "--seed", "0", "--no-progress",
+    "--steps", "3", "--resume",
+]  # fmt: skip
+NEWEST = "step_00000002"
+
+
+class Payload:
+    """Unpickles into ``os.system("touch MARKER")``: the marker's existence says the code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _train_run(rank: int, world: int, overrides: dict) -> None:
+    train(TrainConfig(**{**TRAIN, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """A ``--ckpt-dir`` written by scripts/train.py's code: step_00000001 and step_00000002."""
+    d = tmp_path_factory.mktemp("pristine")
+    run_ranks(1, _train_run, {"ckpt_dir": str(d)}, timeout=240)
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith("step_")) == ["step_00000001", NEWEST]
+    return d
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rewrite_meta(step: Path) -> None:
+    """meta.json's sizes and digests made to match the files, as an attacker would."""
+    meta = json.loads((step / "meta.json").read_text())
+    meta["files"] = {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in sorted(step.iterdir())
+        if p.name != "meta.json"
+    }
+    (step / "meta.json").write_text(json.dumps(meta))
+
+
+def _trusted_index(step: Path) -> Metadata:
+    """The index of a checkpoint this test wrote itself (so plain pickle is fine here)."""
+    with open(step / ".metadata", "rb") as f:
+        return pickle.load(f)
+
+
+# --------------------------------------------------------------------------------------------------
+# The hostile and damaged checkpoints: each builder changes the newest checkpoint of a copy
+
+
+def _metadata_code(step: Path, marker: Path) -> None:
+    (step / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    _rewrite_meta(step)
+
+
+def _bytes_entry_code(step: Path, marker: Path) -> None:
+    """Written with DCP itself: the same state, except that train.step is an arbitrary Python object."""
+    md = _trusted_index(step)
+    sd = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()}
+    dcp.load(sd, storage_reader=dcp.FileSystemReader(str(step)), no_dist=True)
+    sd["train.step"] = Payload(marker)
+    for p in step.iterdir():
+        if p.name != "meta.json":
+            p.unlink()
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(step)), no_dist=True)
+    _rewrite_meta(step)
+
+
+def _tensor_record_code(step: Path, marker: Path) -> None:
+    """A clean index whose record of model.norm.weight is a torch.save of the payload, in a new file."""
+    md = _trusted_index(step)
+    blob = io.BytesIO()
+    torch.save(Payload(marker), blob)
+    (step / "__0_1.distcp").write_bytes(blob.getvalue())
+    md.storage_data[MetadataIndex("model.norm.weight", (0,))] = _StorageInfo("__0_1.distcp", 0, len(blob.getvalue()))
+    with open(step / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    _rewrite_meta(step)
+
+
+def _overwrite_same_size(step: Path, marker: Path) -> None:
+    """The lowest bit of 16 floats in the middle of the embedding's record flipped: a silent bit rot."""
+    rec = _trusted_index(step).storage_data[MetadataIndex("model.tok_embeddings.weight", (0, 0))]
+    f = step / rec.relative_path
+    data = bytearray(f.read_bytes())
+    pos = rec.offset + (rec.length // 2) // 64 * 64  # torch.save aligns tensor data to 64 bytes
+    for i in range(16):
+        data[pos + 4 * i] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+def _truncate(step: Path, marker: Path) -> None:
+    f = step / "__0_0.distcp"
+    f.write_bytes(f.read_bytes()[:1000])
+
+
+def _delete(step: Path, marker: Path) -> None:
+    (step / "__0_0.distcp").unlink()
+
+
+def _meta_not_json(step: Path, marker: Path) -> None:
+    (step / "meta.json").write_text('{"format": "tp_ffn.train.checkpoint/1", "step": 2, ')
+
+
+def _meta_names_absent_file(step: Path, marker: Path) -> None:
+    meta = json.loads((step / "meta.json").read_text())
+    meta["files"]["__1_0.distcp"] = {"size": 10, "sha256": "0" * 64}
+    (step / "meta.json").write_text(json.dumps(meta))
+
+
+def _meta_names_outside_file(step: Path, marker: Path) -> None:
+    meta = json.loads((step / "meta.json").read_text())
+    meta["files"]["../step_00000001/__0_0.distcp"] = meta["files"]["__0_0.distcp"]
+    (step / "meta.json").write_text(json.dumps(meta))
+
+
+def _meta_lies_about_model(step: Path, marker: Path) -> None:
+    """Two layers in meta.json (the command line below agrees), one layer in the tensors."""
+    meta = json.loads((step / "meta.json").read_text())
+    meta["model"]["n_layers"] = 2
+    (step / "meta.json").write_text(json.dumps(meta))
+
+
+def _meta_absurd_model(step: Path, marker: Path) -> None:
+    meta = json.loads((step / "meta.json").read_text())
+    meta["model"]["dim"] = 10**12
+    meta["model"]["n_heads"] = 4
+    (step / "meta.json").write_text(json.dumps(meta))
+
+
+def _index_points_outside(step: Path, marker: Path) -> None:
+    md = _trusted_index(step)
+    for index, rec in list(md.storage_data.items()):
+        md.storage_data[index] = _StorageInfo(f"../step_00000001/{rec.relative_path}", rec.offset, rec.length)
+    with open(step / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    _rewrite_meta(step)
+
+
+# (builder, pattern of the one-line message, the --model-args train.py --resume runs with)
+CASES: dict[str, tuple[Callable[[Path, Path], None], str, str]] = {
+    "metadata-code": (_metadata_code, r"\.metadata was refused as unsafe \(it asks for posix\.system.*\); nothing in it ran", "n_layers=1"),
+    "bytes-entry-code": (_bytes_entry_code, r"\.metadata was refused as unsafe \(entry 'train\.step' is stored as pickled bytes.*nothing in it ran", "n_layers=1"),
+    "tensor-record-code": (_tensor_record_code, r"__0_1\.distcp was refused as unsafe \(a tensor record asks for more than tensor data.*nothing in it ran", "n_layers=1"),
+    "same-size-overwrite": (_overwrite_same_size, r"is damaged: __0_0\.distcp does not match its digest$", "n_layers=1"),
+    "truncated": (_truncate, r"is damaged: __0_0\.distcp is 1000 bytes, expected \d+ bytes$", "n_layers=1"),
+    "missing": (_delete, r"is damaged: __0_0\.distcp is missing, expected \d+ bytes$", "n_layers=1"),
+    "meta-not-json": (_meta_not_json, r"is damaged: meta\.json cannot be read \(JSONDecodeError", "n_layers=1"),
+    "meta-names-absent-file": (_meta_names_absent_file, r"is damaged: __1_0\.distcp is missing, expected 10 bytes$", "n_layers=1"),
+    "meta-names-outside-file": (_meta_names_outside_file, r"is damaged: meta\.json lists '\.\./step_00000001/__0_0\.distcp', which is not a file name inside the checkpoint$", "n_layers=1"),
+    "meta-lies-about-model": (_meta_lies_about_model, r"is damaged: meta\.json's model config describes [\d,]+ parameters .* but the stored weights hold [\d,]+ elements", "n_layers=2"),
+    "meta-absurd-model": (_meta_absurd_model, r"is damaged: meta\.json's model config describes [\d,]+ parameters \(dim 1000000000000, .*refusing to build it$", "n_layers=1,dim=1000000000000,n_heads=4"),
+    "index-points-outside": (_index_points_outside, r"\.metadata was refused as unsafe \(a record points outside the checkpoint directory", "n_layers=1"),
+}  # fmt: skip
+
+
+def _hostile_copy(pristine: Path, tmp_path: Path, case: str) -> tuple[Path, Path]:
+    d = tmp_path / case
+    shutil.copytree(pristine, d)
+    marker = tmp_path / f"marker-{case}"
+    CASES[case][0](d / NEWEST, marker)
+    return d, marker
+
+
+# --------------------------------------------------------------------------------------------------
+# The four read paths, each returning the one-line error (None: it loaded)
+
+
+def _api_model(d: Path) -> str | None:
+    try:
+        load_checkpoint_model(d)
+    except UsageError as e:
+        return str(e)
+    return None
+
+
+def _api_tensors(d: Path) -> str | None:
+    try:
+        ck.load_full_tensors(d / NEWEST)
+    except UsageError as e:
+        return str(e)
+    return None
+
+
+def _sample(d: Path) -> str | None:
+    return script_error("sample.py", ["--ckpt-dir", str(d), "--max-new-tokens", "2"])
+
+
+def _resume(d: Path, model_args: str = "n_layers=1") -> str | None:
+    argv = [*TRAIN_ARGV, "--ckpt-dir", str(d)]
+    argv[argv.index("n_layers=1")] = model_args
+    return script_error("train.py", argv)
+
+
+def _convert(d: Path) -> str | None:
+    out = d.parent / f"{d.name}-as-hf"
+    error = script_error("convert_checkpoint.py", ["--from", "train", "--to", "hf", str(d), str(out)])
+    assert (error is None) == out.exists(), "a refused conversion wrote its destination"
+    return error
+
+
+PATHS = {
+    "load_checkpoint_model": _api_model, "load_full_tensors": _api_tensors, "sample.py": _sample,
+    "convert_checkpoint.py --from train": _convert,
+}  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_checkpoint_is_refused_everywhere(pristine, tmp_path, case):
+    d, marker = _hostile_copy(pristine, tmp_path, case)
+    _, pattern, model_args = CASES[case]
+    before = _snapshot(d)
+    paths: dict[str, Callable[[Path], str | None]] = {**PATHS, "train.py --resume": lambda p: _resume(p, model_args)}
+    for name, read in paths.items():
+        error = read(d)
+        assert error is not None, f"{case}: {name} loaded it"
+        assert "\n" not in error and re.search(pattern, error), (case, name, error)
+        assert str(d / NEWEST) in error, (case, name, error)  # names the checkpoint
+        assert not marker.exists(), f"{case}: {name} ran the payload"
+        assert _snapshot(d) == before, f"{case}: {name} changed the --ckpt-dir"
+
+
+@pytest.mark.timeout(300)
+def test_negative_control_intact_checkpoint_passes_every_path(pristine, tmp_path):
+    """The same paths and assertions let the intact checkpoint through: a refusal above is about the damage."""
+    d = tmp_path / "intact"
+    shutil.copytree(pristine, d)
+    for name, read in PATHS.items():
+        assert read(d) is None, name
+    assert _resume(d) is None  # continues to step 3
+
+
+@pytest.mark.parametrize("case", ["metadata-code", "bytes-entry-code", "tensor-record-code"])
+def test_negative_control_payloads_run_when_read_as_dcp_does_by_default(pristine, tmp_path, case):
+    d, marker = _hostile_copy(pristine, tmp_path, case)
+    step = d / NEWEST
+    if case == "metadata-code":
+        with open(step / ".metadata", "rb") as f:
+            pickle.load(f)  # FileSystemReader.read_metadata
+    elif case == "bytes-entry-code":
+        # What a resume asks DCP for; its default planner unpickles the bytes entry.
+        sd = {"train.step": torch.zeros((), dtype=torch.int64)}
+        dcp.load(sd, storage_reader=dcp.FileSystemReader(str(step)), no_dist=True)
+    else:
+        torch.load(step / "__0_1.distcp", weights_only=False)
+    assert marker.exists()
+
+
+def test_negative_control_unrestricted_unpickler_runs_the_payload(pristine, tmp_path, monkeypatch):
+    """With the allow-list switched off, load_full_tensors runs the .metadata payload: the allow-list is what stops it."""
+    d, marker = _hostile_copy(pristine, tmp_path, "metadata-code")
+    monkeypatch.setattr(safe_dcp._IndexUnpickler, "find_class", pickle._Unpickler.find_class)
+    with pytest.raises(UsageError):
+        ck.load_full_tensors(d / NEWEST)
+    assert marker.exists()
+
+
+def test_negative_control_same_size_damage_loads_silently_without_digests(pristine, tmp_path):
+    d, _ = _hostile_copy(pristine, tmp_path, "same-size-overwrite")
+    damaged = ck.load_full_tensors(d / NEWEST, verify=False)
+    intact = ck.load_full_tensors(pristine / NEWEST)
+    assert any(not torch.equal(damaged[k], intact[k]) for k in intact)
+    assert load_checkpoint_model(d, verify=False)[1].step == 2
+
+
+@pytest.mark.timeout(300)
+def test_no_verify_checkpoint_flag_skips_only_the_digests(pristine, tmp_path):
+    d, _ = _hostile_copy(pristine, tmp_path, "same-size-overwrite")
+    assert _sample(d) is not None
+    assert script_error("sample.py", ["--ckpt-dir", str(d), "--max-new-tokens", "2", "--no-verify-checkpoint"]) is None
+    h, marker = _hostile_copy(pristine, tmp_path, "metadata-code")
+    error = script_error("sample.py", ["--ckpt-dir", str(h), "--no-verify-checkpoint"])
+    assert error is not None and "refused as unsafe" in error and not marker.exists()
+    argv = [*TRAIN_ARGV, "--ckpt-dir", str(d), "--no-verify-checkpoint"]
+    assert script_error("train.py", argv) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Real processes: exit status and the one line, nothing else on stderr
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.timeout(300)
+def test_sample_script_process_refuses_metadata_code(pristine, tmp_path):
+    d, marker = _hostile_copy(pristine, tmp_path, "metadata-code")
+    before = _snapshot(d)
+    r = subprocess.run(
+        [sys.executable, "scripts/sample.py", "--ckpt-dir", str(d)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=200, check=False,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error: checkpoint "), r.stderr
+    assert "refused as unsafe" in lines[0] and "nothing in it ran" in lines[0]
+    assert r.stdout == "" and not marker.exists() and _snapshot(d) == before
+
+
+@pytest.mark.timeout(300)
+def test_train_resume_under_torchrun_refuses_with_one_line(pristine, tmp_path):
+    """Two ranks (rank 0 digests the only data file, rank 1 none): one error line, exit status 2, the
+    directory unchanged. That both ranks reach the verdict is held in
+    test_ranks_share_the_digests_and_agree_on_the_verdict: here torchrun stops the other worker as
+    soon as one exits, so which exit codes it reports depends on which rank is faster."""
+    d, _ = _hostile_copy(pristine, tmp_path, "same-size-overwrite")
+    before = _snapshot(d)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/train.py"]
+    argv = [*TRAIN_ARGV, "--ckpt-dir", str(d), "--tp", "2", "--timeout", "60"]
+    r = subprocess.run(cmd + argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode != 0
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("train.py: error:")]
+    assert len(lines) == 1, r.stdout + r.stderr
+    assert lines[0].endswith("is damaged: __0_0.distcp does not match its digest"), lines[0]
+    assert "exitcode  : 2" in r.stderr, r.stderr  # torchrun's summary of the worker that stopped first
+    # No worker printed a traceback (torchrun's own report of the failed group is not ours to silence).
+    assert "tp_ffn/" not in r.stderr and 'scripts/train.py", line' not in r.stderr, r.stderr
+    assert _snapshot(d) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# Digests on save, legacy checkpoints, and the verdict across ranks
+
+
+def test_meta_json_records_each_files_size_and_digest(pristine):
+    meta = json.loads((pristine / NEWEST / "meta.json").read_text())
+    files = {p.name for p in (pristine / NEWEST).iterdir() if p.name != "meta.json"}
+    assert set(meta["files"]) == files == {".metadata", "__0_0.distcp"}
+    for name, entry in meta["files"].items():
+        data = (pristine / NEWEST / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_checkpoint_without_digests_loads_with_a_one_line_notice(pristine, tmp_path, capsys):
+    d = tmp_path / "legacy"
+    shutil.copytree(pristine, d)
+    meta_path = d / NEWEST / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"] = {name: entry["size"] for name, entry in meta["files"].items()}  # as written before digests
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    ck.load_full_tensors(d / NEWEST)
+    load_checkpoint_model(d)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 2 and all(ln.startswith(f"notice: checkpoint {d / NEWEST} has no digests") for ln in err), err
+    # Negative control: a checkpoint with digests prints nothing.
+    ck.load_full_tensors(pristine / NEWEST)
+    assert capsys.readouterr().err == ""
+    # Sizes are still checked without digests.
+    (d / NEWEST / "__0_0.distcp").write_bytes(b"x")
+    with pytest.raises(ck.DamagedCheckpointError, match=r"__0_0\.distcp is 1 bytes"):
+        ck.load_full_tensors(d / NEWEST)
+
+
+def _save_tp2(rank: int, world: int, root: str) -> list[str]:
+    """A model-only checkpoint written by two TP ranks (files __0_0 and __1_0, digested each by its writer)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from tp_ffn.models.llama import LlamaConfig, Transformer
+
+    cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
+    torch.manual_seed(0)
+    model = Transformer(cfg, group=dist.group.WORLD)
+    path = ck.TrainingState(model).save(root, 1, 0, {"model": dataclasses.asdict(cfg)})
+    return sorted(p.name for p in path.iterdir())
+
+
+def _verify_on_ranks(rank: int, world: int, path: str, gathered: bool) -> str | None:
+    """verify_checkpoint over the world (gathered), or this rank's share of it alone."""
+    import torch.distributed as dist
+
+    info = ck.open_checkpoint(path)
+    try:
+        if gathered:
+            ck.verify_checkpoint(info, group=dist.group.WORLD)
+        else:
+            ck._verify_here(info, True, rank, world)
+    except UsageError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.timeout(300)
+def test_ranks_share_the_digests_and_agree_on_the_verdict(tmp_path):
+    names = run_ranks(2, _save_tp2, str(tmp_path / "ck"), timeout=120)[0]
+    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
+    step = tmp_path / "ck" / "step_00000001"
+    assert run_ranks(2, _verify_on_ranks, str(step), True, timeout=120) == [None, None]
+    # Damage the file only rank 1 digests: both ranks report it.
+    f = step / "__1_0.distcp"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    want = f"checkpoint {step} is damaged: __1_0.distcp does not match its digest"
+    assert run_ranks(2, _verify_on_ranks, str(step), True, timeout=120) == [want, want]
+    # Negative control: each rank's share alone; rank 0 would go on with a damaged checkpoint.
+    assert run_ranks(2, _verify_on_ranks, str(step), False, timeout=120) == [None, want]
+
+
+# --------------------------------------------------------------------------------------------------
+# The restricted unpickler itself
+
+
+def test_every_global_of_a_real_index_is_allowed(pristine):
+    """A checkpoint written by the installed torch: its .metadata uses only allowed globals, and loads."""
+    seen: set[tuple[str, str]] = set()
+
+    class Spy(pickle.Unpickler):
+        def find_class(self, module, name):
+            seen.add((module, name))
+            return super().find_class(module, name)
+
+    with open(pristine / NEWEST / ".metadata", "rb") as f:
+        Spy(f).load()
+    assert seen and seen <= set(safe_dcp.ALLOWED_GLOBALS), seen - set(safe_dcp.ALLOWED_GLOBALS)
+    md = safe_dcp.read_index(pristine / NEWEST)
+    assert md.state_dict_metadata.keys() == _trusted_index(pristine / NEWEST).state_dict_metadata.keys()
+
+
+@pytest.mark.parametrize(
+    "global_name",
+    [
+        "builtins eval",
+        "os system",
+        "torch load",
+        "torch.distributed.checkpoint.filesystem FileSystemReader",
+        "builtins getattr",
+    ],
+)
+def test_globals_outside_the_index_are_refused(tmp_path, global_name):
+    module, name = global_name.split()
+    (tmp_path / ".metadata").write_bytes(b"\x80\x04c" + f"{module}\n{name}\n".encode() + b"N\x85R.")
+    with pytest.raises(safe_dcp.UnsafeCheckpointError, match=rf"it asks for {re.escape(module)}\.{name}"):
+        safe_dcp.read_index(tmp_path)
+
+
+def test_state_is_set_only_on_dcp_metadata_instances(tmp_path):
+    """BUILD on the class Metadata itself would rewrite a class attribute: refused (the C unpickler does it)."""
+    blob = b"\x80\x04ctorch.distributed.checkpoint.metadata\nMetadata\nN}\x8c\x0bpwned_by_it\x88s\x86b."
+    (tmp_path / ".metadata").write_bytes(blob)
+    with pytest.raises(safe_dcp.UnsafeCheckpointError, match="sets the state of a type"):
+        safe_dcp.read_index(tmp_path)
+    assert not hasattr(Metadata, "pwned_by_it")
+    # Negative control: Python's C unpickler applies it to the class.
+    try:
+        pickle.loads(blob)
+        assert Metadata.pwned_by_it is True
+    finally:
+        if hasattr(Metadata, "pwned_by_it"):
+            delattr(Metadata, "pwned_by_it")
+
+
+@pytest.mark.parametrize(
+    "mutate, pattern",
+    [
+        (lambda md: _set_record(md, transform_descriptors=["zstd"]), r"refused as unsafe \(a record asks for stream transforms"),
+        (lambda md: _set_record(md, length=10**12), r"is damaged: \.metadata puts a record of .* past the end of __0_0\.distcp"),
+        (lambda md: _set_record(md, offset=0), r"is damaged: \.metadata has overlapping records in __0_0\.distcp"),
+        (lambda md: _set_size(md, (10**6, 128)), r"is damaged: .*chunk of 'model\.tok_embeddings\.weight' outside its shape|hold \d+ elements"),
+        (lambda md: _set_chunk_sizes(md, (10**6, 128)), r"is damaged: \.metadata has a chunk of 'model\.tok_embeddings\.weight' outside its shape"),
+    ],
+    ids=["transforms", "past-the-end", "overlap", "shape-not-covered", "chunk-outside"],
+)  # fmt: skip
+def test_index_inconsistencies_are_refused(pristine, tmp_path, mutate, pattern):
+    d = tmp_path / "ck"
+    shutil.copytree(pristine / NEWEST, d / NEWEST)
+    md = _trusted_index(d / NEWEST)
+    mutate(md)
+    with open(d / NEWEST / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    _rewrite_meta(d / NEWEST)
+    with pytest.raises(UsageError, match=pattern):
+        ck.load_full_tensors(d / NEWEST)
+    # Negative control: the untouched index passes the same call.
+    assert ck.load_full_tensors(pristine / NEWEST)
+
+
+def _set_record(md: Metadata, **changes) -> None:
+    """Change the last record of __0_0.distcp (by offset)."""
+    index, rec = max(
+        ((i, r) for i, r in md.storage_data.items() if r.relative_path == "__0_0.distcp"), key=lambda ir: ir[1].offset
+    )
+    fields = {"relative_path": rec.relative_path, "offset": rec.offset, "length": rec.length}
+    md.storage_data[index] = _StorageInfo(**{**fields, **changes})
+
+
+def _set_size(md: Metadata, size: tuple[int, ...]) -> None:
+    md.state_dict_metadata["model.tok_embeddings.weight"].size = torch.Size(size)
+
+
+def _set_chunk_sizes(md: Metadata, size: tuple[int, ...]) -> None:
+    md.state_dict_metadata["model.tok_embeddings.weight"].chunks[0].sizes = torch.Size(size)
+
+
+def test_tensor_records_must_be_stored_zip_archives(pristine, tmp_path):
+    """A record that is not a torch.save zip (here: a legacy-format torch.save, which allocates what it
+    declares before reading) is refused before torch.load sees it."""
+    d = tmp_path / "ck"
+    shutil.copytree(pristine / NEWEST, d / NEWEST)
+    step = d / NEWEST
+    md = _trusted_index(step)
+    blob = io.BytesIO()
+    torch.save(torch.ones(128), blob, _use_new_zipfile_serialization=False)
+    (step / "__0_1.distcp").write_bytes(blob.getvalue())
+    md.storage_data[MetadataIndex("model.norm.weight", (0,))] = _StorageInfo("__0_1.distcp", 0, len(blob.getvalue()))
+    with open(step / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    _rewrite_meta(step)
+    with pytest.raises(
+        ck.DamagedCheckpointError,
+        match=r"__0_1\.distcp: the record of 'model\.norm\.weight': it is not a torch\.save zip",
+    ):
+        ck.load_full_tensors(step)
+    # Negative control: DCP's own reader takes it.
+    sd = {"model.norm.weight": torch.zeros(128)}
+    dcp.load(sd, storage_reader=dcp.FileSystemReader(str(step)), no_dist=True)
+    assert torch.equal(sd["model.norm.weight"], torch.ones(128))
+
+
+def test_fifo_in_place_of_a_checkpoint_file_is_refused_without_blocking(pristine, tmp_path):
+    d = tmp_path / "ck"
+    shutil.copytree(pristine, d)
+    for name in (".metadata", "meta.json"):
+        step = d / NEWEST
+        saved = (step / name).read_bytes()
+        (step / name).unlink()
+        os.mkfifo(step / name)
+        with pytest.raises(ck.DamagedCheckpointError, match=rf"{re.escape(name)} is not a regular file \(a FIFO\)"):
+            ck.load_full_tensors(step)
+        (step / name).unlink()
+        (step / name).write_bytes(saved)
+    assert ck.load_full_tensors(d / NEWEST)  # negative control: restored, it loads
+
+
+@pytest.mark.timeout(300)
+def test_bench_digest_smoke(tmp_path):
+    """scripts/bench_digest.py runs end to end on a tiny model and reports what the README quotes."""
+    out = tmp_path / "digest.json"
+    cmd = [
+        sys.executable,
+        "scripts/bench_digest.py",
+        "--dim",
+        "64",
+        "--layers",
+        "1",
+        "--vocab",
+        "256",
+        "--repeats",
+        "1",
+    ]
+    cmd += ["--dir", str(tmp_path / "ck"), "--out", str(out), "--algorithms", "sha256,blake2b"]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert 0 < result["median"]["digest_s"] < result["median"]["save_s"]
+    assert set(result["hash_MBps"]) == {"sha256", "blake2b"} and all(v > 0 for v in result["hash_MBps"].values())
+    assert set(result["verify"]) == {"with_digests_s", "without_digests_s"}
+    assert not (tmp_path / "ck").exists()  # the scratch checkpoints are removed
+
+
+def test_tensor_records_are_read_weights_only_whatever_the_environment(pristine, tmp_path, monkeypatch):
+    d, marker = _hostile_copy(pristine, tmp_path, "tensor-record-code")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ck.UnsafeCheckpointError, match=r"__0_1\.distcp was refused as unsafe"):
+        ck.load_full_tensors(d / NEWEST)
+    assert not marker.exists()
+    # Negative control: with this variable set, a torch.load that leaves weights_only to the default runs it.
+    with pytest.warns(UserWarning):
+        torch.load(d / NEWEST / "__0_1.distcp")
+    assert marker.exists()
+
+
+def _unsafe_reads(source: str) -> list[str]:
+    """Calls in ``source`` that could read a checkpoint around the safe reader: ``dcp.load`` without a
+    ``storage_reader``, DCP's ``FileSystemReader``, plain unpickling, ``weights_only=False``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        if name.endswith(("dcp.load", "checkpoint.load")) and "storage_reader" not in keywords:
+            found.append(ast.unparse(node))
+        if name.endswith("FileSystemReader") and not name.endswith("SafeFileSystemReader"):
+            found.append(ast.unparse(node))
+        if name in ("pickle.load", "pickle.loads", "pickle.Unpickler") or keywords.get("weights_only") == "False":
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_every_checkpoint_read_in_the_code_goes_through_the_safe_reader():
+    """A guard for code added later (e.g. a conversion that reads training checkpoints)."""
+    files = [p for d in ("tp_ffn", "scripts") for p in sorted((ROOT / d).rglob("*.py")) if p.name != "safe_dcp.py"]
+    assert len(files) > 20
+    found = {str(p.relative_to(ROOT)): calls for p in files if (calls := _unsafe_reads(p.read_text()))}
+    assert found == {}
+    # Negative control: each pattern is caught.
+    bad = "dcp.load(sd, checkpoint_id=p)\ndcp.FileSystemReader(p)\npickle.load(f)\ntorch.load(f, weights_only=False)\n"
+    assert len(_unsafe_reads(bad)) == 4
+    assert _unsafe_reads("dcp.load(sd, storage_reader=ck.checkpoint_reader(info))\nSafeFileSystemReader(p)\n") == []
