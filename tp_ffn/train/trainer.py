@@ -325,9 +325,6 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     )
     if rt.device.type == "cpu":
         release_freed_memory()  # so that the resident set follows the tensors the plan counts
-    mesh = build_mesh(rt.device, plan.dp, plan.tp, timeout_s=cfg.timeout)
-    # Before anything is loaded or allocated: refuse a run that cannot fit.
-    estimate, memory_line = agree(lambda: plan_memory(cfg, plan, mcfg, mesh["tp"], rt.device), what="the memory plan")
     corpus = _load_data(cfg, rt, tokenizer)
 
     resume_info: ckpt.CheckpointInfo | None = None
@@ -373,6 +370,10 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         ckpt.remove_stale_tmp(cfg.ckpt_dir)
     schedule_steps, schedule_note = lr_schedule_steps(cfg, resume_info.meta if resume_info is not None else None)
 
+    mesh = build_mesh(rt.device, plan.dp, plan.tp, timeout_s=cfg.timeout)
+    # Before the model is built: refuse a run that cannot fit (after the checks of the inputs, whose
+    # errors say more precisely what is wrong).
+    estimate, memory_line = agree(lambda: plan_memory(cfg, plan, mcfg, mesh["tp"], rt.device), what="the memory plan")
     t = _Trainer(cfg, rt, plan, mcfg, corpus, tokenizer, schedule_steps, mesh)
     compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     peak, bf16_warning = measure_peak(compute_dtype, rt.device, given_tflops=cfg.peak_tflops)
