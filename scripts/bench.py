@@ -30,16 +30,21 @@ After warm-up the candidates run interleaved and rotated (A B C, B C A, ...) for
 step between barriers; a step's time is the slowest rank's. Reported per candidate: median step
 time and its p10-p90 spread, the paired ratio to each reference (median over rounds of the
 ratio within a round), tokens/s, achieved GFLOP/s and its fraction of the GEMM rate measured
-in the same run, collectives per step and their bytes, and memory per rank: the peak allocated
-during a step above what was live before it (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
-profiler's allocation records) and the activations saved for backward (``saved MiB``: buffers
-autograd keeps between forward and backward, parameters excluded; exact on any device). A table is
-printed and JSON plus a PNG chart are written (``--out``).
+in the same run, MFU (model FLOPs utilisation: the block's FLOPs per second over the peak of the
+devices that computed them, the peak given by ``--peak-tflops`` per device or else the GEMM rate
+probed in the same run), collectives per step and their bytes, and memory per rank: the peak
+allocated during a step above what was live before it (CUDA: ``torch.cuda.max_memory_allocated``;
+CPU: the profiler's allocation records) and the activations saved for backward (``saved MiB``:
+buffers autograd keeps between forward and backward, parameters excluded; exact on any device). A
+table is printed and JSON plus a PNG chart are written (``--out``).
 
 ``--compile`` runs every candidate under ``torch.compile`` (inductor), compiled before the timed
 rounds. ``--fake-world N`` runs one process as rank 0 of N on PyTorch's fake process group
 (collectives return at once, nothing is communicated): each candidate's time is one rank's
-compute at TP=N, and GFLOP/s and the GEMM-rate probe are per rank.
+compute at TP=N, and GFLOP/s, the GEMM-rate probe and MFU are per rank.
+
+bf16 on a CPU without a fast bf16 path (no AVX-512 BF16 or AMX: tens of times slower than fp32) is
+skipped with a note unless ``--force-bf16``: the GEMM rates of both dtypes are probed once at start.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -59,6 +64,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tp_ffn import FeedForward, ParallelFeedForward, split_sequence
+from tp_ffn import machine as tp_machine
 from tp_ffn.diagnostics import profile_step
 from tp_ffn.fused import gate_up_projection
 
@@ -106,6 +112,8 @@ class BenchConfig:
     out: str
     compile: bool = False
     fake_world: int | None = None
+    peak_tflops: float | None = None
+    force_bf16: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden_dim", "tokens", "reps"):
@@ -113,6 +121,8 @@ class BenchConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
         if self.fake_world is not None and self.fake_world < 1:
             raise ValueError(f"--fake-world: expected >= 1, got {self.fake_world}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"--peak-tflops: expected a rate > 0 (TFLOP/s per device), got {self.peak_tflops}")
         unknown = sorted(set(self.candidates) - set(ALL))
         if unknown:
             raise ValueError(f"--candidates: unknown {unknown}; choose from {ALL}")
@@ -160,12 +170,17 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         metavar="N",
         help="one process as rank 0 of N on the fake process group: one rank's compute at TP=N, no communication",
     )
+    p.add_argument(
+        "--peak-tflops", type=float, help="peak TFLOP/s of one device in the dtype, for MFU (default: the GEMM probe)"
+    )
+    p.add_argument("--force-bf16", action="store_true", help="run bf16 even where this CPU's bf16 GEMMs are slow")
     a = p.parse_args(argv)
     dim, hidden, tokens = PRESETS[a.preset]
     dtypes = ("float32", "bfloat16") if a.dtype == "both" else (a.dtype,)
     return BenchConfig(
         a.dim or dim, a.hidden_dim or hidden, a.tokens or tokens, dtypes,
         tuple(c for c in a.candidates.split(",") if c), a.reps, a.warmup, a.out, a.compile, a.fake_world,
+        a.peak_tflops, a.force_bf16,
     )  # fmt: skip
 
 
@@ -277,6 +292,20 @@ def gemm_rate(cfg: BenchConfig, dtype: torch.dtype, device: torch.device) -> Cal
         return rate.item()
 
     return probe
+
+
+def skip_slow_bf16(cfg: BenchConfig, device: torch.device) -> tuple[BenchConfig, str | None]:
+    """Drop bf16 from ``cfg.dtypes`` (with the note saying why) where this CPU's bf16 GEMMs run below
+    a quarter of fp32's (:func:`tp_ffn.machine.bf16_is_slow`), unless ``--force-bf16``. One probe
+    of each dtype, on every rank at once."""
+    if device.type != "cpu" or "bfloat16" not in cfg.dtypes or cfg.force_bf16:
+        return cfg, None
+    bf16 = tp_machine.gemm_rate(torch.bfloat16, device)
+    fp32 = tp_machine.gemm_rate(torch.float32, device)
+    if not tp_machine.bf16_is_slow(bf16, fp32):
+        return cfg, None
+    note = f"bfloat16 skipped: {tp_machine.slow_bf16_message(bf16, fp32)}; --force-bf16 runs it anyway"
+    return replace(cfg, dtypes=tuple(d for d in cfg.dtypes if d != "bfloat16")), note
 
 
 def sync(device: torch.device) -> None:
@@ -409,9 +438,13 @@ def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) 
         med = statistics.median(r.times)
         achieved = r.flops_per_step / med / 1e9
         machine = r.gemm_rate  # type: ignore[attr-defined]
+        # MFU: the whole machine's rate over the peak of its `world` devices (the probe sums the ranks).
+        devices = 1 if cfg.fake_world is not None else world
+        peak_all = cfg.peak_tflops * 1e3 * devices if cfg.peak_tflops is not None else machine
         rows.append({
             "name": r.name, "dtype": r.dtype, "median_ms": med * 1e3, "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3,
             "tokens_per_s": cfg.tokens / med, "gflops": achieved, "gemm_fraction": achieved / machine,
+            "mfu": achieved / peak_all,
             "collectives": r.collectives, "comm_mib": r.comm_bytes / 2**20, "peak_mib": r.peak_bytes / 2**20,
             "saved_mib": r.saved_bytes / 2**20,
             "reps": len(r.times), "times_ms": [t * 1e3 for t in r.times], "note": r.note,
@@ -427,9 +460,15 @@ def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) 
                         pairs = [a / b for a, b in zip(r["times_ms"], base[ref]["times_ms"])]
                         r[f"vs_{ref}"] = statistics.median(pairs)
                         r[f"vs_{ref}_of_medians"] = r["median_ms"] / base[ref]["median_ms"]
+    rates = {r.dtype: r.gemm_rate for r in results}  # type: ignore[attr-defined]
+    devices = 1 if cfg.fake_world is not None else world  # the probe is summed over the ranks that computed
+    if cfg.peak_tflops is not None:
+        peak = {"tflops_per_device": {d: cfg.peak_tflops for d in rates}, "source": "--peak-tflops"}
+    else:
+        peak = {"tflops_per_device": {d: v / devices / 1e3 for d, v in rates.items()}, "source": "GEMM probe, this run"}
     return {"config": asdict(cfg), "world_size": world, "fake_world": cfg.fake_world, "compiled": cfg.compile,
             "device": device, "threads_per_rank": torch.get_num_threads(),
-            "gemm_rate_gflops": {r.dtype: r.gemm_rate for r in results}, "rows": rows}  # type: ignore[attr-defined]  # fmt: skip
+            "gemm_rate_gflops": rates, "peak": peak, "rows": rows}  # fmt: skip
 
 
 def print_table(summary: dict) -> None:
@@ -439,9 +478,11 @@ def print_table(summary: dict) -> None:
         f"world size {summary['world_size']}"
         f"{' (fake process group: one rank computes, nothing is communicated)' if summary.get('fake_world') else ''}"
         f"{', compiled' if summary.get('compiled') else ''} on {summary['device']}, {summary['threads_per_rank']} thread(s) per rank; "
-        f"machine GEMM rate {', '.join(f'{k} {v:.0f}' for k, v in summary['gemm_rate_gflops'].items())} GFLOP/s"
+        f"machine GEMM rate {', '.join(f'{k} {v:.0f}' for k, v in summary['gemm_rate_gflops'].items())} GFLOP/s; "
+        f"MFU against {', '.join(f'{k} {v:.4g}' for k, v in summary['peak']['tflops_per_device'].items())} TFLOP/s "
+        f"per device ({summary['peak']['source']})"
     )
-    head = f"{'candidate':<17} {'dtype':<9} {'median ms':>9} {'p10-p90 ms':>14} {'tokens/s':>9} {'GFLOP/s':>8} {'of GEMM':>7} {'vs local':>8} {'vs fairsc':>9} {'vs torch':>8} {'vs dense':>8} {'vs act4':>7} {'collectives/step':<28} {'MiB moved':>9} {'peak MiB':>8} {'saved MiB':>9}"
+    head = f"{'candidate':<17} {'dtype':<9} {'median ms':>9} {'p10-p90 ms':>14} {'tokens/s':>9} {'GFLOP/s':>8} {'of GEMM':>7} {'MFU':>5} {'vs local':>8} {'vs fairsc':>9} {'vs torch':>8} {'vs dense':>8} {'vs act4':>7} {'collectives/step':<28} {'MiB moved':>9} {'peak MiB':>8} {'saved MiB':>9}"
     print(head)
     for r in summary["rows"]:
         if "median_ms" not in r:
@@ -451,7 +492,7 @@ def print_table(summary: dict) -> None:
         rel = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         print(
             f"{r['name']:<17} {r['dtype']:<9} {r['median_ms']:>9.1f} {r['p10_ms']:>6.1f}-{r['p90_ms']:<7.1f} {r['tokens_per_s']:>9.0f} "
-            f"{r['gflops']:>8.1f} {r['gemm_fraction']:>7.2f} {rel('vs_local'):>8} {rel('vs_fairscale'):>9} {rel('vs_torch-tp'):>8} "
+            f"{r['gflops']:>8.1f} {r['gemm_fraction']:>7.2f} {r['mfu']:>5.2f} {rel('vs_local'):>8} {rel('vs_fairscale'):>9} {rel('vs_torch-tp'):>8} "
             f"{rel('vs_dense'):>8} {rel('vs_tp-autograd-act'):>7} "
             f"{coll:<28} {r['comm_mib']:>9.1f} {r['peak_mib']:>8.1f} {r['saved_mib']:>9.1f}"
         )
@@ -460,19 +501,19 @@ def print_table(summary: dict) -> None:
 def markdown(summary: dict) -> str:
     """The table as Markdown, for docs/benchmarks.md."""
     lines = [
-        "| candidate | dtype | median ms | p10-p90 ms | tokens/s | GFLOP/s | of GEMM rate | vs local | vs fairscale "
+        "| candidate | dtype | median ms | p10-p90 ms | tokens/s | GFLOP/s | of GEMM rate | MFU | vs local | vs fairscale "
         "| vs torch-tp | vs dense | vs tp-autograd-act | collectives/step | MiB moved | peak MiB | saved MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in summary["rows"]:
         if "median_ms" not in r:
-            lines.append(f"| {r['name']} | {r['dtype']} | skipped: {r['note']} |" + " |" * 13)
+            lines.append(f"| {r['name']} | {r['dtype']} | skipped: {r['note']} |" + " |" * 14)
             continue
         coll = ", ".join(f"{k} {v}" for k, v in sorted(r["collectives"].items())) or "none"
         rel = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         lines.append(
             f"| {r['name']} | {r['dtype']} | {r['median_ms']:.1f} | {r['p10_ms']:.1f}-{r['p90_ms']:.1f} "
-            f"| {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | {r['gemm_fraction']:.2f} | {rel('vs_local')} "
+            f"| {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | {r['gemm_fraction']:.2f} | {r['mfu']:.2f} | {rel('vs_local')} "
             f"| {rel('vs_fairscale')} | {rel('vs_torch-tp')} | {rel('vs_dense')} | {rel('vs_tp-autograd-act')} | {coll} "
             f"| {r['comm_mib']:.1f} | {r['peak_mib']:.1f} | {r['saved_mib']:.1f} |"
         )
@@ -526,11 +567,20 @@ def main(argv: list[str] | None = None) -> int:
         # The step times and GEMM rates are reduced as CPU tensors: gloo carries those beside NCCL.
         dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo")
     try:
+        cfg, note = skip_slow_bf16(
+            cfg, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        )
+        if note and dist.get_rank() == 0:
+            print(f"bench.py: {note}", flush=True)
+        if not cfg.dtypes:
+            return 0
         results = run(cfg)
         world = dist.get_world_size()
         device = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
         if dist.get_rank() == 0:
             summary = summarize(cfg, results, world, device)
+            if note:
+                summary["skipped"] = {"bfloat16": note}
             print_table(summary)
             out = Path(cfg.out)
             out.mkdir(parents=True, exist_ok=True)

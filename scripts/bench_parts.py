@@ -17,6 +17,11 @@ chunked k                   the GEMM in k token chunks, each chunk's all-reduce 
                             backward overlap (the weight-gradient GEMMs hide the all-reduce)
 gate/up unfused | fused     forward, input-gradient and weight-gradient GEMMs of w1 and w3, as two
                             GEMMs or one on the concatenated shards: ``fuse_gate_up``
+fp32 all-reduce ...         with ``--dtype bfloat16``: the input-gradient all-reduce as the bench's
+                            autocast step runs it, in fp32 (the input's dtype, 2x the bytes of
+                            bf16), alone and behind three bf16 GEMMs: whether the overlap still
+                            hides it where bf16 GEMMs are fast (where a bf16 step loses against
+                            ``local``)
 ==========================  ===================================================================
 
 A table is printed and JSON written to ``--out``.
@@ -69,6 +74,7 @@ def probes(dim: int, n: int, tokens: int, dtype: torch.dtype, device: torch.devi
     rand = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     x, h = rand(tokens, dim), rand(tokens, n)
     y = torch.zeros(tokens, dim, device=device, dtype=dtype)  # reduced over and over: stays finite
+    y32 = torch.zeros(tokens, dim, device=device, dtype=torch.float32)
     w1, w3, w2 = rand(n, dim), rand(n, dim), rand(dim, n)
     w13 = torch.cat((w1, w3))
     dg, du = rand(tokens, n), rand(tokens, n)
@@ -98,11 +104,14 @@ def probes(dim: int, n: int, tokens: int, dtype: torch.dtype, device: torch.devi
             F.linear(h, w2)
         _c10d.wait_tensor(pending)
 
-    def overlapped_inplace() -> None:
-        work = dist.all_reduce(y, async_op=True)
-        for _ in range(3):
-            F.linear(h, w2)
-        work.wait()
+    def overlapped_inplace(buffer: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            work = dist.all_reduce(buffer, async_op=True)
+            for _ in range(3):
+                F.linear(h, w2)
+            work.wait()
+
+        return run
 
     return {
         "all-reduce (sync)": lambda: dist.all_reduce(y),
@@ -112,7 +121,7 @@ def probes(dim: int, n: int, tokens: int, dtype: torch.dtype, device: torch.devi
         "gemm + all-reduce": gemm_then_all_reduce,
         **{f"chunked {k}": chunked(k) for k in (2, 4, 8)},
         "3 gemm": lambda: [F.linear(h, w2) for _ in range(3)],
-        "3 gemm + all-reduce in place": overlapped_inplace,
+        "3 gemm + all-reduce in place": overlapped_inplace(y),
         "3 gemm + all-reduce functional": overlapped_functional,
         "gate/up forward, unfused": lambda: (F.linear(x, w1), F.linear(x, w3)),
         "gate/up forward, fused": lambda: F.linear(x, w13),
@@ -120,6 +129,8 @@ def probes(dim: int, n: int, tokens: int, dtype: torch.dtype, device: torch.devi
         "gate/up input grad, fused": lambda: d @ w13,
         "gate/up weight grad, unfused": lambda: (dg.t() @ x, du.t() @ x),
         "gate/up weight grad, fused": lambda: d.t() @ x,
+        "fp32 all-reduce (sync)": lambda: dist.all_reduce(y32),
+        "3 gemm + fp32 all-reduce in place": overlapped_inplace(y32),
     }
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +22,7 @@ def test_bench_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/bench.py"]
     cmd += ["--dim", "64", "--hidden-dim", "128", "--tokens", "32", "--reps", "2", "--warmup", "1", "--dtype", "both"]
+    cmd += ["--force-bf16"]  # both halves even on a CPU whose bf16 is slow: the shape is tiny
     r = subprocess.run(cmd + ["--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((tmp_path / "bench.json").read_text())
@@ -58,6 +61,10 @@ def test_bench_smoke(tmp_path):
     assert rows[("local", "float32")]["vs_local"] == 1.0
     assert rows[("tp-overlap", "float32")]["vs_fairscale_of_medians"] > 0
     assert all(rate > 0 for rate in summary["gemm_rate_gflops"].values())
+    # MFU against the probed peak (no --peak-tflops): the same fraction as "of GEMM rate".
+    assert summary["peak"]["source"] == "GEMM probe, this run"
+    assert all(row["mfu"] == pytest.approx(row["gemm_fraction"]) for row in summary["rows"] if "mfu" in row)
+    assert "skipped" not in summary  # --force-bf16
     # Every candidate's collectives are waited for inside its timed step (torch-tp's output is an
     # AsyncCollectiveTensor: left unread, its forward all-reduce would run untimed).
     assert "unwaited collective" not in r.stderr, r.stderr[-3000:]
@@ -111,16 +118,49 @@ def test_bench_at_world_size_one_has_the_vs_dense_column(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": "0"}
     cmd = [sys.executable, "scripts/bench.py", "--dim", "32", "--hidden-dim", "64", "--tokens", "16"]
     cmd += ["--reps", "2", "--warmup", "1", "--candidates", "dense,tp-overlap,local", "--out", str(tmp_path)]
+    cmd += ["--peak-tflops", "0.001"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.splitlines()
     (head,) = [ln for ln in lines if ln.startswith("candidate")]
     assert " vs dense " in head
-    # row: name, dtype, median, p10-p90, tokens/s, GFLOP/s, of GEMM, vs local, vs fairsc, vs torch, vs dense, ...
+    # row: name, dtype, median, p10-p90, tokens/s, GFLOP/s, of GEMM, MFU, vs local, vs fairsc, vs torch, vs dense, ...
     (row,) = [ln.split() for ln in lines if ln.startswith("tp-overlap")]
     (tp,) = [x for x in json.loads((tmp_path / "bench.json").read_text())["rows"] if x["name"] == "tp-overlap"]
-    assert row[10] == f"{tp['vs_dense']:.3f}", (head, row)
+    assert row[11] == f"{tp['vs_dense']:.3f}", (head, row)
     assert "| vs dense |" in (tmp_path / "bench.md").read_text()
+    # MFU against the given peak: 1 GFLOP/s per device, one device.
+    assert "MFU against float32 0.001 TFLOP/s per device (--peak-tflops)" in r.stdout
+    assert tp["mfu"] == pytest.approx(tp["gflops"] / 1.0)
+    assert row[7] == f"{tp['mfu']:.2f}"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bf16_is_skipped_with_a_note_where_it_is_slow_unless_forced(monkeypatch):
+    """The decision with injected rates (this machine's bf16 is fast): the issue's EPYC without
+    AVX-512 (1.8 vs 79.5 GFLOP/s) loses its bf16 half, with one note naming both rates; --force-bf16
+    keeps it; a fast bf16 path (117 vs 85) keeps it."""
+    bench = _bench_module()
+    rates = {torch.bfloat16: 1.8e9, torch.float32: 79.5e9}
+    monkeypatch.setattr(bench.tp_machine, "gemm_rate", lambda dtype, device, **kw: rates[dtype])
+    cfg = bench.parse_args(["--dtype", "both"])
+    kept, note = bench.skip_slow_bf16(cfg, torch.device("cpu"))
+    assert kept.dtypes == ("float32",)
+    assert "\n" not in note and "1.8 GFLOP/s" in note and "79.5 GFLOP/s" in note and "--force-bf16" in note
+    assert bench.skip_slow_bf16(bench.parse_args(["--dtype", "both", "--force-bf16"]), torch.device("cpu")) == (
+        bench.parse_args(["--dtype", "both", "--force-bf16"]),
+        None,
+    )
+    assert bench.skip_slow_bf16(bench.parse_args(["--dtype", "bfloat16"]), torch.device("cpu"))[0].dtypes == ()
+    rates[torch.bfloat16] = 117e9
+    assert bench.skip_slow_bf16(cfg, torch.device("cpu")) == (cfg, None)
 
 
 def _out_default(script: str) -> str:

@@ -106,8 +106,9 @@ def test_eval_only_is_transformers_loss_under_its_tokenizer(setup):
     assert tok.bos_id in corpus.train.tolist() and tok.eos_id in corpus.train.tolist()
     want = _hf_loss(setup["pre"], windows)
     assert abs(val - want) / want < 1e-5, (val, want)
-    # Negative control: the same comparison on other windows is visibly off.
-    assert abs(val - _hf_loss(setup["pre"], validation_batch(corpus.val, SEQ, 1, NVAL))) / want > 1e-3
+    # Negative control: the same comparison on other windows is off by well over the tolerance (10x;
+    # by how much depends on the text, which is the README's and changes with it).
+    assert abs(val - _hf_loss(setup["pre"], validation_batch(corpus.val, SEQ, 1, NVAL))) / want > 1e-4
     rows = read_metrics(metrics)
     assert rows == [{"step": 0, "val_loss": val, "val_ppl": pytest.approx(math.exp(val))}]
     assert not list((setup["root"] / "eval").glob("step_*")), "--eval-only writes no checkpoint"

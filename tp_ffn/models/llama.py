@@ -187,7 +187,9 @@ class Attention(nn.Module):
         """
         group = self.tp.group
         # One region for q, k and v: a single all-reduce (reduce-scatter with SP) of the input gradient.
-        x = gather_from_sequence(x, group) if self.sequence_parallel else copy_to_parallel(x, group)
+        # The gathered input is strided (sequence gathered along dim 1): laid out once here, or each
+        # of the three GEMMs would copy it and keep its own copy for backward.
+        x = gather_from_sequence(x, group).contiguous() if self.sequence_parallel else copy_to_parallel(x, group)
         b, s, _ = x.shape
         q = F.linear(x, self.wq.weight).view(b, s, self.n_local_heads, self.head_dim)
         k = F.linear(x, self.wk.weight).view(b, s, self.n_local_kv_heads, self.head_dim)

@@ -18,6 +18,9 @@ One responsibility per module, dependencies pointing one way (trainer -> the res
     safe_dcp.py     DCP's reader without pickled code: restricted index unpickler, tensor-only records
     digests.py      SHA-256 of checkpoint files, streamed
     metrics.py      JSONL metrics, progress bar, loss plot
+    flops.py        model FLOPs per token, MFU and the peak it is held against
+    memory.py       the memory plan: per-rank estimate, budget, refusal and what would fit
+    memory_use.py   measuring memory: saved activations, a run's peak, the CPU allocator setting
     generate.py     sampling from a checkpoint (scripts/sample.py)
     export.py       a training checkpoint as a Hugging Face / Meta directory (convert_checkpoint.py --from train)
     trainer.py      the loop, --eval-only

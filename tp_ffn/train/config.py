@@ -101,6 +101,8 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = False
     timeout: int = 600
+    peak_tflops: float | None = None
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -143,6 +145,8 @@ class TrainConfig:
                 f"--ffn-comm-chunks: expected 1 with --sequence-parallel (its forward ends in a reduce-scatter, "
                 f"not an all-reduce to split), got {self.ffn_comm_chunks}"
             )
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise UsageError(f"--peak-tflops: expected a rate > 0 (TFLOP/s per device), got {self.peak_tflops}")
         if self.eval_only and self.init_from is None and not self.resume:
             raise UsageError("--eval-only: needs --init-from or --resume (the weights to evaluate)")
         if self.resume and self.ckpt_dir is None:
@@ -321,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.timeout,
         help="seconds a rank may wait in the rendezvous or a collective before failing (torchrun --max-restarts then restarts the group)",
+    )
+    par.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak TFLOP/s of one device in the compute dtype, for MFU (default: a GEMM probe at start-up)",
+    )
+    par.add_argument(
+        "--force", action="store_true", help="start even when the memory plan says the run does not fit"
     )
     t = p.add_argument_group("optimisation")
     t.add_argument(

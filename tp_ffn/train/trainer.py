@@ -20,13 +20,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from ..models.llama import LlamaConfig, Transformer
 from . import checkpoint as ckpt
 from .config import ParallelPlan, TrainConfig, UsageError
 from .consensus import agree
 from .data import Corpus, Windows, load_corpus, validation_batch, validation_count
+from .flops import measure_peak, mfu, model_flops_per_token
 from .layout import param_blocks
+from .memory import memory_report, plan_memory
+from .memory_use import peak_bytes, release_freed_memory, reset_peak
 from .metrics import MetricsLog, Progress, plot_metrics
 from .optim import WarmupCosine, build_optimizer, build_scheduler, clip_grad_norm_, init_adamw_state
 from .outputs import check_outputs
@@ -129,10 +133,10 @@ class _Trainer:
         corpus: Corpus,
         tokenizer: Tokenizer,
         schedule_steps: int,
+        mesh: DeviceMesh,
     ) -> None:
-        self.cfg, self.rt, self.plan, self.mcfg, self.corpus = cfg, rt, plan, mcfg, corpus
+        self.cfg, self.rt, self.plan, self.mcfg, self.corpus, self.mesh = cfg, rt, plan, mcfg, corpus, mesh
         self.tokenizer, self.schedule_steps = tokenizer, schedule_steps
-        self.mesh = build_mesh(rt.device, plan.dp, plan.tp, timeout_s=cfg.timeout)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.tp_rank = self.mesh["tp"].get_local_rank()
         self.dp_group = self.mesh["dp"].get_group()
@@ -319,6 +323,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         ),
         what="the model config",
     )
+    if rt.device.type == "cpu":
+        release_freed_memory()  # so that the resident set follows the tensors the plan counts
     corpus = _load_data(cfg, rt, tokenizer)
 
     resume_info: ckpt.CheckpointInfo | None = None
@@ -364,7 +370,14 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         ckpt.remove_stale_tmp(cfg.ckpt_dir)
     schedule_steps, schedule_note = lr_schedule_steps(cfg, resume_info.meta if resume_info is not None else None)
 
-    t = _Trainer(cfg, rt, plan, mcfg, corpus, tokenizer, schedule_steps)
+    mesh = build_mesh(rt.device, plan.dp, plan.tp, timeout_s=cfg.timeout)
+    # Before the model is built: refuse a run that cannot fit (after the checks of the inputs, whose
+    # errors say more precisely what is wrong).
+    estimate, memory_line = agree(lambda: plan_memory(cfg, plan, mcfg, mesh["tp"], rt.device), what="the memory plan")
+    t = _Trainer(cfg, rt, plan, mcfg, corpus, tokenizer, schedule_steps, mesh)
+    compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    peak, bf16_warning = measure_peak(compute_dtype, rt.device, given_tflops=cfg.peak_tflops)
+    baseline = reset_peak(rt.device)
     t.log(
         f"tp_ffn train: world {rt.world} = dp {plan.dp} x tp {plan.tp} ({'nccl' if rt.device.type == 'cuda' else 'gloo'} on {rt.device.type}), "
         f"model {cfg.preset if cfg.init_from is None else cfg.init_from} ({mcfg.num_params() / 1e6:.2f} M params, hidden {mcfg.hidden_dim}), "
@@ -373,8 +386,10 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         f"dtype {cfg.dtype}, ffn fuse_gate_up={cfg.ffn_fuse_gate_up} overlap_comm={cfg.ffn_overlap_comm} "
         f"comm_chunks={cfg.ffn_comm_chunks}\n"
         + ("" if tokenizer.kind == "bytes" else f"tokenizer: {tokenizer.describe()}\n")
-        + f"data: {corpus.describe()}"
+        + f"data: {corpus.describe()}\n{memory_line}\nMFU against {peak.describe()}"
     )
+    if bf16_warning:
+        t.log(f"warning: {bf16_warning}")
     t.build(None if resume_info is not None else cfg.init_from)
 
     step, position = 0, 0
@@ -394,6 +409,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     log = MetricsLog(metrics_path if t.is_main else None, resume_step=step if resume_info is not None else None)
     bar = Progress(cfg.steps, step, enabled=t.is_main and cfg.progress)
     tokens_per_step = plan.batch_size * cfg.seq_len
+    flops_per_step = model_flops_per_token(mcfg, cfg.seq_len) * tokens_per_step
     try:
         while step < cfg.steps:
             lr = t.opt.param_groups[0]["lr"]
@@ -414,6 +430,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                     "tokens_per_s": tokens_per_step / dt,
                     "grad_norm": norm,
                     "time_s": dt,
+                    "mfu": mfu(flops_per_step, dt, peak.flops, rt.world),
                 }
             )
             val = None
@@ -448,6 +465,9 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                 else ""
             )
         )
+    measured = torch.tensor([peak_bytes(rt.device) - baseline], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(measured, op=dist.ReduceOp.MAX)
+    t.log(f"memory: {memory_report(measured.item(), estimate, rt.device)}")
     if result.checkpoints:
         t.log(f"checkpoint: {result.checkpoints[-1]}")
     if result.plot:
