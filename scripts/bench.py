@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from tp_ffn import FeedForward, ParallelFeedForward, split_sequence
 from tp_ffn import machine as tp_machine
-from tp_ffn.diagnostics import profile_step
+from tp_ffn.diagnostics import exit_after_profiling, profile_step
 from tp_ffn.fused import gate_up_projection
 
 PRESETS = {
@@ -594,4 +594,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_profiling(main())  # not sys.exit: see its docstring

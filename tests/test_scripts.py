@@ -176,3 +176,26 @@ def test_readme_counts_the_training_tests():
     r = _run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files], timeout=110)
     n = int(re.search(r"^(\d+) tests? collected", r.stdout, flags=re.MULTILINE).group(1))
     assert f"`tests/test_train_*.py` ({n} tests" in (ROOT / "README.md").read_text(), n
+
+
+@pytest.mark.timeout(120)
+def test_exit_after_profiling_flushes_and_keeps_the_status():
+    """parity.py and bench.py end with exit_after_profiling (os._exit: kineto's thread can abort the
+    interpreter's teardown). Into a pipe stdout is block-buffered, so without the flush this line is
+    lost; the status must be the one given, and the profiler's thread must not matter."""
+    code = (
+        "import torch\n"
+        "from tp_ffn.diagnostics import count_collectives, exit_after_profiling\n"
+        "with count_collectives() as n:\n"
+        "    torch.ones(2) + 1\n"
+        "print('counted', dict(n))\n"
+        "exit_after_profiling(3)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
+    assert r.returncode == 3, r.stderr
+    assert "counted {}" in r.stdout
+    for script in ("parity.py", "bench.py"):
+        tail = (ROOT / "scripts" / script).read_text().rstrip().splitlines()[-1]
+        assert tail.strip().startswith("exit_after_profiling(main())"), script

@@ -7,21 +7,33 @@ imported or called ``torch.distributed`` (a monkeypatched ``dist.all_reduce`` wo
 
 Saved activations are recorded with ``torch.autograd.graph.saved_tensors_hooks``: every tensor an
 op or autograd function saves for backward passes through the hook, whatever code saved it.
+
+A script that used the profiler ends with :func:`exit_after_profiling` (see there why).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.utils._pytree as pytree
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SavedForBackward", "StepProfile", "count_collectives", "profile_step", "saved_for_backward"]
+__all__ = [
+    "SavedForBackward",
+    "StepProfile",
+    "count_collectives",
+    "exit_after_profiling",
+    "profile_step",
+    "saved_for_backward",
+]
 
 _KINDS = {
     "c10d::allreduce_": "all_reduce",
@@ -186,3 +198,20 @@ class _CollectiveBytes(TorchDispatchMode):
             tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             self.nbytes += max((t.numel() * t.element_size() for t in tensors), default=0)
         return func(*args, **(kwargs or {}))
+
+
+def exit_after_profiling(code: int) -> NoReturn:
+    """End the process with ``code`` without running C++ static destructors; output is flushed first.
+
+    The profiler leaves kineto's config-polling thread running, and at interpreter exit that thread can
+    race libtorch's static destructors: the process then dies with SIGABRT ("terminate called without
+    an active exception") after its work is done. Seen on CI with torch 2.13.0's CPU build (parity.py
+    and bench.py in the same run; never in 55 runs on a development machine); ``os._exit`` skips that
+    teardown. Everything the script wrote must be closed before this is called.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
+            pass
+    os._exit(code)
