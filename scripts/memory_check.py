@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ~100 M parameters, byte-level: dim 768, 14 layers, hidden 2048.
 M100 = ["--preset", "small", "--model-args", "dim=768,n_layers=14,n_heads=12,n_kv_heads=12,multiple_of=256"]
 SHORT = ["--steps", "2", "--val-every", "0", "--val-sequences", "2", "--corpus-bytes", "400000", "--no-progress"]
+SHORT += ["--return-freed-memory"]  # on CPU the resident set then follows the tensors (no effect on GPUs)
 CONFIGS: dict[str, tuple[int, list[str]]] = {
     "tiny tp1": (1, ["--preset", "tiny", "--seq-len", "128", "--batch-size", "8"]),
     "tiny tp2": (2, ["--preset", "tiny", "--tp", "2", "--seq-len", "128", "--batch-size", "8"]),

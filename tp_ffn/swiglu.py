@@ -61,6 +61,14 @@ _BACKWARD: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     "relu": lambda grad, g, a: aten.threshold_backward(grad, a, 0),
 }
 
+# The same kernels writing into ``out`` (eager mode: one buffer fewer to allocate and fault in).
+_BACKWARD_INTO: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = {
+    "silu": lambda grad, g, a, out: aten.silu_backward.grad_input(grad, g, grad_input=out),
+    "gelu": lambda grad, g, a, out: aten.gelu_backward.grad_input(grad, g, grad_input=out),
+    "gelu_tanh": lambda grad, g, a, out: aten.gelu_backward.grad_input(grad, g, approximate="tanh", grad_input=out),
+    "relu": lambda grad, g, a, out: aten.threshold_backward.grad_input(grad, a, 0, grad_input=out),
+}
+
 
 def get_activation(name: str) -> Callable[[Tensor], Tensor]:
     """The activation called ``name``; ``ValueError`` listing the choices otherwise."""
@@ -79,8 +87,11 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def act_mul(g: Tensor, u: Tensor, activation: str) -> Tensor:
     """``act(g) * u`` without autograd bookkeeping of its own (the callers' functions hold it)."""
-    # Written u * act(g) so that it never equals the backward's act(g) * u (see act_mul_backward).
-    return u * ACTIVATIONS[activation](g)
+    a = ACTIVATIONS[activation](g)
+    if torch.compiler.is_compiling():
+        # Written u * act(g) so that it never equals the backward's act(g) * u (see act_mul_backward).
+        return u * a
+    return a.mul_(u)  # eager: into act(g)'s fresh buffer (the same values as u * a, one allocation fewer)
 
 
 def act_mul_backward(
@@ -90,7 +101,11 @@ def act_mul_backward(
     ``h`` (recomputed) only with ``need_h``. All ``[*, n]``. ``reuse_dh``: ``dh`` is a buffer the
     caller owns, which becomes ``du`` (one allocation fewer in eager mode)."""
     a = ACTIVATIONS[activation](g)
-    dg = _BACKWARD[activation](dh * u, g, a)
+    if torch.compiler.is_compiling():
+        dg = _BACKWARD[activation](dh * u, g, a)
+    else:  # the same kernel, into the buffer of its own input: one allocation fewer
+        dhu = dh * u
+        dg = _BACKWARD_INTO[activation](dhu, g, a, dhu)
     du = dh.mul_(a) if reuse_dh else dh * a
     # a * u, where the forward has u * a: under torch.compile forward and backward are traced into
     # one graph, where a node identical to the forward's product would be merged with it (CSE) and

@@ -17,7 +17,9 @@ piece of that over dp, padded as FSDP2 pads it to ``ceil(rows / dp)`` rows)::
                   logits: the output head gathers them)
     runtime       what a rank grows by beyond its tensors (CPU: code pages, gloo, allocator; 32
                   MiB, measured on tiny runs; CUDA: cuBLAS / NCCL workspaces, 1 GiB, not measured);
-                  on CPU train.py makes glibc return freed blocks (:func:`~tp_ffn.train.memory_use.release_freed_memory`)
+                  on CPU glibc keeps freed blocks for reuse, so the resident set can exceed the
+                  plan; ``--return-freed-memory`` makes it return them
+                  (:func:`~tp_ffn.train.memory_use.release_freed_memory`), at a cost in speed
 
 The peak is ``parameters + AdamW + runtime + max(backward start, backward end, optimizer step)``:
 at the start of backward the activations and logits are all alive but no gradient yet (they are
@@ -354,14 +356,18 @@ def smallest_budget(device: torch.device) -> Budget | None:
     return Budget(least.bytes, f"{least.source}; the least of {len(every)} ranks")
 
 
-def memory_report(measured: float, est: MemoryEstimate, device: torch.device) -> str:
+def memory_report(measured: float, est: MemoryEstimate, device: torch.device, *, freed_returned: bool = True) -> str:
     """The run's last memory line: the measured peak (the busiest rank's growth since the plan)
-    against the estimate (on CUDA without the runtime part, which the allocator does not see)."""
+    against the estimate (on CUDA without the runtime part, which the allocator does not see).
+    ``freed_returned``: on CPU, whether glibc was told to return freed blocks (else it says so)."""
     if device.type == "cuda":
         expected, how = est.total - est.runtime, "max_memory_allocated over what was allocated at the plan"
     else:
         expected, how = est.total, "VmHWM over the resident set at the plan"
-    return (
+    line = (
         f"peak {_gib(measured)} GiB on the busiest rank ({how}), estimated {_gib(expected)} GiB "
         f"({(expected - measured) / max(measured, 1):+.0%})"
     )
+    if device.type != "cuda" and not freed_returned:
+        line += "; glibc keeps freed blocks (--return-freed-memory: the resident set follows the tensors)"
+    return line

@@ -323,8 +323,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         ),
         what="the model config",
     )
-    if rt.device.type == "cpu":
-        release_freed_memory()  # so that the resident set follows the tensors the plan counts
+    # Opt-in: the resident set then follows the tensors the plan counts, at a cost in speed.
+    freed_returned = rt.device.type == "cpu" and cfg.return_freed_memory and release_freed_memory()
     corpus = _load_data(cfg, rt, tokenizer)
 
     resume_info: ckpt.CheckpointInfo | None = None
@@ -467,7 +467,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         )
     measured = torch.tensor([peak_bytes(rt.device) - baseline], dtype=torch.float64, device=rt.device)
     dist.all_reduce(measured, op=dist.ReduceOp.MAX)
-    t.log(f"memory: {memory_report(measured.item(), estimate, rt.device)}")
+    t.log(f"memory: {memory_report(measured.item(), estimate, rt.device, freed_returned=freed_returned)}")
     if result.checkpoints:
         t.log(f"checkpoint: {result.checkpoints[-1]}")
     if result.plot:
