@@ -65,8 +65,9 @@ import torch.nn.functional as F
 
 from tp_ffn import FeedForward, ParallelFeedForward, split_sequence
 from tp_ffn import machine as tp_machine
-from tp_ffn.diagnostics import exit_after_profiling, profile_step
+from tp_ffn.diagnostics import profile_step
 from tp_ffn.fused import gate_up_projection
+from tp_ffn.shutdown import exit_without_teardown
 
 PRESETS = {
     "cpu": (1024, 2816, 2048),
@@ -594,4 +595,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_after_profiling(main())  # not sys.exit: see its docstring
+    exit_without_teardown(main())  # not sys.exit: see tp_ffn/shutdown.py

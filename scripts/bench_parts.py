@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tp_ffn.shutdown import exit_without_teardown
+
 PRESETS = {"cpu": (1024, 2816, 2048), "tiny": (256, 704, 512), "llama2-7b": (4096, 11008, 8192)}
 
 _c10d = torch.ops._c10d_functional
@@ -170,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())  # not sys.exit: see tp_ffn/shutdown.py

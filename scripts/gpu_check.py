@@ -408,8 +408,8 @@ def train_metrics(lines: list[dict[str, Any]], skip: int = 3) -> dict[str, Any]:
     if timed:
         out["tokens_per_s"] = statistics.median(ln["tokens_per_s"] for ln in timed)
         out["final_loss"] = steps[-1]["loss"]
-    # train.py's metrics lines carry "mfu" (against the bf16 GEMM rate it probes at start-up);
-    # None where a line has none (a step that could not be timed).
+    # train.py's step lines carry "mfu", against the GEMM rate it probes at start-up in the run's
+    # dtype (bf16 for these runs); None only if no line has it.
     mfus = [ln["mfu"] for ln in timed if ln.get("mfu") is not None]
     out["mfu"] = statistics.median(mfus) if mfus else None
     return out

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from tp_ffn.shutdown import exit_without_teardown
+
 MiB = 2**20
 
 
@@ -163,4 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_without_teardown(main())  # not sys.exit: see tp_ffn/shutdown.py

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tp_ffn import ParallelFeedForward
+from tp_ffn.shutdown import exit_without_teardown
 
 GiB = 2**30
 
@@ -77,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_without_teardown(main())  # not sys.exit: see tp_ffn/shutdown.py

@@ -30,8 +30,9 @@ import torch.distributed as dist
 
 from tp_ffn import FeedForward, ParallelFeedForward, emulate_pretraining_tp, gather_sequence, split_sequence
 from tp_ffn.comm import all_gather_along
-from tp_ffn.diagnostics import exit_after_profiling, count_collectives
+from tp_ffn.diagnostics import count_collectives
 from tp_ffn.ffn import ACTIVATIONS
+from tp_ffn.shutdown import exit_without_teardown
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # Relative (Frobenius) tolerance against the float64 reference: a few ulps of the compute dtype.
@@ -277,4 +278,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_after_profiling(main())  # not sys.exit: see its docstring
+    exit_without_teardown(main())  # not sys.exit: see tp_ffn/shutdown.py

@@ -179,23 +179,44 @@ def test_readme_counts_the_training_tests():
 
 
 @pytest.mark.timeout(120)
-def test_exit_after_profiling_flushes_and_keeps_the_status():
-    """parity.py and bench.py end with exit_after_profiling (os._exit: kineto's thread can abort the
-    interpreter's teardown). Into a pipe stdout is block-buffered, so without the flush this line is
-    lost; the status must be the one given, and the profiler's thread must not matter."""
+def test_exit_without_teardown_flushes_and_keeps_the_status():
+    """The measurement scripts end with exit_without_teardown (os._exit: a gloo worker thread or the
+    profiler's can abort the interpreter's teardown, see tp_ffn/shutdown.py). Into a pipe stdout is
+    block-buffered, so without the flush this line is lost; the status must be the one given."""
     code = (
         "import torch\n"
-        "from tp_ffn.diagnostics import count_collectives, exit_after_profiling\n"
-        "with count_collectives() as n:\n"
-        "    torch.ones(2) + 1\n"
-        "print('counted', dict(n))\n"
-        "exit_after_profiling(3)\n"
+        "from tp_ffn.diagnostics import profile_step\n"
+        "from tp_ffn.shutdown import exit_without_teardown\n"
+        "p = profile_step(lambda: torch.ones(64) + 1)\n"
+        "print('peak', p.peak_bytes > 0)\n"
+        "exit_without_teardown(3)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
     assert r.returncode == 3, r.stderr
-    assert "counted {}" in r.stdout
-    for script in ("parity.py", "bench.py"):
+    assert "peak True" in r.stdout
+    for script in ("parity.py", "bench.py", "bench_parts.py", "hf_memory.py", "init_memory.py"):
         tail = (ROOT / "scripts" / script).read_text().rstrip().splitlines()[-1]
-        assert tail.strip().startswith("exit_after_profiling(main())"), script
+        assert tail.strip().startswith("exit_without_teardown(main())"), script
+
+
+@pytest.mark.timeout(120)
+def test_counting_collectives_leaves_no_thread_behind():
+    """count_collectives (used by parity.py and in the test processes) starts no thread: the
+    profiler's kineto thread, which it used before, could abort the interpreter's exit (SIGABRT on
+    CI after the work was done). Run in a fresh process, where nothing has started kineto yet;
+    Linux lists a process's threads in /proc/self/task."""
+    if not Path("/proc/self/task").exists():
+        pytest.skip("needs Linux /proc")
+    code = (
+        "import os, torch\n"
+        "from tp_ffn.diagnostics import count_collectives\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "with count_collectives() as n:\n"
+        "    torch.ones(4) + 1\n"
+        "print(dict(n), len(os.listdir('/proc/self/task')) - before)\n"
+    )
+    r = _run([sys.executable, "-c", code])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0] == "{} 0", r.stdout

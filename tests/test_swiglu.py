@@ -261,3 +261,11 @@ def test_compiled_elementwise_is_one_kernel_each_way(device):
     for activation in ("silu", "gelu_tanh"):
         forward, backward = compiled_kernels(device, activation)
         assert len(forward) == 1 and len(backward) == 1, (device, activation, forward, backward)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_swiglu_second_derivative(activation):
+    """swiglu() differentiates twice (create_graph=True) where its kernels' derivatives exist: the
+    eager backward's out= overloads are used only under no_grad, since they do not differentiate."""
+    g, u = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradgradcheck(lambda g, u: swiglu(g, u, activation), (g, u))

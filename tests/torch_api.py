@@ -78,6 +78,19 @@ BY_HAND = {
     "torch.ops.aten.gelu_backward(approximate=)": "the same",
     "torch.ops.aten.silu_backward": "called as silu_backward(grad_output, self), autograd's derivative of silu since 1.7",
     "torch.ops.aten.silu_backward(*2)": "the same",
+    "torch.ops.aten.silu_backward.grad_input": "the out= overload silu_backward.grad_input(grad_output, self, *, grad_input) "
+    "of native_functions.yaml (structured kernel; 2.3.0 and 2.13.0)",
+    "torch.ops.aten.silu_backward.grad_input(*2)": "the same",
+    "torch.ops.aten.silu_backward.grad_input(grad_input=)": "the same",
+    "torch.ops.aten.gelu_backward.grad_input": "gelu_backward.grad_input(grad_output, self, *, approximate='none', "
+    "grad_input) in native_functions.yaml (2.3.0 and 2.13.0)",
+    "torch.ops.aten.gelu_backward.grad_input(*2)": "the same",
+    "torch.ops.aten.gelu_backward.grad_input(approximate=)": "the same",
+    "torch.ops.aten.gelu_backward.grad_input(grad_input=)": "the same",
+    "torch.ops.aten.threshold_backward.grad_input": "threshold_backward.grad_input(grad_output, self, threshold, *, "
+    "grad_input) in native_functions.yaml (2.3.0 and 2.13.0)",
+    "torch.ops.aten.threshold_backward.grad_input(*3)": "the same",
+    "torch.ops.aten.threshold_backward.grad_input(grad_input=)": "the same",
     "torch.ops.aten.threshold_backward": "called as threshold_backward(grad_output, self, threshold), relu's derivative",
     "torch.ops.aten.threshold_backward(*3)": "the same",
 }

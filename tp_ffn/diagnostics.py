@@ -1,25 +1,26 @@
 """What a piece of code costs: the collectives it issues, the memory autograd keeps for backward.
 
-Collectives are counted from the torch profiler's record of c10d ops. The profiler sees every
-``c10d::`` operator at the dispatcher, so the count does not depend on how the code under test
-imported or called ``torch.distributed`` (a monkeypatched ``dist.all_reduce`` would miss
-``from torch.distributed import all_reduce`` and the functional collectives).
+Collectives are counted by a dispatch mode (``TorchDispatchMode``), which sees every ``c10d::``
+and ``_c10d_functional::`` operator at the dispatcher, in forward and in backward: the count does
+not depend on how the code under test imported or called ``torch.distributed`` (a monkeypatched
+``dist.all_reduce`` would miss ``from torch.distributed import all_reduce`` and the functional
+collectives). The mode is off while it runs an op, so a functional collective and the c10d op it
+calls underneath count once. (They were counted from the torch profiler's record before, which
+leaves a thread behind that can abort the interpreter's exit; see :mod:`tp_ffn.shutdown`.)
 
 Saved activations are recorded with ``torch.autograd.graph.saved_tensors_hooks``: every tensor an
 op or autograd function saves for backward passes through the hook, whatever code saved it.
 
-A script that used the profiler ends with :func:`exit_after_profiling` (see there why).
+Peak CPU memory still comes from the profiler's allocation records (:func:`profile_step`); a script
+that calls it ends with :func:`tp_ffn.shutdown.exit_without_teardown`.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import NoReturn
 
 import torch
 import torch.utils._pytree as pytree
@@ -30,7 +31,6 @@ __all__ = [
     "SavedForBackward",
     "StepProfile",
     "count_collectives",
-    "exit_after_profiling",
     "profile_step",
     "saved_for_backward",
 ]
@@ -60,26 +60,30 @@ def count_collectives() -> Iterator[Counter]:
     """``with count_collectives() as n: ...`` then ``n == Counter({'all_reduce': 1})``.
 
     Any other c10d op (broadcast, barrier, ...) is counted under its own name so it shows up.
+    Nested blocks each count what runs inside them.
     """
-    counts: Counter = Counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        yield counts
-    for kind, _ in _collectives(prof.events()):
-        counts[kind] += 1
+    mode = _Collectives()
+    with mode:
+        yield mode.counts
 
 
-def _collectives(events: Iterable) -> Iterator[tuple[str, object]]:
-    """``(kind, event)`` for each collective the profiler saw, outermost op only (a functional
-    collective calls the c10d op underneath)."""
-    for event in events:
-        name = event.name
-        if not name.startswith(("c10d::", "_c10d_functional::")) or name.endswith(_NOT_COLLECTIVES):
-            continue
-        parent = event.cpu_parent
-        while parent is not None and parent.name not in _KINDS:
-            parent = parent.cpu_parent
-        if parent is None:
-            yield _KINDS.get(name, name), event
+class _Collectives(TorchDispatchMode):
+    """Counts the collective ops that reach the dispatcher by kind (``_KINDS``; others under their
+    own name) and adds up the largest tensor argument of each: the full buffer an all-reduce
+    reduces, the gathered output of an all-gather, the input of a reduce-scatter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func.namespace in ("c10d", "_c10d_functional") and not func.__name__.startswith(_NOT_COLLECTIVES):
+            name = func._schema.name  # e.g. "c10d::allreduce_"
+            self.counts[_KINDS.get(name, name)] += 1
+            tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            self.nbytes += max((t.numel() * t.element_size() for t in tensors), default=0)
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass
@@ -139,8 +143,7 @@ class StepProfile:
     """What one call of a step function did: collectives by kind, bytes they carried, peak memory.
 
     ``nbytes`` counts, per collective, its largest tensor argument (the full buffer an all-reduce
-    reduces, the gathered output of an all-gather, the input of a reduce-scatter), as seen by a
-    dispatch mode.
+    reduces, the gathered output of an all-gather, the input of a reduce-scatter).
     ``peak_bytes`` is the peak of memory allocated during the call on top of what was live before
     (CPU: from the profiler's allocation records; CUDA: ``torch.cuda.max_memory_allocated``).
     ``saved_bytes`` is what autograd kept for backward (:func:`saved_for_backward`, the
@@ -156,62 +159,24 @@ class StepProfile:
 def profile_step(
     step: Callable[[], object], device: torch.device | None = None, exclude: Iterable[torch.Tensor] = ()
 ) -> StepProfile:
-    """Run ``step()`` once under the profiler and report its collectives, their bytes, peak memory
-    and the bytes saved for backward (buffers of ``exclude``, e.g. the parameters, not counted)."""
+    """Run ``step()`` once and report its collectives, their bytes, peak memory and the bytes saved
+    for backward (buffers of ``exclude``, e.g. the parameters, not counted). On the CPU the peak
+    comes from the profiler: end such a script with :func:`tp_ffn.shutdown.exit_without_teardown`."""
     cuda = device is not None and device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    moved = _CollectiveBytes()
-    with (
-        profile(activities=[ProfilerActivity.CPU], profile_memory=not cuda) as prof,
-        moved,
-        saved_for_backward(exclude) as saved,
-    ):
+    collectives = _Collectives()
+    memory = nullcontext() if cuda else profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with memory as prof, collectives, saved_for_backward(exclude) as saved:
         step()
-    counts: Counter = Counter()
-    events = prof.events()
-    for kind, _ in _collectives(events):
-        counts[kind] += 1
-    timeline = [(e.time_range.start, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage]
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
+        timeline = [(e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage]
         live = peak = 0
         for _, delta in sorted(timeline):
             live += delta
             peak = max(peak, live)
-    return StepProfile(counts, moved.nbytes, peak, saved.nbytes)
-
-
-class _CollectiveBytes(TorchDispatchMode):
-    """Adds up the largest tensor argument of every collective op that reaches the dispatcher (the
-    profiler does not record the shapes of the tensor lists that c10d ops take)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.nbytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional") and not func.__name__.startswith(_NOT_COLLECTIVES):
-            tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            self.nbytes += max((t.numel() * t.element_size() for t in tensors), default=0)
-        return func(*args, **(kwargs or {}))
-
-
-def exit_after_profiling(code: int) -> NoReturn:
-    """End the process with ``code`` without running C++ static destructors; output is flushed first.
-
-    The profiler leaves kineto's config-polling thread running, and at interpreter exit that thread can
-    race libtorch's static destructors: the process then dies with SIGABRT ("terminate called without
-    an active exception") after its work is done. Seen on CI with torch 2.13.0's CPU build (parity.py
-    and bench.py in the same run; never in 55 runs on a development machine); ``os._exit`` skips that
-    teardown. Everything the script wrote must be closed before this is called.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
-            pass
-    os._exit(code)
+    return StepProfile(collectives.counts, collectives.nbytes, peak, saved.nbytes)

@@ -88,8 +88,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def act_mul(g: Tensor, u: Tensor, activation: str) -> Tensor:
     """``act(g) * u`` without autograd bookkeeping of its own (the callers' functions hold it)."""
     a = ACTIVATIONS[activation](g)
-    if torch.compiler.is_compiling():
-        # Written u * act(g) so that it never equals the backward's act(g) * u (see act_mul_backward).
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        # Out of place where traced (written u * act(g) so that it never equals the backward's
+        # act(g) * u, see act_mul_backward) or where autograd records it.
         return u * a
     return a.mul_(u)  # eager: into act(g)'s fresh buffer (the same values as u * a, one allocation fewer)
 
@@ -101,7 +102,8 @@ def act_mul_backward(
     ``h`` (recomputed) only with ``need_h``. All ``[*, n]``. ``reuse_dh``: ``dh`` is a buffer the
     caller owns, which becomes ``du`` (one allocation fewer in eager mode)."""
     a = ACTIVATIONS[activation](g)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        # traced, or a double backward (create_graph=True): out= overloads do not differentiate
         dg = _BACKWARD[activation](dh * u, g, a)
     else:  # the same kernel, into the buffer of its own input: one allocation fewer
         dhu = dh * u

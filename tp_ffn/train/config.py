@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--return-freed-memory",
         action="store_true",
         help="CPU: glibc hands every block of 128 KiB or more back to the system when freed, so the resident "
-        "set follows the tensors the memory plan counts; about 1.6x slower steps on a 2-core CPU (small preset)",
+        "set follows the tensors the memory plan counts; 1.55x slower steps on a 2-core CPU (small preset); "
+        "MALLOC_MMAP_THRESHOLD_ in the environment, when set, wins",
     )
     t = p.add_argument_group("optimisation")
     t.add_argument(

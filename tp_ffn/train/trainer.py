@@ -323,8 +323,10 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
         ),
         what="the model config",
     )
-    # Opt-in: the resident set then follows the tensors the plan counts, at a cost in speed.
+    # Opt-in: the resident set then follows the tensors the plan counts, at a cost in speed. A
+    # MALLOC_MMAP_THRESHOLD_ in the environment is the user's own setting and wins (no hint then).
     freed_returned = rt.device.type == "cpu" and cfg.return_freed_memory and release_freed_memory()
+    freed_returned = freed_returned or "MALLOC_MMAP_THRESHOLD_" in os.environ
     corpus = _load_data(cfg, rt, tokenizer)
 
     resume_info: ckpt.CheckpointInfo | None = None
