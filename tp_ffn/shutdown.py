@@ -10,7 +10,7 @@ and a finalizing interpreter ends any thread that asks for it, which a C++ threa
 ``scripts/parity.py`` at 3 ranks on 2 cores (torch 2.13.0, CPU) showed exactly that:
 ``ProcessGroupGloo::runLoop`` in ``~AsyncAllgatherWork`` -> ``decref_pyobject`` -> ``take_gil`` ->
 ``PyThread_exit_thread`` while the main thread was in ``Py_FinalizeEx``; the same abort hit
-parity.py and bench.py on CI (PyTorch issue 179291 describes it too, without a fix in torch). The
+parity.py and bench.py on CI (PyTorch pull request 179291 describes it; it was abandoned). The
 profiler's kineto thread can race libtorch's static destructors in the same way.
 
 ``destroy_process_group()`` does not prevent it when modules still hold the group. The training
