@@ -44,6 +44,7 @@ class ConvertArgs:
     max_seq_len: int | None = None
     force: bool = False
     meta_embedding_split: str | None = None
+    verify_checkpoint: bool = True
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:
@@ -54,6 +55,8 @@ class ConvertArgs:
             raise ValueError("--max-seq-len: not with --from train (the checkpoint records its own)")
         if self.meta_embedding_split is not None and self.target_format != "meta":
             raise ValueError(f"--meta-embedding-split: only meaningful with --to meta, got --to {self.target_format}")
+        if not self.verify_checkpoint and self.source_format != "train":
+            raise ValueError(f"--no-verify-checkpoint: only with --from train, got --from {self.source_format}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ValueError(f"--max-seq-len: expected >= 1, got {self.max_seq_len}")
         if not self.src.is_dir():
@@ -76,7 +79,11 @@ def parse_args(argv: list[str] | None = None) -> ConvertArgs:
     parser.add_argument(
         "--meta-embedding-split", choices=("vocab", "dim"), default=None,
         help="how Meta shards split tok_embeddings.weight (--to meta): 'vocab' (default; Llama 3, llama-models) "
-        "or 'dim' (Llama 1/2; the default for --from train with a SentencePiece tokenizer)",
+        "or 'dim' (Llama 1/2's ParallelEmbedding)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+        help="--from train: skip the SHA-256 check of the data files (every other check stays)",
     )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace a non-empty DST")
     parser.add_argument("src", type=Path, metavar="SRC")
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
             step = export_checkpoint(
                 args.src, args.dst, to=args.target_format, num_shards=args.num_shards, overwrite=args.force,
-                progress=tqdm, embedding_split=args.meta_embedding_split,
+                progress=tqdm, embedding_split=args.meta_embedding_split, verify=args.verify_checkpoint,
             )  # fmt: skip
             shards = f" in {args.num_shards} shard(s)" if args.target_format == "meta" else ""
             print(f"wrote {step} as a {args.target_format} checkpoint{shards} to {args.dst}")

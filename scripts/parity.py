@@ -252,12 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
     except ValueError as e:
-        print(f"parity.py: {e}", file=sys.stderr)
+        print(f"parity.py: error: {e}", file=sys.stderr)
         return 2
     try:
         device, backend = resolve_device(cfg)
     except ValueError as e:
-        print(f"parity.py: {e}", file=sys.stderr)
+        print(f"parity.py: error: {e}", file=sys.stderr)
         return 2
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = run(cfg, device)
     except (ValueError, TypeError) as e:  # bad arguments for this world size: the same on every rank
         if dist.get_rank() == 0:
-            print(f"parity.py: {e}", file=sys.stderr)
+            print(f"parity.py: error: {e}", file=sys.stderr)
         return 2
     finally:
         dist.destroy_process_group()

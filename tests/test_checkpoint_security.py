@@ -328,6 +328,15 @@ def test_no_verify_checkpoint_flag_skips_only_the_digests(pristine, tmp_path):
     assert error is not None and "refused as unsafe" in error and not marker.exists()
     argv = [*TRAIN_ARGV, "--ckpt-dir", str(d), "--no-verify-checkpoint"]
     assert script_error("train.py", argv) is None
+    # Conversion: the same flag; and verify_checkpoint takes a path as well as open_checkpoint's info.
+    # (A fresh damaged copy: the resumed run above wrote a newer, intact checkpoint into d.)
+    d, _ = _hostile_copy(pristine, tmp_path / "convert", "same-size-overwrite")
+    convert = ["--from", "train", "--to", "hf", str(d)]
+    assert "does not match its digest" in script_error("convert_checkpoint.py", [*convert, str(tmp_path / "hf")])
+    assert script_error("convert_checkpoint.py", [*convert, str(tmp_path / "hf2"), "--no-verify-checkpoint"]) is None
+    with pytest.raises(ck.DamagedCheckpointError, match="does not match its digest"):
+        ck.verify_checkpoint(d)
+    ck.verify_checkpoint(d, digests=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -155,6 +155,10 @@ def test_finetune_tp1_matches_tp2_on_the_tokenizers_stream(setup, finetuned):
     assert again["val"][0][0] == 10 and abs(again["val"][0][1] - two["val"][-1][1]) < 1e-5
     assert read_metrics(finetuned["ckpt"] / "metrics.jsonl")[-1]["step"] == 10
     assert sorted(p.name for p in finetuned["ckpt"].glob("step_*")) == ["step_00000010"]
+    # The same without naming the pretrained model again: the checkpoint's model and tokenizer.
+    kw = {k: v for k, v in kw.items() if k != "init_from"}
+    bare = run_ranks(1, _train, kw, timeout=240)[0]
+    assert bare["val"] == again["val"]
 
 
 def _env() -> dict[str, str]:

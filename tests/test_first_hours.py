@@ -200,6 +200,7 @@ def test_device_cuda_without_cuda_is_one_line(trained):
     [
         (["--temperature", "-0.5"], r"--temperature: expected a number >= 0 \(0: greedy\), got -0.5"),
         (["--temperature", "nan"], r"--temperature: expected a number >= 0 \(0: greedy\), got nan"),
+        (["--top-k", "-1"], r"--top-k: expected an int >= 0"),
     ],
 )
 def test_sample_flags_are_checked(argv, pattern, capsys):

@@ -291,9 +291,11 @@ _REFUSALS: dict[str, type[UsageError]] = {
 
 
 def verify_checkpoint(
-    info: CheckpointInfo, *, digests: bool = True, group: dist.ProcessGroup | None = None
+    info: CheckpointInfo | str | os.PathLike, *, digests: bool = True, group: dist.ProcessGroup | None = None
 ) -> Metadata:
     """Check a checkpoint before anything reads its data, and return its DCP index (read safely).
+    ``info``: what :func:`open_checkpoint` returns, or a path it accepts (a ``step_N`` directory or
+    a ``--ckpt-dir``, whose newest checkpoint is checked).
 
     Checked: ``meta.json`` lists every file with its size and digest, and each is a regular file of
     that size; ``.metadata`` matches its digest and is a DCP index of tensors only, read without
@@ -310,6 +312,8 @@ def verify_checkpoint(
     is still read only by the restricted reader (no code runs), but unverified.
     Raises :class:`DamagedCheckpointError` or :class:`UnsafeCheckpointError` (both :class:`UsageError`).
     """
+    if not isinstance(info, CheckpointInfo):
+        info = open_checkpoint(info)
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
     md, legacy, error = None, False, None
     try:

@@ -35,6 +35,7 @@ def export_checkpoint(
     overwrite: bool = False,
     progress: Progress | None = None,
     embedding_split: str | None = None,
+    verify: bool = True,
 ) -> Path:
     """Write the training checkpoint ``src`` (a ``--ckpt-dir``: its newest; or a ``step_N``
     directory) to ``dst`` as ``to`` = ``"hf"`` or ``"meta"``; returns the step directory read.
@@ -42,15 +43,16 @@ def export_checkpoint(
     Hugging Face: ``transformers``' ``LlamaForCausalLM.from_pretrained`` and ``AutoTokenizer``
     load it and give the training model's logits and token ids. Meta: ``consolidated.XX.pth`` in
     ``num_shards`` shards, ``params.json``, and the tokenizer's files (``tokenizer.model`` for
-    Meta's formats); the embedding is split as ``embedding_split`` says (``None``: by dimension
-    for a SentencePiece tokenizer, Llama 2's layout, else by vocabulary, Llama 3's; see
-    :func:`~tp_ffn.models.export.export_meta`). Weights keep the checkpoint's dtype (float32 master
+    Meta's formats); the embedding is split as ``embedding_split`` says (``None``: by vocabulary,
+    as Llama 3's code and llama-models load it; ``"dim"`` for Llama 1/2's code; see
+    :func:`~tp_ffn.models.export.export_meta`). ``verify=False`` skips the data files' digests
+    (``--no-verify-checkpoint``), not the other checks. Weights keep the checkpoint's dtype (float32 master
     weights). Raises
     :class:`UsageError` for a damaged checkpoint, ``ValueError`` / ``FileExistsError`` as
     :func:`~tp_ffn.models.export.write_pretrained`.
     """
     info = open_checkpoint(src)
-    verify_checkpoint(info)  # every file against its digest, before the tokenizer or any tensor is read
+    verify_checkpoint(info, digests=verify)  # every file against its digest, before anything is read
     try:
         cfg = LlamaConfig(**info.meta["model"])
     except (KeyError, TypeError, ValueError) as e:
@@ -63,7 +65,7 @@ def export_checkpoint(
             extra=lambda d: save_hf_tokenizer(tok, d, model_max_length=cfg.max_seq_len),
         )  # fmt: skip
     else:
-        split = embedding_split or ("dim" if tok.kind == "sentencepiece" else "vocab")
+        split = embedding_split or "vocab"  # today's reference code (Llama 3, llama-models); "dim": Llama 1/2
         write_pretrained(
             load_full_tensors(info.path, verify=False), cfg, dst, to=to, num_shards=num_shards, overwrite=overwrite,
             progress=progress, extra=lambda d: save_meta_tokenizer(tok, d), embedding_split=split,

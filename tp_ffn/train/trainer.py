@@ -36,7 +36,7 @@ from .optim import WarmupCosine, build_optimizer, build_scheduler, clip_grad_nor
 from .outputs import check_outputs
 from .parallelize import Runtime, build_mesh, init_runtime, parallelize
 from .token_cache import CacheOptions, default_cache_dir
-from .tokenizer import ByteTokenizer, Tokenizer, resolve_tokenizer
+from .tokenizer import ByteTokenizer, Tokenizer, resolve_tokenizer, tokenizer_from_checkpoint
 
 __all__ = ["TrainResult", "lr_schedule_steps", "train"]
 
@@ -65,6 +65,25 @@ def _model_config(cfg: TrainConfig) -> LlamaConfig:
     except (OSError, ValueError) as e:
         raise UsageError(f"--init-from {cfg.init_from}: {e}") from None
     return cfg.model_config(base)
+
+
+def _pretrained_run(cfg: TrainConfig) -> tuple[LlamaConfig, Path] | None:
+    """For ``--resume`` without ``--init-from``: the model config and newest checkpoint of a run that
+    started from pretrained weights (its meta.json records ``--init-from``), so that the run resumes
+    or is evaluated (``--eval-only``) without naming the pretrained model again. None otherwise, or
+    where the checkpoint cannot be read (the discovery below then says why)."""
+    if not cfg.resume or cfg.init_from is not None or cfg.ckpt_dir is None or not Path(cfg.ckpt_dir).is_dir():
+        return None
+    try:
+        info, _ = ckpt.find_latest(cfg.ckpt_dir)
+    except UsageError:
+        return None
+    if info is None or not isinstance(info.meta.get("args"), dict) or not info.meta["args"].get("init_from"):
+        return None
+    try:
+        return cfg.model_config(LlamaConfig(**info.meta["model"])), info.path
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _config_diff(saved: dict[str, Any], current: LlamaConfig) -> list[str]:
@@ -305,15 +324,27 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    # A run that started from pretrained weights resumes with its checkpoint's model and tokenizer.
+    pretrained_run = agree(
+        lambda: _pretrained_run(cfg),
+        what=f"the checkpoints in --ckpt-dir {cfg.ckpt_dir} (every rank must see the same directory)",
+        describe=lambda found: "none from --init-from" if found is None else f"{found[1].name}: {found[0]!r}",
+        where=None if cfg.ckpt_dir is None else f"in {os.path.abspath(cfg.ckpt_dir)}",
+    )
+
     def setup() -> tuple[ParallelPlan, LlamaConfig]:
-        return cfg.plan(rt.world), _model_config(cfg)
+        return cfg.plan(rt.world), pretrained_run[0] if pretrained_run is not None else _model_config(cfg)
 
     source = f" in --init-from {cfg.init_from}" if cfg.init_from is not None else ""
     plan, mcfg = agree(setup, what=f"the model config{source}", describe=lambda pm: repr(pm[1]))
+
+    def find_tokenizer() -> Tokenizer:
+        if pretrained_run is not None and cfg.tokenizer == "auto":
+            return tokenizer_from_checkpoint(pretrained_run[1])
+        return resolve_tokenizer(cfg.tokenizer, init_from=cfg.init_from)
+
     tokenizer = agree(
-        lambda: resolve_tokenizer(cfg.tokenizer, init_from=cfg.init_from),
-        what="the tokenizer",
-        describe=lambda tok: f"{tok.kind}, fingerprint {tok.fingerprint}",
+        find_tokenizer, what="the tokenizer", describe=lambda tok: f"{tok.kind}, fingerprint {tok.fingerprint}"
     )
     agree(
         lambda: cfg.check_model(
