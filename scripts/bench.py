@@ -35,7 +35,9 @@ devices that computed them, the peak given by ``--peak-tflops`` per device or el
 probed in the same run), collectives per step and their bytes, and memory per rank: the peak
 allocated during a step above what was live before it (CUDA: ``torch.cuda.max_memory_allocated``;
 CPU: the profiler's allocation records) and the activations saved for backward (``saved MiB``:
-buffers autograd keeps between forward and backward, parameters excluded; exact on any device). A
+buffers autograd keeps between forward and backward, parameters excluded; exact on any device). The
+JSON also has each candidate's minor page faults per step (median over rounds of the most on any
+rank: pages the OS had to map afresh, what memory returned by the CPU allocator costs on reuse). A
 table is printed and JSON plus a PNG chart are written (``--out``).
 
 ``--compile`` runs every candidate under ``torch.compile`` (inductor), compiled before the timed
@@ -134,6 +136,7 @@ class Result:
     name: str
     dtype: str
     times: list[float] = field(default_factory=list)
+    faults: list[float] = field(default_factory=list)
     collectives: dict[str, int] = field(default_factory=dict)
     comm_bytes: int = 0
     peak_bytes: int = 0
@@ -309,6 +312,15 @@ def skip_slow_bf16(cfg: BenchConfig, device: torch.device) -> tuple[BenchConfig,
     return replace(cfg, dtypes=tuple(d for d in cfg.dtypes if d != "bfloat16")), note
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (pages first touched: fresh memory from the OS)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -407,18 +419,21 @@ def run(cfg: BenchConfig) -> list[Result]:
                     torch.set_num_threads(dense_threads)
                 sync(device)
                 dist.barrier()
+                faults = minor_faults()
                 t = time.perf_counter()
                 if step is not None:
                     step()
                 sync(device)
                 elapsed = time.perf_counter() - t
+                faults = minor_faults() - faults
                 torch.set_num_threads(threads)
                 if name == "dense":
                     elapsed = elapsed if rank == 0 else 0.0
-                slowest = torch.tensor(elapsed)
+                slowest = torch.tensor([elapsed, faults], dtype=torch.float64)
                 dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
                 if i >= cfg.warmup:
-                    res[name].times.append(slowest.item())
+                    res[name].times.append(slowest[0].item())
+                    res[name].faults.append(slowest[1].item())
             rate = probe()
             if i >= cfg.warmup:
                 rates.append(rate)
@@ -447,7 +462,7 @@ def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) 
             "tokens_per_s": cfg.tokens / med, "gflops": achieved, "gemm_fraction": achieved / machine,
             "mfu": achieved / peak_all,
             "collectives": r.collectives, "comm_mib": r.comm_bytes / 2**20, "peak_mib": r.peak_bytes / 2**20,
-            "saved_mib": r.saved_bytes / 2**20,
+            "saved_mib": r.saved_bytes / 2**20, "minor_faults_per_step": statistics.median(r.faults),
             "reps": len(r.times), "times_ms": [t * 1e3 for t in r.times], "note": r.note,
         })  # fmt: skip
     for dtype in cfg.dtypes:

@@ -22,6 +22,11 @@ fp32 all-reduce ...         with ``--dtype bfloat16``: the input-gradient all-re
                             bf16), alone and behind three bf16 GEMMs: whether the overlap still
                             hides it where bf16 GEMMs are fast (where a bf16 step loses against
                             ``local``)
+swiglu ...                  the elementwise work of ``act(g) * u`` (silu) on ``[T, n]``: forward;
+                            backward as autograd runs it from the kept ``act(g)`` (the previous
+                            default) and as the two-tensor SwiGLU runs it, recomputing ``act(g)``
+                            and ``h`` from ``g`` and ``u`` (here into one buffer more than the
+                            block uses: the probe cannot hand it ``dh`` to overwrite)
 ==========================  ===================================================================
 
 A table is printed and JSON written to ``--out``.
@@ -43,6 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tp_ffn.shutdown import exit_without_teardown
+from tp_ffn.swiglu import act_mul, act_mul_backward
 
 PRESETS = {"cpu": (1024, 2816, 2048), "tiny": (256, 704, 512), "llama2-7b": (4096, 11008, 8192)}
 
@@ -81,6 +87,19 @@ def probes(dim: int, n: int, tokens: int, dtype: torch.dtype, device: torch.devi
     w13 = torch.cat((w1, w3))
     dg, du = rand(tokens, n), rand(tokens, n)
     d = torch.cat((dg, du), dim=1)
+    gate, up, dh = rand(tokens, n), rand(tokens, n), rand(tokens, n)
+    act = F.silu(gate)
+
+    def swiglu_backward_autograd() -> None:
+        # What autograd runs for act(g) * u with act(g) kept: MulBackward, then SiluBackward.
+        dh * act, torch.ops.aten.silu_backward(dh * up, gate)
+
+    def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():  # as inside an autograd Function: act_mul's eager paths
+                return fn()
+
+        return run
 
     def functional_all_reduce() -> None:
         _c10d.wait_tensor(_c10d.all_reduce(y, "sum", group.group_name))
@@ -133,6 +152,9 @@ def probes(dim: int, n: int, tokens: int, dtype: torch.dtype, device: torch.devi
         "gate/up weight grad, fused": lambda: d.t() @ x,
         "fp32 all-reduce (sync)": lambda: dist.all_reduce(y32),
         "3 gemm + fp32 all-reduce in place": overlapped_inplace(y32),
+        "swiglu forward": no_grad(lambda: act_mul(gate, up, "silu")),
+        "swiglu backward, act(g) kept": no_grad(swiglu_backward_autograd),
+        "swiglu backward, recomputed": no_grad(lambda: act_mul_backward(dh, gate, up, "silu", need_h=True)),
     }
 
 
