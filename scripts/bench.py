@@ -312,12 +312,13 @@ def skip_slow_bf16(cfg: BenchConfig, device: torch.device) -> tuple[BenchConfig,
     return replace(cfg, dtypes=tuple(d for d in cfg.dtypes if d != "bfloat16")), note
 
 
-def minor_faults() -> int:
-    """This process's minor page faults so far (pages first touched: fresh memory from the OS)."""
+def minor_faults() -> int | None:
+    """This process's minor page faults so far (pages first touched: fresh memory from the OS);
+    None where the OS does not count them for Python (not Unix)."""
     try:
         import resource
-    except ImportError:  # not on Unix
-        return 0
+    except ImportError:
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -425,10 +426,10 @@ def run(cfg: BenchConfig) -> list[Result]:
                     step()
                 sync(device)
                 elapsed = time.perf_counter() - t
-                faults = minor_faults() - faults
+                faults = -1 if faults is None else minor_faults() - faults  # -1: not counted
                 torch.set_num_threads(threads)
                 if name == "dense":
-                    elapsed = elapsed if rank == 0 else 0.0
+                    elapsed, faults = (elapsed, faults) if rank == 0 else (0.0, -1)
                 slowest = torch.tensor([elapsed, faults], dtype=torch.float64)
                 dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
                 if i >= cfg.warmup:
@@ -442,6 +443,12 @@ def run(cfg: BenchConfig) -> list[Result]:
             r.gemm_rate = rate  # type: ignore[attr-defined]
         results.extend(res.values())
     return results
+
+
+def _faults(per_round: list[float]) -> float | None:
+    """The median step's page faults; None where no rank could count them."""
+    median = statistics.median(per_round) if per_round else -1
+    return None if median < 0 else median
 
 
 def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) -> dict:
@@ -462,7 +469,7 @@ def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) 
             "tokens_per_s": cfg.tokens / med, "gflops": achieved, "gemm_fraction": achieved / machine,
             "mfu": achieved / peak_all,
             "collectives": r.collectives, "comm_mib": r.comm_bytes / 2**20, "peak_mib": r.peak_bytes / 2**20,
-            "saved_mib": r.saved_bytes / 2**20, "minor_faults_per_step": statistics.median(r.faults),
+            "saved_mib": r.saved_bytes / 2**20, "minor_faults_per_step": _faults(r.faults),
             "reps": len(r.times), "times_ms": [t * 1e3 for t in r.times], "note": r.note,
         })  # fmt: skip
     for dtype in cfg.dtypes:

@@ -5,23 +5,26 @@
 
 One run of ``bench.py`` gives one paired ratio: the median over its rounds of candidate / reference
 step time within a round. On a shared machine that median moves from run to run by more than the
-differences it is asked to resolve (on the 2-core VM of ``docs/benchmarks.md``, by about 1% for a
-step of 300 ms), because each process draws its own allocator layout, page faults and neighbours.
-This pools the rounds of several runs (separate processes, so separate draws): per run its paired
-median and mean, then the median over all rounds with a 95% bootstrap interval (rounds resampled,
-seeded), the median of the run medians, and how many runs came out at or below 1. Reads only
-JSON (``json.loads``: no input runs code); every file must hold both candidates in the dtype.
+differences it is asked to resolve (on the 2-core VM of ``docs/benchmarks.md``, run medians spread
+over 3.6% in bf16 and 4.3% in fp32), because each process draws its own allocator layout, page faults
+and neighbours. This pools the rounds of several runs (separate processes, so separate draws): per
+run its paired median and mean, then the median over all rounds with a 95% bootstrap interval
+(runs resampled, then the rounds of each drawn run; seeded), the median of the run medians, and
+how many runs came out at or below 1. Reads only JSON (``json.loads``: no input runs code); every
+file must hold both candidates' step times in the dtype.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -46,31 +49,51 @@ class Pooled:
     runs_at_or_below_1: int
 
 
+def _times(row: dict[str, Any], path: Path, name: str) -> list[float]:
+    times = row["times_ms"]
+    if not times or not all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in times
+    ):
+        raise ValueError(f"{path}: expected {name}'s times_ms to be finite step times > 0, got {str(times)[:80]}")
+    return [float(t) for t in times]
+
+
 def read_ratios(path: Path, candidate: str, reference: str, dtype: str) -> RunRatios:
     """The per-round ratios ``candidate / reference`` of one ``bench.json``; ``ValueError`` naming the
-    file when it is not one or lacks either candidate in ``dtype``."""
+    file when it is not one, lacks either candidate in ``dtype`` or holds other than step times."""
     try:
         summary = json.loads(path.read_text())
         rows = {
-            r["name"]: r for r in summary["rows"] if r.get("dtype") == dtype and isinstance(r.get("times_ms"), list)
+            r["name"]: r
+            for r in summary["rows"]
+            if isinstance(r["name"], str) and r.get("dtype") == dtype and isinstance(r.get("times_ms"), list)
         }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ValueError(f"{path}: expected the JSON that scripts/bench.py writes ({type(e).__name__}: {e})") from None
     missing = [name for name in (candidate, reference) if name not in rows]
     if missing:
         raise ValueError(f"{path}: expected timed rows of {', '.join(missing)} in {dtype}, found {sorted(rows) or 'none'}")
-    a, b = rows[candidate]["times_ms"], rows[reference]["times_ms"]
-    if len(a) != len(b) or not a:
+    a, b = _times(rows[candidate], path, candidate), _times(rows[reference], path, reference)
+    if len(a) != len(b):
         raise ValueError(f"{path}: expected the same number of rounds for both, got {len(a)} and {len(b)}")
     ratios = tuple(x / y for x, y in zip(a, b))
     return RunRatios(str(path), len(ratios), statistics.median(ratios), statistics.fmean(ratios), ratios)
 
 
 def pool(runs: list[RunRatios], candidate: str, reference: str, dtype: str, *, resamples: int = 4000, seed: int = 0) -> Pooled:
-    """The rounds of every run together: median, its 95% bootstrap interval, and the run-level view."""
+    """The rounds of every run together: their median, its 95% bootstrap interval, and the run-level view.
+
+    The interval resamples in two stages, runs and then the rounds of each drawn run, because the
+    runs differ from each other more than their rounds do (each process draws its own allocator
+    layout and neighbours): resampling rounds alone would treat them as independent and come out
+    too narrow."""
     every = [r for run in runs for r in run.ratios]
     rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(every, k=len(every))) for _ in range(resamples))
+    medians = []
+    for _ in range(resamples):
+        drawn = [r for run in rng.choices(runs, k=len(runs)) for r in rng.choices(run.ratios, k=run.rounds)]
+        medians.append(statistics.median(drawn))
+    medians.sort()
     lo, hi = medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
     return Pooled(
         candidate, reference, dtype, tuple(runs), len(every), statistics.median(every), (lo, hi),
@@ -106,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     pooled = pool(runs, a.candidate, a.reference, a.dtype)
     print(report(pooled))
     if a.out is not None:
-        a.out.write_text(json.dumps(asdict(pooled), indent=1) + "\n")
+        try:
+            a.out.write_text(json.dumps(asdict(pooled), indent=1) + "\n")
+        except OSError as e:
+            print(f"bench_pool.py: error: --out {a.out}: cannot write it ({e.strerror or e})", file=sys.stderr)
+            return 2
     return 0
 
 

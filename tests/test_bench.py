@@ -46,7 +46,8 @@ def test_bench_smoke(tmp_path):
         assert rows[("fairscale", dtype)]["collectives"] == {"all_reduce": 3}
         assert rows[("tp-chunked", dtype)]["collectives"] == {"all_reduce": 5}
         assert rows[("local", dtype)]["collectives"] == {}
-        assert all(rows[(name, dtype)]["minor_faults_per_step"] >= 0 for name in ("tp-overlap", "dense"))
+        # Counted on Linux (getrusage): a number, not None, for every candidate that ran.
+        assert all(isinstance(rows[(name, dtype)]["minor_faults_per_step"], float) for name in ("tp-overlap", "dense"))
     assert rows[("tp-plain", "float32")]["comm_mib"] == pytest.approx(2 * 32 * 64 * 4 / 2**20)
     # Activations saved for backward, per rank (n_r = 64): the default mode keeps x, g and u;
     # fairscale and the autograd composition keep act(g) and the product as well.
