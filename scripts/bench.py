@@ -8,6 +8,8 @@
     python scripts/bench.py --preset llama3-8b --dtype bfloat16 --compile --candidates dense,tp-overlap
     # one rank's compute at TP=4 without communication: PyTorch's single-process fake process group
     python scripts/bench.py --preset llama3-8b --dtype bfloat16 --fake-world 4 --candidates local,tp-overlap
+    # the same at TP=1, 2, 4 and 8 in one process (into runs/bench/fake-1, fake-2, ...)
+    python scripts/bench.py --preset llama3-8b --dtype bfloat16 --fake-world 1,2,4,8 --candidates local,tp-overlap
 
 Candidates, each timed on the same weights and inputs (``--candidates`` picks a subset):
 
@@ -117,13 +119,16 @@ class BenchConfig:
     fake_world: int | None = None
     peak_tflops: float | None = None
     force_bf16: bool = False
+    # --fake-world N,M,...: every size in turn in this one process (fake_world is the current one).
+    fake_worlds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden_dim", "tokens", "reps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
-        if self.fake_world is not None and self.fake_world < 1:
-            raise ValueError(f"--fake-world: expected >= 1, got {self.fake_world}")
+        for world in (self.fake_world, *self.fake_worlds):
+            if world is not None and world < 1:
+                raise ValueError(f"--fake-world: expected sizes >= 1, got {world}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"--peak-tflops: expected a rate > 0 (TFLOP/s per device), got {self.peak_tflops}")
         unknown = sorted(set(self.candidates) - set(ALL))
@@ -170,9 +175,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--compile", action="store_true", help="run every candidate under torch.compile (inductor)")
     p.add_argument(
         "--fake-world",
-        type=int,
-        metavar="N",
-        help="one process as rank 0 of N on the fake process group: one rank's compute at TP=N, no communication",
+        metavar="N[,N...]",
+        help="one process as rank 0 of N on the fake process group: one rank's compute at TP=N, no "
+        "communication; several sizes run one after the other in this process, each into --out/fake-N",
     )
     p.add_argument(
         "--peak-tflops", type=float, help="peak TFLOP/s of one device in the dtype, for MFU (default: the GEMM probe)"
@@ -181,10 +186,16 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     a = p.parse_args(argv)
     dim, hidden, tokens = PRESETS[a.preset]
     dtypes = ("float32", "bfloat16") if a.dtype == "both" else (a.dtype,)
+    worlds: tuple[int, ...] = ()
+    if a.fake_world is not None:
+        try:
+            worlds = tuple(int(w) for w in a.fake_world.split(","))
+        except ValueError:
+            raise ValueError(f"--fake-world: expected sizes like 4 or 1,2,4,8, got {a.fake_world!r}") from None
     return BenchConfig(
         a.dim or dim, a.hidden_dim or hidden, a.tokens or tokens, dtypes,
-        tuple(c for c in a.candidates.split(",") if c), a.reps, a.warmup, a.out, a.compile, a.fake_world,
-        a.peak_tflops, a.force_bf16,
+        tuple(c for c in a.candidates.split(",") if c), a.reps, a.warmup, a.out, a.compile,
+        worlds[0] if worlds else None, a.peak_tflops, a.force_bf16, worlds if len(worlds) > 1 else (),
     )  # fmt: skip
 
 
@@ -578,6 +589,19 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not cfg.fake_worlds:
+        return bench_once(cfg, cuda)
+    # Several fake sizes: one process, so CUDA and the libraries start once (the GPU check's time).
+    for world in cfg.fake_worlds:
+        rc = bench_once(replace(cfg, fake_world=world, fake_worlds=(), out=str(Path(cfg.out) / f"fake-{world}")), cuda)
+        if rc:
+            return rc
+    return 0
+
+
+def bench_once(cfg: BenchConfig, cuda: bool) -> int:
+    """One benchmark: its process group (the fake one of ``cfg.fake_world`` ranks, or torchrun's)
+    set up, every candidate run, the table printed and written to ``cfg.out``, the group destroyed."""
     if cfg.fake_world is not None:
         from torch.testing._internal.distributed.fake_pg import FakeStore
 

@@ -16,5 +16,6 @@ if ! command -v "$PY" >/dev/null 2>&1; then
     exit 2
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-# The driver keeps its own deadline (450 s by default); this is the backstop for a hang in the driver itself.
-exec timeout --kill-after=10 480 "$PY" "$ROOT/scripts/gpu_check.py" "$@"
+# The driver keeps its own deadline (420 s by default); this is the backstop for a hang in the driver
+# itself, and with its 10 s of grace still under 8 minutes.
+exec timeout --kill-after=10 450 "$PY" "$ROOT/scripts/gpu_check.py" "$@"

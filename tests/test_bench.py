@@ -184,3 +184,14 @@ def test_default_output_is_not_tracked_by_git(script, files):
     for f in files:
         r = subprocess.run(["git", "check-ignore", "-q", f"{out}/{f}"], cwd=ROOT, check=False)
         assert r.returncode == 0, f"{script}.py writes {out}/{f} by default, and git would track it"
+
+
+def test_fake_world_takes_one_size_or_several(capsys):
+    bench = _bench_module()
+    one = bench.parse_args(["--fake-world", "4"])
+    assert (one.fake_world, one.fake_worlds) == (4, ())
+    several = bench.parse_args(["--fake-world", "1,2,4,8"])
+    assert (several.fake_world, several.fake_worlds) == (1, (1, 2, 4, 8))
+    for bad, expected in (("2,x", "expected sizes like 4 or 1,2,4,8, got '2,x'"), ("2,0", "expected sizes >= 1, got 0")):
+        assert bench.main(["--fake-world", bad]) == 2
+        assert capsys.readouterr().err.strip() == f"bench.py: --fake-world: {expected}"
