@@ -304,10 +304,14 @@ def bench_rows(summary: dict) -> list[dict[str, Any]]:
 def run_bench(cfg: CheckConfig, run: Runner, label: str, extra: list[str], budget: float | None = None) -> dict:
     """One scripts/bench.py run (bf16); its summary, or ``{"error": ...}``."""
     out = run.scratch / label
-    p = run.run(["scripts/bench.py", "--dtype", "bfloat16", *cfg.reps, *extra, "--out", str(out)], budget)
+    p = run.run(bench_command(cfg, extra, out), budget)
     if not (p.ok and (out / "bench.json").exists()):
         return {"error": p.why(), "seconds": round(p.seconds, 1)}
     return {**bench_summary(out / "bench.json"), "seconds": round(p.seconds, 1)}
+
+
+def bench_command(cfg: CheckConfig, extra: list[str], out: Path) -> list[str]:
+    return ["scripts/bench.py", "--dtype", "bfloat16", *cfg.reps, *extra, "--out", str(out)]
 
 
 def bench_summary(path: Path) -> dict:
@@ -360,10 +364,7 @@ def part_per_rank(cfg: CheckConfig, run: Runner) -> PartResult:
         label = f"fake-{shape.name}"
         extra = [*shape.args(), "--candidates", "local,tp-overlap", "--fake-world", ",".join(map(str, worlds))]
         try:
-            p = run.run(
-                ["scripts/bench.py", "--dtype", "bfloat16", *cfg.reps, *extra, "--out", str(run.scratch / label)],
-                run.remaining() / (len(cfg.shapes) - i),
-            )  # fmt: skip
+            p = run.run(bench_command(cfg, extra, run.scratch / label), run.remaining() / (len(cfg.shapes) - i))
             failure = None if p.ok else p.why()
         except TimeoutError as e:
             failure = str(e)
