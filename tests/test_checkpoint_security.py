@@ -18,6 +18,7 @@ ranks disagree when the verdict is not gathered.
 from __future__ import annotations
 
 import ast
+import enum
 import hashlib
 import io
 import json
@@ -33,6 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import pickle_forms
 from rankpool import run_ranks
 from scriptmain import ROOT, script_error
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -191,8 +193,45 @@ def _index_points_outside(step: Path, marker: Path) -> None:
     _rewrite_meta(step)
 
 
+# A pickle written opcode by opcode (protocol 4): the forms no Pickler of an ordinary object writes.
+def _p_str(text: str) -> bytes:
+    data = text.encode()
+    return pickle.SHORT_BINUNICODE + bytes([len(data)]) + data
+
+
+def _p_global(module: str, name: str) -> bytes:
+    return _p_str(module) + _p_str(name) + pickle.STACK_GLOBAL
+
+
+def _p_call(fn: bytes, *args: bytes) -> bytes:
+    return fn + pickle.MARK + b"".join(args) + pickle.TUPLE + pickle.REDUCE
+
+
+def _pickle_of(expr: bytes) -> bytes:
+    return pickle.PROTO + b"\x04" + expr + pickle.STOP
+
+
+GETATTR = _p_global("builtins", "getattr")
+MEM_FORMAT = _p_global("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING")
+
+
+def _getattr_chain_to_system(command: str) -> bytes:
+    """``getattr(_MEM_FORMAT_ENCODING, "__init__").__globals__`` -> ``sys`` -> ``os.system(command)``:
+    only ``getattr`` and an allowed enum class, the gadget an unpickler that allows ``getattr`` meets."""
+    globals_ = _p_call(GETATTR, _p_call(GETATTR, MEM_FORMAT, _p_str("__init__")), _p_str("__globals__"))
+    sys_module = _p_call(_p_call(GETATTR, globals_, _p_str("get")), _p_str("sys"))
+    os_module = _p_call(_p_call(GETATTR, _p_call(GETATTR, sys_module, _p_str("modules")), _p_str("get")), _p_str("os"))
+    return _pickle_of(_p_call(_p_call(GETATTR, os_module, _p_str("system")), _p_str(command)))
+
+
+def _metadata_getattr_chain(step: Path, marker: Path) -> None:
+    (step / ".metadata").write_bytes(_getattr_chain_to_system(f"touch {marker}"))
+    _rewrite_meta(step)
+
+
 # (builder, pattern of the one-line message, the --model-args train.py --resume runs with)
 CASES: dict[str, tuple[Callable[[Path, Path], None], str, str]] = {
+    "metadata-getattr-chain": (_metadata_getattr_chain, r"\.metadata was refused as unsafe \(it calls builtins\.getattr for '__init__', which is not a member of _MEM_FORMAT_ENCODING\); nothing in it ran$", "n_layers=1"),
     "metadata-code": (_metadata_code, r"\.metadata was refused as unsafe \(it asks for posix\.system.*\); nothing in it ran", "n_layers=1"),
     "bytes-entry-code": (_bytes_entry_code, r"\.metadata was refused as unsafe \(entry 'train\.step' is stored as pickled bytes.*nothing in it ran", "n_layers=1"),
     "tensor-record-code": (_tensor_record_code, r"__0_1\.distcp was refused as unsafe \(a tensor record asks for more than tensor data.*nothing in it ran", "n_layers=1"),
@@ -285,11 +324,11 @@ def test_negative_control_intact_checkpoint_passes_every_path(pristine, tmp_path
     assert _resume(d) is None  # continues to step 3
 
 
-@pytest.mark.parametrize("case", ["metadata-code", "bytes-entry-code", "tensor-record-code"])
+@pytest.mark.parametrize("case", ["metadata-code", "metadata-getattr-chain", "bytes-entry-code", "tensor-record-code"])
 def test_negative_control_payloads_run_when_read_as_dcp_does_by_default(pristine, tmp_path, case):
     d, marker = _hostile_copy(pristine, tmp_path, case)
     step = d / NEWEST
-    if case == "metadata-code":
+    if case.startswith("metadata-"):
         with open(step / ".metadata", "rb") as f:
             pickle.load(f)  # FileSystemReader.read_metadata
     elif case == "bytes-entry-code":
@@ -491,7 +530,8 @@ def test_every_global_of_a_real_index_is_allowed(pristine):
         "os system",
         "torch load",
         "torch.distributed.checkpoint.filesystem FileSystemReader",
-        "builtins getattr",
+        "builtins setattr",
+        "__builtin__ getattr",  # refused at protocol 4: only protocols 0-2 use Python 2's module names
     ],
 )
 def test_globals_outside_the_index_are_refused(tmp_path, global_name):
@@ -665,3 +705,194 @@ def test_every_checkpoint_read_in_the_code_goes_through_the_safe_reader():
     bad = "dcp.load(sd, checkpoint_id=p)\ndcp.FileSystemReader(p)\npickle.load(f)\ntorch.load(f, weights_only=False)\n"
     assert len(_unsafe_reads(bad)) == 4
     assert _unsafe_reads("dcp.load(sd, storage_reader=ck.checkpoint_reader(info))\nSafeFileSystemReader(p)\n") == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Enum members pickled by name: Python 3.11.0 to 3.11.x (Debian 12's 3.11.2) write getattr(E, "NAME")
+
+
+class _EnumForm(pickle.Pickler):
+    """Pickles every enum member in one form: ``"value"`` (``E(value)``: 3.10, 3.11.7+, 3.12, 3.13) or
+    ``"name"`` (``getattr(E, "NAME")``: 3.11.0-3.11.x), whatever the running Python does."""
+
+    def __init__(self, file, protocol: int, form: str) -> None:
+        super().__init__(file, protocol)
+        self.form = form
+
+    def reducer_override(self, obj):
+        if isinstance(obj, enum.Enum):
+            return (getattr, (type(obj), obj.name)) if self.form == "name" else (type(obj), (obj.value,))
+        return NotImplemented
+
+
+def _dumps(obj, protocol: int, form: str) -> bytes:
+    out = io.BytesIO()
+    _EnumForm(out, protocol, form).dump(obj)
+    return out.getvalue()
+
+
+def _read(blob: bytes):
+    return safe_dcp._IndexUnpickler(io.BytesIO(blob)).load()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("form", ["value", "name"])
+def test_every_allowed_enum_member_reads_in_both_pickle_forms(protocol, form):
+    assert safe_dcp._ENUMS  # TensorProperties' memory format
+    for cls in safe_dcp._ENUMS:
+        assert (cls.__module__, cls.__qualname__) in safe_dcp.ALLOWED_GLOBALS
+        for member in cls:
+            blob = _dumps([member, member], protocol, form)  # the second one comes from the memo
+            assert (b"getattr" in blob) == (form == "name")
+            assert (b"__builtin__" in blob) == (form == "name" and protocol < 3)
+            got = _read(blob)
+            assert got[0] is member and got[1] is member
+
+
+def test_index_pickled_with_enums_by_name_loads_everywhere(pristine, tmp_path):
+    """The newest checkpoint's .metadata as Debian 12's Python 3.11.2 writes it (the same index, its
+    memory formats pickled by name) loads through every read path, and resumes."""
+    d = tmp_path / "by-name"
+    shutil.copytree(pristine, d)
+    blob = _dumps(_trusted_index(d / NEWEST), pickle.DEFAULT_PROTOCOL, "name")
+    assert b"getattr" in blob
+    (d / NEWEST / ".metadata").write_bytes(blob)
+    _rewrite_meta(d / NEWEST)
+    assert safe_dcp.read_index(d / NEWEST) == _trusted_index(pristine / NEWEST)
+    for name, read in PATHS.items():
+        assert read(d) is None, name
+    assert _resume(d) is None
+
+
+_E = "torch.distributed.checkpoint.metadata _MEM_FORMAT_ENCODING"
+
+
+@pytest.mark.parametrize(
+    "expr, reason",
+    [
+        (_p_call(GETATTR, MEM_FORMAT, _p_str("__init__")), "for '__init__', which is not a member of _MEM_FORMAT_ENCODING"),
+        (_p_call(GETATTR, MEM_FORMAT, _p_str("_member_map_")), "for '_member_map_', which is not a member"),
+        (_p_call(GETATTR, MEM_FORMAT, _p_str("__class__")), "for '__class__', which is not a member"),
+        (_p_call(GETATTR, MEM_FORMAT, _p_call(_p_global("torch", "Size"), pickle.EMPTY_TUPLE)), "for torch.Size([]), which is not a member"),
+        (_p_call(GETATTR, _p_call(MEM_FORMAT, pickle.BININT1 + b"\x00"), _p_str("__class__")), "on a _MEM_FORMAT_ENCODING, not on an enum of the index"),
+        (_p_call(GETATTR, _p_global("torch", "Size"), _p_str("__new__")), "on a type, not on an enum"),
+        (_p_call(GETATTR, _p_global("collections", "OrderedDict"), _p_str("fromkeys")), "on a type, not on an enum"),
+        (_p_call(GETATTR, MEM_FORMAT, _p_str("NOT_A_MEMBER"), pickle.NONE), "with 3 arguments"),
+        (_p_call(GETATTR, MEM_FORMAT), "with 1 arguments"),
+        (_getattr_chain_to_system("true")[2:-1], "for '__init__', which is not a member"),
+    ],
+    ids=["dunder-init", "member-map", "class", "non-string", "member-attribute", "not-an-enum", "ordered-dict", "default", "one-arg", "chain-to-system"],
+)  # fmt: skip
+def test_getattr_is_refused_beyond_enum_members(tmp_path, expr, reason):
+    (tmp_path / ".metadata").write_bytes(_pickle_of(expr))
+    with pytest.raises(safe_dcp.UnsafeCheckpointError) as e:
+        safe_dcp.read_index(tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and f"it calls builtins.getattr {reason}" in message and message.endswith("nothing in it ran")
+    # Negative control: the same pickle unpickles with Python's own unpickler (or fails only in getattr).
+    try:
+        pickle.loads(_pickle_of(expr))
+    except (AttributeError, TypeError):
+        pass
+
+
+def test_getattr_chain_runs_its_command_under_plain_pickle(tmp_path):
+    marker = tmp_path / "ran"
+    pickle.loads(_getattr_chain_to_system(f"touch {marker}"))
+    assert marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The index as each supported Python writes it (tests/pickle_forms.py; tests/data/pickle_forms)
+
+FORMS = ROOT / "tests" / "data" / "pickle_forms"
+
+
+def _expected_index() -> Metadata:
+    """tests/pickle_forms.py's index, built with torch's own classes."""
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata, StorageMeta, TensorProperties, TensorStorageMetadata,
+    )  # fmt: skip
+
+    entries, records, offset = {}, {}, 0
+    for fqn, dtype, size, chunks in (
+        ("w", torch.float32, (4, 3), [((0, 0), (2, 3)), ((2, 0), (2, 3))]),
+        ("step", torch.int64, (), [((), ())]),
+    ):
+        props = TensorProperties(dtype, torch.strided, False, torch.contiguous_format, False)
+        metas = [ChunkStorageMetadata(torch.Size(o), torch.Size(n)) for o, n in chunks]
+        entries[fqn] = TensorStorageMetadata(props, torch.Size(size), metas)
+        for o, _ in chunks:
+            records[MetadataIndex(fqn, torch.Size(o))] = _StorageInfo("__0_0.distcp", offset, 1000, [])
+            offset += 1000
+    storage = StorageMeta(Path(pickle_forms.CHECKPOINT_ID), "save-id", None, [])
+    return Metadata(entries, None, records, storage, "1.0.0")
+
+
+def _form_files() -> list[Path]:
+    return sorted(FORMS.glob("python-*.pickle"))
+
+
+def test_the_forms_cover_every_supported_python():
+    versions = {p.stem.removeprefix("python-") for p in _form_files()}
+    assert {v.rsplit(".", 1)[0] for v in versions} >= {"3.10", "3.11", "3.12", "3.13"}
+    assert "3.11.2" in versions  # Debian 12's, whose enums go by name
+    by_name = {p.stem for p in _form_files() if b"getattr" in p.read_bytes()}
+    assert by_name == {"python-3.11.2"}
+    assert {p.stem for p in _form_files() if b"pathlib._local" in p.read_bytes()} == {"python-3.13.0"}
+
+
+@pytest.mark.parametrize("path", _form_files(), ids=lambda p: p.stem)
+def test_index_pickled_by_each_python_is_read(tmp_path, path):
+    (tmp_path / ".metadata").write_bytes(path.read_bytes())
+    (tmp_path / "__0_0.distcp").write_bytes(bytes(3000))
+    assert safe_dcp.read_index(tmp_path) == _expected_index()
+
+
+def test_pickle_forms_stand_in_for_torch():
+    """The stubs carry torch's field names, and the running Python's pickle of them reads back as the
+    same index as torch's own objects pickled by the same Python."""
+    import dataclasses
+
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    for module, table in pickle_forms.FIELDS.items():
+        mod = {"torch.distributed.checkpoint.metadata": metadata, "torch.distributed.checkpoint.filesystem": filesystem}[module]
+        for name, fields in table.items():
+            assert [f.name for f in dataclasses.fields(getattr(mod, name))] == fields, name
+    assert {m.name: m.value for m in metadata._MEM_FORMAT_ENCODING} == pickle_forms.MEM_FORMATS
+    stub = subprocess.run(
+        [sys.executable, "-c", "import sys, pickle, pickle_forms; "
+         "sys.stdout.buffer.write(pickle.dumps(pickle_forms.index(pickle_forms._install_stubs())))"],
+        cwd=ROOT / "tests", capture_output=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    real = pickle.dumps(_expected_index())
+    assert pickle.loads(stub) == pickle.loads(real) == _expected_index()
+    assert _read(stub) == _read(real)
+
+
+def _pythons_here() -> dict[str, str]:
+    """{version: interpreter} for the Pythons this machine has: pyenv's and the system's own."""
+    found = {}
+    candidates = sorted(Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"), "versions").glob("3.*/bin/python"))
+    system = shutil.which("python3", path=os.confstr("CS_PATH"))
+    for exe in [*map(str, candidates), *([system] if system else [])]:
+        r = subprocess.run([exe, "-c", "import platform; print(platform.python_version())"], capture_output=True, text=True, check=False)
+        if r.returncode == 0:
+            found[r.stdout.strip()] = exe
+    return found
+
+
+def test_pickle_forms_are_what_each_python_here_writes(tmp_path):
+    """Regenerated by every Python on this machine whose version has a stored form: the same bytes."""
+    pythons = _pythons_here()
+    compared = []
+    for path in _form_files():
+        version = path.stem.removeprefix("python-")
+        if version in pythons:
+            out = tmp_path / path.name
+            subprocess.run([pythons[version], "tests/pickle_forms.py", str(out)], cwd=ROOT, check=True, timeout=60)
+            assert out.read_bytes() == path.read_bytes(), version
+            compared.append(version)
+    if not compared:
+        pytest.skip(f"none of the stored forms' Pythons is on this machine (found {sorted(pythons)})")

@@ -8,7 +8,10 @@ DCP's default                            here
 =======================================  ==========================================================
 ``.metadata``: ``pickle.load``           an unpickler that builds only the classes DCP's index is
                                          made of (:data:`ALLOWED_GLOBALS`) and sets state only on
-                                         instances of DCP's metadata dataclasses
+                                         instances of DCP's metadata dataclasses; ``getattr`` only
+                                         as an enum member by name (how Python 3.11.0-3.11.x, e.g.
+                                         Debian 12's 3.11.2, pickle enums), paths under the names
+                                         of every Python (``pathlib._local`` from 3.13)
 bytes entries: ``torch.load(...,         refused: in the index (``BytesStorageMetadata``) and in
 weights_only=False)`` in the planner     ``read_data`` (``LoadItemType.BYTE_IO``)
 tensor records: ``torch.load(...,        read here, with ``weights_only=True`` given explicitly
@@ -33,7 +36,9 @@ Errors: :class:`UnsafeCheckpointError` ("... was refused as unsafe (...); nothin
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
+import enum
 import io
 import itertools
 import math
@@ -133,15 +138,48 @@ _DCP_DATACLASSES: tuple[type, ...] = (
 )  # fmt: skip
 
 
+# The enums the index may hold; each member may come pickled by value, ``E(value)`` (Python 3.10,
+# 3.11.7 and later 3.11s, 3.12, 3.13) or by name, ``getattr(E, "NAME")`` (3.11.0 to 3.11.x, e.g.
+# Debian 12's 3.11.2): see :func:`_enum_member`.
+_ENUMS: tuple[type[enum.Enum], ...] = (
+    _dcp_md._MEM_FORMAT_ENCODING,  # TensorProperties pickles its memory format as this enum
+)
+
+
+def _enum_member(*args: Any) -> enum.Enum:
+    """Stands in for ``builtins.getattr``, and does only what an enum member pickled by name needs:
+    ``getattr(E, name)`` where ``E`` is one of :data:`_ENUMS` and ``name`` one of its members.
+    Anything else ``getattr`` could reach (an attribute that is not a member, a function's
+    ``__globals__``, a default value, a class not listed) is refused: it is a pickle gadget's first step.
+    """
+    if len(args) != 2:
+        raise _Refused(f"it calls builtins.getattr with {len(args)} arguments; an enum member by name has 2")
+    cls, name = args
+    if not any(cls is e for e in _ENUMS):
+        raise _Refused(f"it calls builtins.getattr on a {type(cls).__name__}, not on an enum of the index")
+    member = cls.__members__.get(name) if isinstance(name, str) else None
+    if member is None or type(member) is not cls:
+        raise _Refused(f"it calls builtins.getattr for {name!r}, which is not a member of {cls.__qualname__}")
+    return member
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
-    out: dict[tuple[str, str], Any] = {(c.__module__, c.__qualname__): c for c in _DCP_DATACLASSES}
-    enc = _dcp_md._MEM_FORMAT_ENCODING  # TensorProperties pickles its memory format as this enum
-    out[(enc.__module__, enc.__qualname__)] = enc
+    out: dict[tuple[str, str], Any] = {(c.__module__, c.__qualname__): c for c in _DCP_DATACLASSES + _ENUMS}
+    out[("builtins", "getattr")] = _enum_member
     out[("torch", "Size")] = torch.Size
     out[("collections", "OrderedDict")] = collections.OrderedDict
-    # StorageMeta.checkpoint_id is a str or a path (FileSystemWriter stores a Path).
+    # StorageMeta.checkpoint_id is a str or a path (FileSystemWriter stores a Path). Python 3.13 pickles
+    # the paths as pathlib._local.*, earlier ones as pathlib.*: both names, whichever writes. A path of
+    # the other operating system cannot be built here (WindowsPath on Linux raises), so its pure form
+    # stands in: the index never uses it as a path.
     for cls in (pathlib.PurePosixPath, pathlib.PosixPath, pathlib.PureWindowsPath, pathlib.WindowsPath):
-        out[("pathlib", cls.__name__)] = out[(cls.__module__, cls.__qualname__)] = cls
+        here = cls
+        if cls is pathlib.WindowsPath and os.name != "nt":
+            here = pathlib.PureWindowsPath
+        elif cls is pathlib.PosixPath and os.name == "nt":
+            here = pathlib.PurePosixPath
+        for module in ("pathlib", "pathlib._local", cls.__module__):
+            out[(module, cls.__name__)] = here
     for name, value in vars(torch).items():  # dtypes (torch.float32 pickles as the global torch.float32), ...
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
             out[("torch", name)] = value
@@ -167,6 +205,9 @@ class _IndexUnpickler(pickle._Unpickler):
     dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
+        if self.proto < 3 and self.fix_imports:  # Python 2 names (__builtin__, copy_reg), as pickle maps them
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         obj = ALLOWED_GLOBALS.get((module, name))
         if obj is None:
             raise _Refused(f"it asks for {module}.{name}, which is not part of a DCP index")
