@@ -116,7 +116,7 @@ def test_bench_parts_smoke(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_bench_at_world_size_one_has_the_vs_dense_column(tmp_path):
-    """At W = 1 the figure of interest is each mode against the dense block (README: "within 1%")."""
+    """At W = 1 the figure of interest is each mode against the dense block (docs/benchmarks.md: "within 1%")."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": "0"}
     cmd = [sys.executable, "scripts/bench.py", "--dim", "32", "--hidden-dim", "64", "--tokens", "16"]
     cmd += ["--reps", "2", "--warmup", "1", "--candidates", "dense,tp-overlap,local", "--out", str(tmp_path)]

@@ -641,7 +641,7 @@ def test_fifo_in_place_of_a_checkpoint_file_is_refused_without_blocking(pristine
 
 @pytest.mark.timeout(300)
 def test_bench_digest_smoke(tmp_path):
-    """scripts/bench_digest.py runs end to end on a tiny model and reports what the README quotes."""
+    """scripts/bench_digest.py runs end to end on a tiny model and reports what docs/training.md quotes."""
     out = tmp_path / "digest.json"
     cmd = [
         sys.executable,

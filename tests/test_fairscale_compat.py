@@ -55,7 +55,7 @@ from reference import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 META_SRC = Path(__file__).with_name("meta_style_llama.py")
-# The README's line: sed -i 's/fairscale\.nn\.model_parallel/tp_ffn.fairscale/g' model.py
+# The README's line (and docs/meta-fairscale.md's): sed -i 's/fairscale\.nn\.model_parallel/tp_ffn.fairscale/g' model.py
 SED_SCRIPT = r"s/fairscale\.nn\.model_parallel/tp_ffn.fairscale/g"
 
 # GQA with 8 query / 4 kv heads splits over MP 1, 2, 4; intermediate 192 and vocab 256 divide by 4

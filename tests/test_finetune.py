@@ -51,9 +51,9 @@ def setup(tmp_path_factory) -> dict:
     args = [str(pre), "--text-bytes", "300000", "--vocab-size", "384", "--dim", "64", "--layers", "2", "--seed", "1"]
     args += ["--init-std", "0.2"]  # weights far from uniform predictions: losses differ between windows
     assert _script("make_tiny_pretrained").main(args) == 0
-    # Fine-tuning text unlike the pretraining text: the README's paragraphs, one document each.
-    paragraphs = [p for p in (ROOT / "README.md").read_text().split("\n\n") if p.strip()]
-    data = root / "readme.jsonl"
+    # Fine-tuning text unlike the pretraining text: the paragraphs of docs/training.md, one document each.
+    paragraphs = [p for p in (ROOT / "docs" / "training.md").read_text().split("\n\n") if p.strip()]
+    data = root / "training_md.jsonl"
     data.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
     base = {
         "init_from": str(pre),
@@ -107,7 +107,7 @@ def test_eval_only_is_transformers_loss_under_its_tokenizer(setup):
     want = _hf_loss(setup["pre"], windows)
     assert abs(val - want) / want < 1e-5, (val, want)
     # Negative control: the same comparison on other windows is off by well over the tolerance (10x;
-    # by how much depends on the text, which is the README's and changes with it).
+    # by how much depends on the text, which is docs/training.md's and changes with it).
     assert abs(val - _hf_loss(setup["pre"], validation_batch(corpus.val, SEQ, 1, NVAL))) / want > 1e-4
     rows = read_metrics(metrics)
     assert rows == [{"step": 0, "val_loss": val, "val_ppl": pytest.approx(math.exp(val))}]

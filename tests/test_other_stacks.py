@@ -1,6 +1,6 @@
 """ParallelFeedForward inside a model whose other layers PyTorch's ``parallelize_module`` shards (the
 torchtitan way): the FFN is left out of the plan; at its boundary a DTensor comes in and a plain tensor
-or a DTensor goes out. The README's "Other stacks" section shows this code.
+or a DTensor goes out. docs/api.md's "Other stacks" section shows this code.
 
 Held against the dense float64 block at W=2 and W=3 (intermediate 37: uneven), without and with sequence
 parallelism: output, input gradient and every parameter gradient to 1e-12, and full_state_dict bitwise.
@@ -49,7 +49,7 @@ class Block(nn.Module):
 
 
 def parallelize(block: Block, mesh, sequence_parallel: bool, dtensor_residual: bool) -> None:
-    """The README's example: attention and norms by a parallelize_module plan, the FFN by tp_ffn."""
+    """docs/api.md's example: attention and norms by a parallelize_module plan, the FFN by tp_ffn."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,

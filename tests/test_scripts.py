@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from docpages import block_after, page
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,14 +67,14 @@ def test_parity_fails_loudly():
 
 
 @pytest.mark.timeout(300)
-def test_readme_parity_example_runs_at_three_ranks_with_the_defaults():
-    """The README's parity output (3 ranks, --bias --sequence-parallel, default --seq) is what that
-    command prints: the default sequence length splits over 3 ranks."""
-    readme = (ROOT / "README.md").read_text().splitlines()
+def test_docs_parity_example_runs_at_three_ranks_with_the_defaults():
+    """The parity output docs/testing.md shows (3 ranks, --bias --sequence-parallel, default --seq) is
+    what that command prints: the default sequence length splits over 3 ranks."""
+    doc = page("docs/testing.md").splitlines()
     cmd = "torchrun --standalone --nproc_per_node 3 scripts/parity.py --bias --sequence-parallel"
-    assert any(cmd in ln for ln in readme), cmd
-    header = next(ln for ln in readme if ln.startswith("tp_ffn parity: world size 3"))
-    shards = [ln for ln in readme if ln.startswith("  rank ") and ": w1.weight" in ln]
+    assert any(cmd in ln for ln in doc), cmd
+    header = next(ln for ln in doc if ln.startswith("tp_ffn parity: world size 3"))
+    shards = [ln for ln in doc if ln.startswith("  rank ") and ": w1.weight" in ln]
     r = _torchrun(3, "--bias", "--sequence-parallel")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines()[0] == header
@@ -116,7 +117,7 @@ def test_parity_backend_and_device_flags():
 
 
 def test_readme_commands_and_ci_agree():
-    readme = (ROOT / "README.md").read_text()
+    readme = page("README.md")
     for cmd in ("./scripts/run.sh", "./scripts/test.sh"):
         assert cmd in readme
         assert os.access(ROOT / cmd, os.X_OK)
@@ -125,22 +126,45 @@ def test_readme_commands_and_ci_agree():
     assert 'TORCH_VERSION="${TORCH_VERSION:-2.13.0}"' in bootstrap
 
 
-def _readme_block(heading: str, lang: str) -> str:
-    """The first fenced ``lang`` code block after the README line ``heading``."""
-    text = (ROOT / "README.md").read_text()
-    after = text[text.index(heading + "\n") :]
-    return re.search(rf"```{lang}\n(.*?)```", after, flags=re.DOTALL).group(1)
+def _torchrun_file(tmp_path: Path, code: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``code`` saved as block.py and run under torchrun on ``nproc`` CPU ranks."""
+    (tmp_path / "block.py").write_text(code)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "block.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, check=False)
 
 
 @pytest.mark.timeout(200)
-def test_readme_model_example_runs_on_two_cpu_ranks_and_splits(tmp_path):
-    """The README's "In a model" code, as written, under torchrun on 2 CPU ranks: one TP group of
+def test_readme_block_example_prints_what_the_readme_shows(tmp_path):
+    """The README's first example ("The block"), as written, on 2 CPU ranks: each rank holds half of
+    w1, output and input gradient equal the dense block's to float32 round-off, one all-reduce each
+    way; and the output at the top of the README is what it prints (error digits aside)."""
+    code = block_after("README.md", "## The block", "python")
+    r = _torchrun_file(tmp_path, code)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    dim, hidden = (int(v) for v in re.search(r"dim: int = (\d+), hidden: int = (\d+)", code).groups())
+    # Each rank prints one line; found by pattern, so two ranks' lines written into one pipe cannot merge them.
+    got = sorted(re.findall(r"rank \d+: w1 .*?backward \d+", r.stdout))
+    assert len(got) == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    for rank, line in enumerate(got):
+        assert line.startswith(f"rank {rank}: w1 ({hidden // 2}, {dim}) of ({hidden}, {dim}),"), line
+        assert line.endswith("all-reduces: forward 1, backward 1"), line
+        errors = [float(e) for e in re.findall(r"(\d(?:\.\d+)?e[-+]\d+)", line)]
+        assert len(errors) == 2 and all(e < 1e-5 for e in errors), line  # float32 against the dense block
+    shown = sorted(ln for ln in block_after("README.md", "# tp_ffn", "console").splitlines() if ln.startswith("rank "))
+
+    def digits_aside(lines: list[str]) -> list[str]:
+        return [re.sub(r"\d(?:\.\d+)?e[-+]\d+", "E", ln) for ln in lines]
+
+    assert digits_aside(shown) == digits_aside(got), (shown, got)
+
+
+@pytest.mark.timeout(200)
+def test_docs_model_example_runs_on_two_cpu_ranks_and_splits(tmp_path):
+    """docs/api.md's "In a model" code, as written, under torchrun on 2 CPU ranks: one TP group of
     2, so each rank holds half of w1 (a (2, 1) mesh would leave every rank the whole matrix)."""
-    code = _readme_block("### In a model", "python")
-    (tmp_path / "block.py").write_text(code)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "block.py"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, check=False)
+    code = block_after("docs/api.md", "## In a model", "python")
+    r = _torchrun_file(tmp_path, code)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     from tp_ffn import llama_ffn_hidden_dim
 
@@ -165,17 +189,17 @@ def test_run_sh_trains_samples_and_names_each_file_once(tmp_path):
     lines = r.stdout.splitlines()
     assert sum(ln.startswith("loss curve:") for ln in lines) == 1, r.stdout
     assert lines[-1].startswith("run directory: ") and (tmp_path / "run" / "metrics.png").exists()
-    readme = (ROOT / "README.md").read_text().splitlines()
+    readme = page("README.md").splitlines()
     (header,) = [ln for ln in readme if ln.startswith("tp_ffn train: world 2 = dp 1 x tp 2")]
     assert header in lines, (header, lines[:3])
 
 
 @pytest.mark.timeout(120)
-def test_readme_counts_the_training_tests():
+def test_docs_count_the_training_tests():
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_train_*.py"))
     r = _run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files], timeout=110)
     n = int(re.search(r"^(\d+) tests? collected", r.stdout, flags=re.MULTILINE).group(1))
-    assert f"`tests/test_train_*.py` ({n} tests" in (ROOT / "README.md").read_text(), n
+    assert f"`tests/test_train_*.py` ({n} tests" in page("docs/testing.md"), n
 
 
 @pytest.mark.timeout(120)

@@ -73,7 +73,7 @@ def test_scan_sees_imports_aliases_attributes_keywords_and_arity():
         "torch.ops._c10d_functional.wait_tensor(*1)",
         "torch.compiler.is_compiling(*0)",
     } <= used
-    assert not any("movedim" in n for n in used)  # methods of objects are not seen (README says so)
+    assert not any("movedim" in n for n in used)  # methods of objects are not seen (docs/testing.md says so)
 
 
 def test_every_torch_name_the_code_uses_is_recorded():

@@ -1,4 +1,4 @@
-"""The README's fine-tuning walk-through, run as it is written (the bash block between the
+"""The fine-tuning walk-through of docs/training.md, run as it is written (the bash block between the
 ``<!-- walkthrough -->`` markers), in a temporary directory: the loss on new text falls after
 fine-tuning, sampling works, and transformers loads the export."""
 
@@ -11,19 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from docpages import ROOT, page
 
 
 def walkthrough_block() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = page("docs/training.md")
     block = re.search(r"<!-- walkthrough -->\n```bash\n(.*?)\n```\n<!-- /walkthrough -->", text, re.DOTALL)
-    assert block, "README.md has no walk-through block"
+    assert block, "docs/training.md has no walk-through block"
     return block.group(1)
 
 
 @pytest.mark.timeout(900)
-def test_readme_walkthrough(tmp_path):
+def test_docs_walkthrough(tmp_path):
     env = {
         **os.environ, "W": str(tmp_path / "walk"), "TP_FFN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
