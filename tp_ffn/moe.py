@@ -41,7 +41,7 @@ from .grouped import dispatch_by_expert, grouped_swiglu
 from .groups import GroupLike, TPGroup, resolve_group, shard_bounds, shard_sizes
 from .init import init_linear_shard_
 from .layers import check_features, check_input
-from .swiglu import get_activation
+from .swiglu import compute_dtype, get_activation
 
 __all__ = [
     "ROUTINGS",
@@ -364,13 +364,13 @@ class MoEFeedForward(nn.Module):
         weights, indices, logits = self.router(x2)
         on_input = self.config.weights_on == "input"
         w1, w2, w3 = self.experts.w1, self.experts.w2, self.experts.w3
-        y = torch.zeros_like(x2)
+        y = x2.new_zeros(x2.shape, dtype=compute_dtype(x2))  # under autocast, the GEMMs' dtype
         for e in range(self.config.num_experts):
             token, slot = torch.where(indices == e)
             weight = weights[token, slot, None]
             xe = x2[token] * weight if on_input else x2[token]
             out = F.linear(self.act(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e])
-            y = y.index_add(0, token, out if on_input else out * weight)
+            y = y.index_add(0, token, (out if on_input else out * weight).to(y.dtype))
         if self.shared_expert is not None:
             shared = self.shared_expert(x2)
             if self.shared_expert_gate is not None:
