@@ -194,8 +194,8 @@ def test_grouped_mm_and_loop_agree_with_empty_experts():
 def test_dispatch_sorts_by_expert_and_combines_in_slot_order():
     indices = torch.tensor([[2, 0], [2, 1], [0, 2]])
     d = dispatch_by_expert(indices, 4)
-    assert d.counts.tolist() == [2, 1, 3, 0] and d.offsets.tolist() == [2, 3, 6, 6]
-    assert d.token_of.tolist() == [0, 2, 1, 0, 1, 2] and d.bounds == [(0, 2), (2, 3), (3, 6), (6, 6)]
+    assert d.groups.counts.tolist() == [2, 1, 3, 0] and d.groups.offsets.tolist() == [2, 3, 6, 6]
+    assert d.token_of.tolist() == [0, 2, 1, 0, 1, 2] and d.groups.bounds == [(0, 2), (2, 3), (3, 6), (6, 6)]
     rows = d.rows(torch.arange(3.0)[:, None] * 10)
     assert rows[:, 0].tolist() == [0, 20, 10, 0, 10, 20]
     assert d.sum_slots(rows).reshape(-1).tolist() == [0, 20, 40]

@@ -37,31 +37,19 @@ from torch import Tensor
 
 from .swiglu import act_mul, act_mul_backward, compute_dtype
 
-__all__ = ["ExpertDispatch", "dispatch_by_expert", "grouped_mm_fits", "grouped_swiglu"]
+__all__ = ["ExpertDispatch", "ExpertGroups", "dispatch_by_expert", "grouped_mm_fits", "grouped_swiglu"]
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class ExpertDispatch:
-    """Where the ``N = T k`` (token, slot) pairs of a routing go, sorted by expert (stable: by token
-    within an expert).
+class ExpertGroups:
+    """The rows per expert of a sorted routing: ``counts [E]`` (0 for an expert no token chose) and
+    ``offsets [E]``, the int32 block ends that ``torch._grouped_mm`` takes as ``offs``."""
 
-    ``order [N]``: the flat pair index ``t k + j`` of each sorted row; ``token_of [N]``: its token;
-    ``combine [N]``: for each flat pair, its sorted row (the inverse of ``order``); ``counts [E]``:
-    rows per expert (0 for an expert no token chose); ``offsets [E]``: int32 block ends, the ``offs``
-    of ``torch._grouped_mm``.
-    """
-
-    def __init__(self, indices: Tensor, num_experts: int) -> None:
-        tokens, k = indices.shape
-        flat = indices.reshape(-1)
-        self.tokens, self.top_k, self.num_experts = tokens, k, num_experts
-        self.order = torch.argsort(flat, stable=True)
-        self.token_of = torch.div(self.order, k, rounding_mode="floor")
-        self.combine = torch.empty_like(self.order)
-        self.combine[self.order] = torch.arange(flat.numel(), device=flat.device)
-        self.counts = torch.bincount(flat, minlength=num_experts)
-        self.offsets = self.counts.cumsum(0).to(torch.int32)
+    def __init__(self, counts: Tensor) -> None:
+        self.num_experts = counts.numel()
+        self.counts = counts
+        self.offsets = counts.cumsum(0).to(torch.int32)
 
     @cached_property
     def bounds(self) -> list[tuple[int, int]]:
@@ -69,13 +57,43 @@ class ExpertDispatch:
         ends = self.counts.cumsum(0).tolist()
         return [(end - count, end) for end, count in zip(ends, self.counts.tolist())]
 
+
+class ExpertDispatch:
+    """Where the ``N = T k`` (token, slot) pairs of a routing go, sorted by expert (stable: by token
+    within an expert).
+
+    ``order [N]``: the flat pair index ``t k + j`` of each sorted row; ``token_of [N]``: its token;
+    ``combine [N]``: for each flat pair, its sorted row (the inverse of ``order``); ``groups``: rows
+    per expert (:class:`ExpertGroups`).
+    """
+
+    def __init__(self, indices: Tensor, num_experts: int) -> None:
+        tokens, k = indices.shape
+        flat = indices.reshape(-1)
+        self.tokens, self.top_k = tokens, k
+        self.order = torch.argsort(flat, stable=True)
+        self.token_of = torch.div(self.order, k, rounding_mode="floor")
+        self.combine = torch.empty_like(self.order)
+        self.combine[self.order] = torch.arange(flat.numel(), device=flat.device)
+        self.groups = ExpertGroups(torch.bincount(flat, minlength=num_experts))
+
     def rows(self, t: Tensor) -> Tensor:
         """``t [T, d]`` -> ``[N, d]``, each token's row once per expert it goes to, sorted by expert."""
-        return t.index_select(0, self.token_of)
+        return _rows(t, self.token_of)
 
     def sum_slots(self, rows: Tensor) -> Tensor:
         """``rows [N, d]`` (sorted) -> ``[T, d]``: each token's ``k`` rows summed, in slot order."""
-        return rows.index_select(0, self.combine).view(self.tokens, self.top_k, rows.shape[-1]).sum(1)
+        return _sum_slots(rows, self.combine, self.top_k)
+
+
+def _rows(t: Tensor, token_of: Tensor | None) -> Tensor:
+    return t if token_of is None else t.index_select(0, token_of)
+
+
+def _sum_slots(rows: Tensor, combine: Tensor | None, k: int) -> Tensor:
+    if combine is None:
+        return rows
+    return rows.index_select(0, combine).view(-1, k, rows.shape[-1]).sum(1)
 
 
 def dispatch_by_expert(indices: Tensor, num_experts: int) -> ExpertDispatch:
@@ -109,29 +127,29 @@ def grouped_mm_fits(*mats: Tensor) -> bool:
     return True
 
 
-def _mm(a: Tensor, b: Tensor, dispatch: ExpertDispatch | None, grouped: bool) -> Tensor:
+def _mm(a: Tensor, b: Tensor, groups: ExpertGroups | None, grouped: bool) -> Tensor:
     """``a [N, K]`` times ``b [E, K, M]`` expert by expert (rows of expert e by ``b[e]``) -> ``[N, M]``;
-    with ``dispatch=None`` a plain ``a @ b`` (``b [K, M]``)."""
-    if dispatch is None:
+    with ``groups=None`` a plain ``a @ b`` (``b [K, M]``)."""
+    if groups is None:
         return a @ b
     if grouped and grouped_mm_fits(a, b):
-        return torch._grouped_mm(a, b, offs=dispatch.offsets)
+        return torch._grouped_mm(a, b, offs=groups.offsets)
     out = a.new_empty((a.shape[0], b.shape[-1]))
-    for e, (s, t) in enumerate(dispatch.bounds):
+    for e, (s, t) in enumerate(groups.bounds):
         if t > s:
             torch.mm(a[s:t], b[e], out=out[s:t])
     return out
 
 
-def _wgrad(a: Tensor, b: Tensor, dispatch: ExpertDispatch | None, grouped: bool) -> Tensor:
+def _wgrad(a: Tensor, b: Tensor, groups: ExpertGroups | None, grouped: bool) -> Tensor:
     """Per expert ``a_e^T b_e`` for ``a [N, P]``, ``b [N, Q]`` -> ``[E, P, Q]`` (zeros for an expert
-    without rows); with ``dispatch=None`` ``a^T b [P, Q]``."""
-    if dispatch is None:
+    without rows); with ``groups=None`` ``a^T b [P, Q]``."""
+    if groups is None:
         return a.t() @ b
     if grouped and grouped_mm_fits(a.t(), b):
-        return torch._grouped_mm(a.t(), b, offs=dispatch.offsets)
-    out = a.new_zeros((dispatch.num_experts, a.shape[-1], b.shape[-1]))
-    for e, (s, t) in enumerate(dispatch.bounds):
+        return torch._grouped_mm(a.t(), b, offs=groups.offsets)
+    out = a.new_zeros((groups.num_experts, a.shape[-1], b.shape[-1]))
+    for e, (s, t) in enumerate(groups.bounds):
         if t > s:
             torch.mm(a[s:t].t(), b[s:t], out=out[e])
     return out
@@ -154,27 +172,32 @@ class _GroupedSwiGLU(torch.autograd.Function):
         dtype = compute_dtype(x)
         x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
         scale = None if scale is None else scale.to(dtype)
-        xs = x if dispatch is None else dispatch.rows(x)
+        token_of, combine, groups = (None, None, None) if dispatch is None else (
+            dispatch.token_of, dispatch.combine, dispatch.groups
+        )  # fmt: skip
+        xs = _rows(x, token_of)
         if scale is not None and scale_input:
             xs = xs * scale[:, None]
-        g, u = _mm(xs, _t(w1), dispatch, grouped), _mm(xs, _t(w3), dispatch, grouped)
+        g, u = _mm(xs, _t(w1), groups, grouped), _mm(xs, _t(w3), groups, grouped)
         del xs
-        o = _mm(act_mul(g, u, activation), _t(w2), dispatch, grouped)
+        o = _mm(act_mul(g, u, activation), _t(w2), groups, grouped)
         if scale is not None and not scale_input:
             o.mul_(scale[:, None])  # o is this function's own buffer
-        ctx.save_for_backward(x, g, u, w1, w3, w2, scale)
-        ctx.dispatch, ctx.activation, ctx.scale_input, ctx.grouped = dispatch, activation, scale_input, grouped
-        return o if dispatch is None else dispatch.sum_slots(o)
+        # The index vectors through save_for_backward too, so that saved-tensor hooks see (and count) them.
+        ctx.save_for_backward(x, g, u, w1, w3, w2, scale, token_of, combine)
+        ctx.groups, ctx.top_k = groups, None if dispatch is None else dispatch.top_k
+        ctx.activation, ctx.scale_input, ctx.grouped = activation, scale_input, grouped
+        return _sum_slots(o, combine, ctx.top_k)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, g, u, w1, w3, w2, scale = ctx.saved_tensors
-        d, act, grouped = ctx.dispatch, ctx.activation, ctx.grouped
+        x, g, u, w1, w3, w2, scale, token_of, combine = ctx.saved_tensors
+        d, act, grouped = ctx.groups, ctx.activation, ctx.grouped
         need_x, need_w1, need_w3, need_w2, need_s = ctx.needs_input_grad[:5]
         on_output = scale is not None and not ctx.scale_input
         on_input = scale is not None and ctx.scale_input
         dy = dy.to(w2.dtype)
-        dys = dy if d is None else d.rows(dy)  # [N, dim]
+        dys = _rows(dy, token_of)  # [N, dim]
         dh = _mm(dys, w2, d, grouped)  # [N, n]: d(act(g) * u) before the routing weight
         ds = None
         if on_output:
@@ -192,7 +215,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
         dw1 = dw3 = dx = None
         if need_w1 or need_w3 or on_input:
-            xs = x if d is None else d.rows(x)
+            xs = _rows(x, token_of)
             xs_in = xs * scale[:, None] if on_input else xs
             dw1 = _wgrad(dg, xs_in, d, grouped) if need_w1 else None
             dw3 = _wgrad(du, xs_in, d, grouped) if need_w3 else None
@@ -205,7 +228,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
                     ds = (dxs * xs).sum(-1)
                 dxs.mul_(scale[:, None])
             if need_x:
-                dx = dxs if d is None else d.sum_slots(dxs)
+                dx = _sum_slots(dxs, combine, ctx.top_k)
         return dx, dw1, dw3, dw2, ds, None, None, None, None
 
 
