@@ -75,7 +75,8 @@ class ExpertDispatch:
         self.token_of = torch.div(self.order, k, rounding_mode="floor")
         self.combine = torch.empty_like(self.order)
         self.combine[self.order] = torch.arange(flat.numel(), device=flat.device)
-        self.groups = ExpertGroups(torch.bincount(flat, minlength=num_experts))
+        # scatter_add_ into E slots, not bincount: bincount sizes its output from the data (a device sync).
+        self.groups = ExpertGroups(flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat)))
 
     def rows(self, t: Tensor) -> Tensor:
         """``t [T, d]`` -> ``[N, d]``, each token's row once per expert it goes to, sorted by expert."""
