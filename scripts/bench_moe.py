@@ -186,9 +186,9 @@ def instrument(module: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor, autoc
     xl = x.detach().requires_grad_()
     cuda = x.device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        base = torch.cuda.memory_allocated(x.device)
     fwd, bwd = _Collectives(), _Collectives()
     with fwd, saved_for_backward(module.parameters()) as saved:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -197,8 +197,8 @@ def instrument(module: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor, autoc
     with bwd:
         y.backward(gy.to(y.dtype))
     if cuda:
-        torch.cuda.synchronize()
-        r.peak_bytes = torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize(x.device)
+        r.peak_bytes = torch.cuda.max_memory_allocated(x.device) - base
     r.forward, r.backward = dict(fwd.counts), dict(bwd.counts)
     r.comm_bytes, r.saved_bytes = fwd.nbytes + bwd.nbytes, saved.nbytes
     return y.detach().float()
@@ -224,7 +224,7 @@ def run(cfg: BenchConfig) -> tuple[dict[str, Result], dict]:
     # Routing as the blocks see it: how many experts got no token (the per-expert path still reduces for them).
     with torch.no_grad():
         idx = torch.topk(block.gate(x.reshape(-1, cfg.dim)).softmax(-1), cfg.top_k, dim=-1).indices
-    empty = int((torch.bincount(idx.reshape(-1), minlength=cfg.experts) == 0).sum())
+    empty = int((idx.reshape(-1).bincount(minlength=cfg.experts) == 0).sum())
     first = None
     for name, step in steps.items():
         step()

@@ -29,7 +29,7 @@ from run to run.
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import torch
@@ -71,12 +71,12 @@ class ExpertDispatch:
         tokens, k = indices.shape
         flat = indices.reshape(-1)
         self.tokens, self.top_k = tokens, k
-        self.order = torch.argsort(flat, stable=True)
-        self.token_of = torch.div(self.order, k, rounding_mode="floor")
+        self.order = flat.argsort(stable=True)
+        self.token_of = self.order // k
         self.combine = torch.empty_like(self.order)
         self.combine[self.order] = torch.arange(flat.numel(), device=flat.device)
         # scatter_add_ into E slots, not bincount: bincount sizes its output from the data (a device sync).
-        self.groups = ExpertGroups(flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat)))
+        self.groups = ExpertGroups(flat.new_zeros(num_experts).scatter_add_(0, flat, flat.new_ones(flat.shape)))
 
     def rows(self, t: Tensor) -> Tensor:
         """``t [T, d]`` -> ``[N, d]``, each token's row once per expert it goes to, sorted by expert."""
@@ -103,14 +103,12 @@ def dispatch_by_expert(indices: Tensor, num_experts: int) -> ExpertDispatch:
 
 
 def grouped_mm_fits(*mats: Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands as they are: the op exists, the dtype is
-    float32/bfloat16/float16, the device is CPU or CUDA, and in each operand's last two dims one stride
-    is 1 and the other a multiple of 16 bytes (plus 16-byte aligned data off the CPU): the checks of
-    ATen's ``GroupedMMUtils.h`` in torch 2.13."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
+    """Whether ``torch._grouped_mm`` takes these operands as they are: this torch has a kernel for their
+    device and dtype (float32/bfloat16/float16; see :func:`_grouped_mm_runs`), and in each operand's
+    last two dims one stride is 1 and the other a multiple of 16 bytes (plus 16-byte aligned data off
+    the CPU): the checks of ATen's ``GroupedMMUtils.h`` in torch 2.13."""
     for t in mats:
-        if t.dtype not in _GROUPED_DTYPES or t.device.type not in ("cpu", "cuda"):
+        if t.dtype not in _GROUPED_DTYPES or not _grouped_mm_runs(t.device.type, t.dtype):
             return False
         if t.device.type != "cpu" and t.data_ptr() % 16:
             return False
@@ -128,17 +126,33 @@ def grouped_mm_fits(*mats: Tensor) -> bool:
     return True
 
 
+@lru_cache(maxsize=None)
+def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch runs ``torch._grouped_mm`` on ``device_type`` in ``dtype``, found once by a
+    product of 8 x 8 zeros (the op is private: it came in torch 2.8, on the CPU later, and its kernels
+    differ by device and GPU generation)."""
+    op = getattr(torch, "_grouped_mm", None)
+    if op is None or device_type not in ("cpu", "cuda"):
+        return False
+    try:
+        a = torch.zeros((8, 8), dtype=dtype, device=device_type)
+        op(a, a.new_zeros((1, 8, 8)), offs=a.new_full((1,), 8, dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def _mm(a: Tensor, b: Tensor, groups: ExpertGroups | None, grouped: bool) -> Tensor:
     """``a [N, K]`` times ``b [E, K, M]`` expert by expert (rows of expert e by ``b[e]``) -> ``[N, M]``;
     with ``groups=None`` a plain ``a @ b`` (``b [K, M]``)."""
     if groups is None:
         return a @ b
     if grouped and grouped_mm_fits(a, b):
-        return torch._grouped_mm(a, b, offs=groups.offsets)
+        return getattr(torch, "_grouped_mm")(a, b, offs=groups.offsets)
     out = a.new_empty((a.shape[0], b.shape[-1]))
     for e, (s, t) in enumerate(groups.bounds):
         if t > s:
-            torch.mm(a[s:t], b[e], out=out[s:t])
+            out[s:t] = a[s:t] @ b[e]
     return out
 
 
@@ -148,11 +162,11 @@ def _wgrad(a: Tensor, b: Tensor, groups: ExpertGroups | None, grouped: bool) -> 
     if groups is None:
         return a.t() @ b
     if grouped and grouped_mm_fits(a.t(), b):
-        return torch._grouped_mm(a.t(), b, offs=groups.offsets)
+        return getattr(torch, "_grouped_mm")(a.t(), b, offs=groups.offsets)
     out = a.new_zeros((groups.num_experts, a.shape[-1], b.shape[-1]))
     for e, (s, t) in enumerate(groups.bounds):
         if t > s:
-            torch.mm(a[s:t].t(), b[s:t], out=out[e])
+            out[e] = a[s:t].t() @ b[s:t]
     return out
 
 

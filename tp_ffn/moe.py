@@ -157,7 +157,7 @@ class Routing(NamedTuple):
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Router(nn.Module):
@@ -178,7 +178,7 @@ class Router(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.weight = nn.Parameter(torch.empty(config.num_experts, dim, dtype=dtype, device=device))
+        self.weight = nn.Parameter(torch.empty((config.num_experts, dim), dtype=dtype, device=device))
         if config.routing == "sigmoid":
             self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=dtype, device=device))
         if self.weight.device.type != "meta":
@@ -215,7 +215,7 @@ class Router(nn.Module):
         if c.n_group > 1:
             grouped = choice.view(choice.shape[0], c.n_group, -1)
             best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
-            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+            keep = grouped.new_zeros(grouped.shape[:-1], dtype=torch.bool).scatter_(1, best_groups, True)
             choice = grouped.masked_fill(~keep[..., None], 0.0).view_as(choice)
         return choice.topk(c.top_k, dim=-1).indices
 
@@ -252,7 +252,9 @@ def load_balancing_loss(
         raise ValueError(f"top_k: expected 1 <= top_k <= num_experts ({num_experts}), got {top_k}")
     logits = torch.cat([t.to(layers[0].device) for t in layers])
     probs = logits.softmax(-1)
-    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(1).to(_at_least_float32(probs.dtype))
+    # 1 where an expert is among the token's top k (the k experts differ: their one-hots summed)
+    chosen = probs.new_zeros(probs.shape, dtype=_at_least_float32(probs.dtype))
+    chosen.scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)
     if attention_mask is None:
         fraction, prob = chosen.mean(0), probs.mean(0)
     else:
@@ -296,9 +298,9 @@ class Experts(nn.Module):
         super().__init__()
         e, i = config.num_experts, config.hidden_dim
         kw = {"dtype": dtype, "device": device}
-        self.w1 = nn.Parameter(torch.empty(e, i, dim, **kw))
-        self.w2 = nn.Parameter(torch.empty(e, dim, i, **kw))
-        self.w3 = nn.Parameter(torch.empty(e, i, dim, **kw))
+        self.w1 = nn.Parameter(torch.empty((e, i, dim), **kw))
+        self.w2 = nn.Parameter(torch.empty((e, dim, i), **kw))
+        self.w3 = nn.Parameter(torch.empty((e, i, dim), **kw))
         if self.w1.device.type != "meta":
             for k in range(e):
                 for w in (self.w1, self.w2, self.w3):
@@ -366,7 +368,7 @@ class MoEFeedForward(nn.Module):
         w1, w2, w3 = self.experts.w1, self.experts.w2, self.experts.w3
         y = x2.new_zeros(x2.shape, dtype=compute_dtype(x2))  # under autocast, the GEMMs' dtype
         for e in range(self.config.num_experts):
-            token, slot = torch.where(indices == e)
+            token, slot = (indices == e).nonzero(as_tuple=True)
             weight = weights[token, slot, None]
             xe = x2[token] * weight if on_input else x2[token]
             out = F.linear(self.act(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e])
@@ -374,7 +376,7 @@ class MoEFeedForward(nn.Module):
         if self.shared_expert is not None:
             shared = self.shared_expert(x2)
             if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x2)) * shared
+                shared = self.shared_expert_gate(x2).sigmoid() * shared
             y = y + shared
         y = y.view(x.shape)
         return (y, logits) if return_router_logits else y
@@ -539,7 +541,7 @@ class ParallelMoEFeedForward(nn.Module):
             x_router = _KeepSequenceBlockGrad.apply(x2.view(shape), tp.rank, tp.size, self.sequence_dim % len(shape))
         xr2 = x_router.reshape(-1, self.dim)
         weights, indices, logits = self.router(xr2)
-        gate = None if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(xr2))
+        gate = None if self.shared_expert_gate is None else self.shared_expert_gate(xr2).sigmoid()
         weights, gate = self._enter_partial(weights, gate)
 
         dispatch = dispatch_by_expert(indices, c.num_experts)
