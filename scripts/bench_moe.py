@@ -39,14 +39,15 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from tp_ffn import MoEConfig, MoEFeedForward, ParallelMoEFeedForward
+
 # _Collectives: count_collectives' dispatch mode, which also adds up the bytes each collective carries.
 from tp_ffn.diagnostics import _Collectives, saved_for_backward
 
@@ -80,7 +81,9 @@ class BenchConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
         if self.shared < 1:
-            raise ValueError(f"--shared: expected >= 1 (Qwen2-MoE's block always has a shared expert), got {self.shared}")
+            raise ValueError(
+                f"--shared: expected >= 1 (Qwen2-MoE's block always has a shared expert), got {self.shared}"
+            )
         if self.top_k > self.experts:
             raise ValueError(f"--top-k: expected at most --experts ({self.experts}), got {self.top_k}")
         unknown = sorted(set(self.candidates) - set(ALL))
@@ -101,13 +104,19 @@ class Result:
 
 
 def parse_args(argv: list[str] | None, world: int) -> BenchConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     for name in ("dim", "experts", "top-k", "hidden", "shared", "tokens"):
         p.add_argument(f"--{name}", type=int, help="overrides the preset")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: autocast over fp32 weights")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: autocast over fp32 weights"
+    )
     default = "hf,moe,moe-loop" if world == 1 else "hf-per-expert,moe,moe-loop"
-    p.add_argument("--candidates", default=default, help=f"comma-separated subset of {','.join(ALL)} (default {default})")
+    p.add_argument(
+        "--candidates", default=default, help=f"comma-separated subset of {','.join(ALL)} (default {default})"
+    )
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -120,7 +129,9 @@ def parse_args(argv: list[str] | None, world: int) -> BenchConfig:
     candidates = tuple(c for c in a.candidates.split(",") if c)
     if world > 1 and "hf" in candidates:
         raise ValueError("--candidates: 'hf' runs the whole block in one process; with W > 1 use hf-per-expert")
-    return BenchConfig(**preset, dtype=a.dtype, candidates=candidates, reps=a.reps, warmup=a.warmup, seed=a.seed, out=a.out)
+    return BenchConfig(
+        **preset, dtype=a.dtype, candidates=candidates, reps=a.reps, warmup=a.warmup, seed=a.seed, out=a.out
+    )
 
 
 def build_hf(cfg: BenchConfig, device: torch.device) -> torch.nn.Module:
@@ -293,7 +304,9 @@ def print_table(summary: dict) -> None:
     ref = summary["reference"]
     print(f"W={summary['world']} on {summary['device']}, {summary['config']['dtype']}, "
           f"{summary['experts_without_tokens']} experts without tokens")  # fmt: skip
-    print(f"{'candidate':<15}{'median ms':>11}{'p10-p90 ms':>17}{'vs ' + str(ref):>18}{'coll/step':>11}{'saved B/token':>15}")
+    print(
+        f"{'candidate':<15}{'median ms':>11}{'p10-p90 ms':>17}{'vs ' + str(ref):>18}{'coll/step':>11}{'saved B/token':>15}"
+    )
     for row in summary["candidates"]:
         ratio = row.get(f"paired_ratio_to_{ref}")
         spread = f"{row['p10_ms']:.2f}-{row['p90_ms']:.2f}"
@@ -306,9 +319,11 @@ def print_table(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0"))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0")
+        )
     try:
         cfg = parse_args(argv, int(os.environ["WORLD_SIZE"]))
     except ValueError as e:

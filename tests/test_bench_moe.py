@@ -27,7 +27,11 @@ def test_bench_moe_smoke(tmp_path):
     rows = {row["name"]: row for row in summary["candidates"]}
     assert summary["reference"] == "hf-per-expert" and set(rows) == {"hf-per-expert", "moe", "moe-loop"}
     # Today's per-expert parallelization: one all-reduce each way per expert and for the shared expert.
-    assert rows["hf-per-expert"]["collectives_forward"] == rows["hf-per-expert"]["collectives_backward"] == {"all_reduce": 5}
+    assert (
+        rows["hf-per-expert"]["collectives_forward"]
+        == rows["hf-per-expert"]["collectives_backward"]
+        == {"all_reduce": 5}
+    )
     for name in ("moe", "moe-loop"):
         assert rows[name]["collectives_forward"] == {"all_reduce": 1}
         assert rows[name]["collectives_backward"] == {"all_reduce": 2}

@@ -16,11 +16,18 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from rankpool import run_ranks
 from reference import rel_err, worst
-from tp_ffn import MoEConfig, MoEFeedForward, ParallelMoEFeedForward, gather_sequence, load_balancing_loss, split_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tp_ffn import (
+    MoEConfig,
+    MoEFeedForward,
+    ParallelMoEFeedForward,
+    gather_sequence,
+    load_balancing_loss,
+    split_sequence,
+)
 from tp_ffn.comm import all_gather_along
 from tp_ffn.grouped import dispatch_by_expert, grouped_mm_fits
 from tp_ffn.moe import moe_shapes
@@ -208,7 +215,7 @@ class _Record(TorchDispatchMode):
         super().__init__()
         self.ops: list[tuple[str, int]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "c10d":
             tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             self.ops.append((func._schema.name, max(t.numel() for t in tensors)))

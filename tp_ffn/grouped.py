@@ -29,7 +29,8 @@ from run to run.
 
 from __future__ import annotations
 
-from functools import cached_property, lru_cache
+from collections.abc import Callable
+from functools import cache, cached_property
 from typing import Any
 
 import torch
@@ -126,12 +127,17 @@ def grouped_mm_fits(*mats: Tensor) -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
+def _grouped_mm() -> Callable[..., Tensor] | None:
+    """``torch._grouped_mm``, looked up at each call (None before torch 2.8)."""
+    return getattr(torch, "_grouped_mm", None)
+
+
+@cache
 def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
     """Whether this torch runs ``torch._grouped_mm`` on ``device_type`` in ``dtype``, found once by a
     product of 8 x 8 zeros (the op is private: it came in torch 2.8, on the CPU later, and its kernels
     differ by device and GPU generation)."""
-    op = getattr(torch, "_grouped_mm", None)
+    op = _grouped_mm()
     if op is None or device_type not in ("cpu", "cuda"):
         return False
     try:
@@ -148,7 +154,7 @@ def _mm(a: Tensor, b: Tensor, groups: ExpertGroups | None, grouped: bool) -> Ten
     if groups is None:
         return a @ b
     if grouped and grouped_mm_fits(a, b):
-        return getattr(torch, "_grouped_mm")(a, b, offs=groups.offsets)
+        return _grouped_mm()(a, b, offs=groups.offsets)
     out = a.new_empty((a.shape[0], b.shape[-1]))
     for e, (s, t) in enumerate(groups.bounds):
         if t > s:
@@ -162,7 +168,7 @@ def _wgrad(a: Tensor, b: Tensor, groups: ExpertGroups | None, grouped: bool) -> 
     if groups is None:
         return a.t() @ b
     if grouped and grouped_mm_fits(a.t(), b):
-        return getattr(torch, "_grouped_mm")(a.t(), b, offs=groups.offsets)
+        return _grouped_mm()(a.t(), b, offs=groups.offsets)
     out = a.new_zeros((groups.num_experts, a.shape[-1], b.shape[-1]))
     for e, (s, t) in enumerate(groups.bounds):
         if t > s:

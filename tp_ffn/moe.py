@@ -111,9 +111,15 @@ class MoEConfig:
         if not isinstance(self.shared_expert_gate, bool):
             raise TypeError(f"shared_expert_gate: expected a bool, got {self.shared_expert_gate!r}")
         if self.shared_expert_gate and not self.shared_hidden_dim:
-            raise ValueError("shared_expert_gate: expected False without a shared expert (shared_hidden_dim=0), got True")
+            raise ValueError(
+                "shared_expert_gate: expected False without a shared expert (shared_hidden_dim=0), got True"
+            )
         factor = self.routed_scaling_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (math.isfinite(factor) and factor > 0):
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not (math.isfinite(factor) and factor > 0)
+        ):
             raise ValueError(f"routed_scaling_factor: expected a finite number > 0, got {factor!r}")
         norm = self.norm_topk_prob
         if norm is None:
@@ -164,7 +170,7 @@ class Router(nn.Module):
     """The routing of :class:`MoEConfig` (no parallel code; replicated in the parallel block).
 
     ``weight [E, dim]`` (an ``nn.Linear(dim, E, bias=False)`` weight, drawn as one);
-    ``e_score_correction_bias [E]`` (buffer, zeros) with routing ``"sigmoid"``.
+    ``e_score_correction_bias [E]`` (buffer, zeros, at least float32) with routing ``"sigmoid"``.
     ``x [T, dim] -> Routing(weights [T, k], indices [T, k], logits [T, E])``.
     """
 
@@ -180,7 +186,11 @@ class Router(nn.Module):
         self.config = config
         self.weight = nn.Parameter(torch.empty((config.num_experts, dim), dtype=dtype, device=device))
         if config.routing == "sigmoid":
-            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=dtype, device=device))
+            # At least float32 whatever the weights' dtype, as HF keeps it: it decides between close scores.
+            bias_dtype = _at_least_float32(dtype or torch.get_default_dtype())
+            self.register_buffer(
+                "e_score_correction_bias", torch.zeros(config.num_experts, dtype=bias_dtype, device=device)
+            )
         if self.weight.device.type != "meta":
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's draw
 
@@ -323,7 +333,9 @@ def _check_moe_state_dict(sd: Mapping[str, Tensor], expected: Mapping[str, tuple
             raise ValueError(f"{name}[{key!r}]: expected shape {shape}, got {tuple(value.shape)}")
 
 
-def _check_block_args(dim: int, config: MoEConfig, activation: str) -> tuple[int, MoEConfig, Callable[[Tensor], Tensor]]:
+def _check_block_args(
+    dim: int, config: MoEConfig, activation: str
+) -> tuple[int, MoEConfig, Callable[[Tensor], Tensor]]:
     """What both blocks take: ``(dim, config, the activation function)``, validated."""
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config: expected an MoEConfig, got {type(config).__name__}")
@@ -356,7 +368,9 @@ class MoEFeedForward(nn.Module):
         self.router = Router(dim, config, **kw)
         self.experts = Experts(dim, config, **kw)
         self.shared_expert = (
-            FeedForward(dim, config.shared_hidden_dim, activation=activation, **kw) if config.shared_hidden_dim else None
+            FeedForward(dim, config.shared_hidden_dim, activation=activation, **kw)
+            if config.shared_hidden_dim
+            else None
         )
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False, **kw) if config.shared_expert_gate else None
 
@@ -595,7 +609,9 @@ class ParallelMoEFeedForward(nn.Module):
             activation = activation or moe_or_state_dict.activation
         elif isinstance(moe_or_state_dict, Mapping):
             if config is None:
-                raise ValueError("config: expected an MoEConfig with a state dict (routing cannot be read off tensors), got None")
+                raise ValueError(
+                    "config: expected an MoEConfig with a state dict (routing cannot be read off tensors), got None"
+                )
             sd, activation = moe_or_state_dict, activation or "silu"
         else:
             raise TypeError(
@@ -661,7 +677,11 @@ class ParallelMoEFeedForward(nn.Module):
             if key.startswith("shared_expert."):
                 out[key] = shared[key[len("shared_expert.") :]]
                 continue
-            value = self.get_parameter(key) if key != "router.e_score_correction_bias" else self.router.e_score_correction_bias
+            value = (
+                self.get_parameter(key)
+                if key != "router.e_score_correction_bias"
+                else self.router.e_score_correction_bias
+            )
             split = splits.get(key)
             if split is not None:
                 value = all_gather_along(value.detach(), group, split.dim, split.sizes)
