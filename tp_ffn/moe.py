@@ -474,10 +474,10 @@ class ParallelMoEFeedForward(nn.Module):
     shard of the shared expert, as :class:`~tp_ffn.ParallelFeedForward`); the router and the shared
     expert's gate are replicated. For ``T`` tokens, top-k routing and ``N = T k``::
 
-        x [T, dim] --copy--+--> router (replicated) --> weights [T, k] --copy--+
-                           |                             indices --sort by expert
-                           +--> experts, grouped GEMMs on this rank's shards: partial [T, dim] ---+
-                           +--> shared expert shard (* gate): partial [T, dim] -------------------+--> sum --all-reduce--> y
+        x [T, dim] -+-> router (replicated) -> indices [T, k]: rows sorted by expert
+                    |                         weights [T, k], gate [T, 1] --copy--> scale the partial outputs
+                    +-copy-+-> experts on this rank's shards (grouped GEMMs) * weights: partial [T, dim] -+
+                           +-> shared expert shard * gate:                          partial [T, dim] -+-> sum -all-reduce-> y
 
     Forward: one all-reduce of ``[T, dim]``. Backward: one all-reduce of the input gradient ``[T, dim]``
     and one of ``[T, k]`` (``[T, k+1]`` with the shared expert's gate): the routing weights multiply this
