@@ -14,6 +14,7 @@ from .emulation import emulate_pretraining_tp
 from .ffn import FeedForward, ParallelFeedForward, llama_ffn_hidden_dim
 from .groups import TPGroup, resolve_group, shard_bounds, shard_sizes
 from .layers import ColumnParallelLinear, RowParallelLinear
+from .moe import MoEConfig, MoEFeedForward, ParallelMoEFeedForward, load_balancing_loss
 from .swiglu import swiglu, swiglu_linear
 
 __version__ = "0.1.0"
@@ -21,7 +22,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ColumnParallelLinear",
     "FeedForward",
+    "MoEConfig",
+    "MoEFeedForward",
     "ParallelFeedForward",
+    "ParallelMoEFeedForward",
     "RowParallelLinear",
     "TPGroup",
     "copy_to_parallel",
@@ -29,6 +33,7 @@ __all__ = [
     "gather_from_parallel",
     "gather_from_sequence",
     "gather_sequence",
+    "load_balancing_loss",
     "llama_ffn_hidden_dim",
     "reduce_from_parallel",
     "reduce_scatter_to_sequence",
