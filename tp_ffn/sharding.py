@@ -250,9 +250,9 @@ class ShardSpec:
             a, b = max(lo, at), min(hi, at + e - s)  # the part of the box inside this block, local
             if b > a:
                 out.append(rect(s + a - at, b - a, a))
-        if not out:  # nothing along dim: an empty rectangle where the box starts
-            s, _, at = ranges[0]
-            out.append(rect(s + lo - at, 0, lo))
+        if not out:  # nothing along dim: an empty rectangle where the box starts (past the end: the last block's end)
+            start = next((s + lo - at for s, e, at in ranges if lo < at + e - s), ranges[-1][1])
+            out.append(rect(start, 0, lo))
         return out
 
 
