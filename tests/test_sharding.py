@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from rankpool import run_ranks
 from reference import rel_err
+
 from tp_ffn import ColumnParallelLinear, FeedForward, ParallelFeedForward, RowParallelLinear, ShardSpec
 from tp_ffn.comm import all_gather_shard
 from tp_ffn.diagnostics import count_collectives

@@ -249,7 +249,9 @@ class ParallelFeedForward(nn.Module):
     def _params(self) -> list[tuple[str, ColumnParallelLinear | RowParallelLinear, str]]:
         """``(Meta key, layer, attribute)`` of every parameter of the block (its layers say how each is split)."""
         layers = (("w1", self.w1), ("w2", self.w2), ("w3", self.w3))
-        return [(f"{n}.{a}", layer, a) for n, layer in layers for a in ("weight", "bias") if getattr(layer, a) is not None]
+        return [
+            (f"{n}.{a}", layer, a) for n, layer in layers for a in ("weight", "bias") if getattr(layer, a) is not None
+        ]
 
     @torch.no_grad()
     def load_dense_state_dict(self, sd: Mapping[str, Tensor], *, device: torch.device | str | None = None) -> None:

@@ -85,4 +85,3 @@ def resolve_group(group: GroupLike) -> TPGroup:
             f"{dist.get_rank()} is not a member of it"
         )
     return TPGroup(group, rank, dist.get_world_size(group))
-

@@ -94,7 +94,9 @@ def init_linear_shard_(
     dtype = weight.dtype
     if dim == 0:
         whole_rows = [(0, in_features)]
-        _draw_blocks_(weight, out_features, in_features, blocks, lambda rows: _draw_rows_(rows, in_features, whole_rows))
+        _draw_blocks_(
+            weight, out_features, in_features, blocks, lambda rows: _draw_rows_(rows, in_features, whole_rows)
+        )
     elif dim == 1:
         _draw_rows_(weight, in_features, blocks)
     else:

@@ -269,7 +269,9 @@ def shard_spec_of(module: nn.Module, name: str, tensor: Tensor | None = None) ->
     if tensor is None:
         tensor = getattr(owner, attr)
         if not isinstance(tensor, Tensor):
-            raise ValueError(f"{name}: expected a parameter or buffer of {type(module).__name__}, got {type(tensor).__name__}")
+            raise ValueError(
+                f"{name}: expected a parameter or buffer of {type(module).__name__}, got {type(tensor).__name__}"
+            )
     return ShardSpec.replicated(tensor.shape)
 
 
