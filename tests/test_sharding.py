@@ -178,3 +178,65 @@ def test_dense_block_through_specs_round_trips():
     dense = FeedForward(5, I, bias=True)
     par = ParallelFeedForward.from_dense(dense)
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in par.dense_state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------------
+# The safetensors reader and the HF adapter's loader / gatherer take any spec (a Phi-3-style fused gate/up)
+
+
+def test_reader_reads_blocks_along_any_dim(tmp_path, monkeypatch):
+    """Every spec above, read chunk by chunk (a chunk of one stored row) from a file, is spec.take(full)."""
+    from safetensors.torch import save_file
+
+    from tp_ffn import safetensors_dir
+
+    tensors = {"fused": _full(2 * I, H), "experts.gate_up": _full(E, 2 * I, H), "experts.down": _full(E, H, I)}
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(safetensors_dir, "CHUNK_BYTES", 1)  # one row of dim 0 per open
+    files = safetensors_dir.SafetensorsDir(tmp_path)
+    for world in (1, 2, 3, 4):
+        for rank in range(world):
+            for key, dim, parts in (("fused", 0, (I, I)), ("experts.gate_up", 1, (I, I)), ("experts.down", 2, None)):
+                spec = ShardSpec.split(tensors[key].shape, dim, rank, world, parts)
+                got = files.read(key, spec)
+                assert got.dtype == torch.bfloat16 and torch.equal(got.float(), spec.take(tensors[key])), (key, spec)
+    with pytest.raises(ValueError, match=r"fused: expected shape \(14, 4\), got \(14, 3\)"):
+        files.read("fused", ShardSpec.split((2 * I, 4), 0, 0, 2))
+
+
+class _FusedMLP(torch.nn.Module):
+    """What a Phi-3-style adapter would hold: ``gate_up_proj [2I, H]`` as two blocks, ``down_proj`` row-parallel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        kw = {"bias": False, "dtype": torch.float32, "device": "meta"}
+        self.gate_up_proj = ColumnParallelLinear(H, 2 * I, gather_output=False, parts=(I, I), **kw)
+        self.down_proj = RowParallelLinear(I, H, input_is_parallel=True, **kw)
+
+
+def _hf_load_and_gather(rank: int, world: int, root: str) -> dict[str, float]:
+    import tp_ffn.hf as tphf
+    from tp_ffn.hf.loading import _load
+    from tp_ffn.safetensors_dir import SafetensorsDir
+
+    model = torch.nn.Module()
+    model.mlp = _FusedMLP()
+    _load(model, SafetensorsDir(root), torch.device("cpu"))
+    full = {"mlp.gate_up_proj.weight": _full(2 * I, H), "mlp.down_proj.weight": _full(H, I)}
+    sd = tphf.full_state_dict(model)
+    out = {f"gathered {k}": rel_err(sd[k], v) for k, v in full.items()}
+    for name in ("gate_up_proj", "down_proj"):
+        layer = getattr(model.mlp, name)
+        out[f"loaded {name}"] = rel_err(layer.weight, layer.shard_spec("weight").take(full[f"mlp.{name}.weight"]))
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3])
+def test_hf_loader_and_gatherer_take_a_two_block_layer(tmp_path, world):
+    from safetensors.torch import save_file
+
+    save_file({"mlp.gate_up_proj.weight": _full(2 * I, H), "mlp.down_proj.weight": _full(H, I)},
+              str(tmp_path / "model.safetensors"))  # fmt: skip
+    for rank, got in enumerate(run_ranks(world, _hf_load_and_gather, str(tmp_path))):
+        assert all(v == 0 for v in got.values()), f"W={world} rank {rank}: {got}"

@@ -67,7 +67,9 @@ def shard_targets(model: nn.Module) -> list[ShardTarget]:
         module = model.get_submodule(prefix)
         spec = shard_spec_of(module, attr, params[e.name])
         got = tuple(params[e.name].shape)
-        if spec.shape != e.shape or got != spec.local_shape:
+        if spec.shape != e.shape:
+            raise ValueError(f"model: {e.name} has full shape {spec.shape}, expected {e.shape} for its config")
+        if got != spec.local_shape:
             raise ValueError(f"model: {e.name} has shape {got}, expected {spec.local_shape} for its config")
         cut = [i for s, end in spec.blocks for i in (s, end)] if spec.dim == 0 else []
         if e.heads is not None and any(i % cfg.head_dim for i in cut):
