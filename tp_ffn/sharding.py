@@ -111,7 +111,8 @@ class ShardSpec:
             _check_int(f"parts[{i}]", n, 0)
         if sum(parts) != shape[dim]:
             raise ValueError(
-                f"ShardSpec.parts: expected parts adding up to shape[{dim}]={shape[dim]}, got {parts} (sum {sum(parts)})"
+                f"ShardSpec.parts: expected parts adding up to shape[{dim}]={shape[dim]}, "
+                f"got {parts} (sum {sum(parts)})"
             )
         object.__setattr__(self, "dim", dim)
         object.__setattr__(self, "parts", parts)

@@ -5,7 +5,7 @@ Imports point one way (each module imports only those above it in this list)::
     config.py             LlamaConfig and the presets (nothing of tp_ffn.models)
     config_bounds.py      a config may not describe more than the weights beside it hold
     kv_cache.py           KVCache: this rank's keys and values of earlier positions, for generation
-    weight_names.py       file and tensor names of the Hugging Face and Meta layouts (the one names table), HF's q/k row order
+    weight_names.py       the one HF <-> Meta names table (files, tensors), HF's q/k row order
     hf_files.py           an HF Llama checkpoint on the one safetensors reader (tp_ffn.safetensors_dir)
     meta_files.py         consolidated.XX.pth, memory-mapped and weights_only
     pretrained_config.py  the LlamaConfig of a checkpoint directory; which layout it is
