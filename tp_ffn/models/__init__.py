@@ -2,6 +2,7 @@
 
 Imports point one way (each module imports only those above it in this list)::
 
+    weights_types.py      type aliases of the readers and writers
     config.py             LlamaConfig and the presets (nothing of tp_ffn.models)
     config_bounds.py      a config may not describe more than the weights beside it hold
     kv_cache.py           KVCache: this rank's keys and values of earlier positions, for generation
