@@ -2,7 +2,14 @@
 
 Every parallel layer publishes a :class:`ShardSpec` for each of its parameters
 (``layer.shard_spec("weight")``); every loader, exporter and checkpoint layout reads it
-(:func:`shard_spec_of`, :func:`named_shard_specs`) instead of working the slice out again.
+(:func:`shard_spec_of`, :func:`named_shard_specs`) instead of working the slice out again. A layer
+of one's own joins by the same two members: ``shard_spec(name) -> ShardSpec`` for each parameter
+it holds directly, and ``tp`` (its :class:`~tp_ffn.groups.TPGroup`, for the gathers); a module
+without ``shard_spec`` holds replicated tensors.
+
+The spec is asked of the layer, not stored on the parameter (Megatron's ``partition_dim``): loaders
+replace meta-device parameters, ``to_empty`` and FSDP2 swap them for new tensors, and an attribute
+on the old one would be lost; the layer's answer comes from its construction arguments and cannot.
 
 A spec names the full shape, the split dimension and its *parts*: the split dimension is a
 concatenation of consecutive parts, and each part is cut over the ``world`` ranks with
