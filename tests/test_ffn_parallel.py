@@ -254,14 +254,16 @@ def test_init_crosses_scratch_chunks(monkeypatch, dtype):
     torch.manual_seed(7)
     full = torch.nn.Linear(29, 23, dtype=dtype)
     want_state = torch.get_rng_state()
-    for dim, (start, end) in ((0, (5, 17)), (1, (4, 21)), (0, (0, 23))):
-        shape = (end - start, 29) if dim == 0 else (23, end - start)
-        w = torch.empty(shape, dtype=dtype)
-        b = torch.empty(end - start if dim == 0 else 23, dtype=dtype)
+    # One block, and two blocks (a fused gate/up shard: [s, e) of each half), rows and columns.
+    cases = ((0, [(5, 17)]), (1, [(4, 21)]), (0, [(0, 23)]), (0, [(2, 6), (13, 19)]), (1, [(0, 3), (14, 20)]))
+    for dim, blocks in cases:
+        n = sum(e - s for s, e in blocks)
+        w = torch.empty((n, 29) if dim == 0 else (23, n), dtype=dtype)
+        b = torch.empty(n if dim == 0 else 23, dtype=dtype)
         torch.manual_seed(7)
         with torch.device("meta"):  # scratch buffers must stay on the CPU regardless
-            init.init_linear_shard_(w, b, 29, 23, dim=dim, start=start, end=end)
+            init.init_linear_shard_(w, b, 29, 23, dim=dim, blocks=blocks)
         assert torch.equal(torch.get_rng_state(), want_state)
-        want_w = full.weight[start:end] if dim == 0 else full.weight[:, start:end]
-        want_b = full.bias[start:end] if dim == 0 else full.bias
-        assert torch.equal(w, want_w) and torch.equal(b, want_b), (dim, start, end)
+        want_w = torch.cat([full.weight.narrow(dim, s, e - s) for s, e in blocks], dim)
+        want_b = torch.cat([full.bias[s:e] for s, e in blocks]) if dim == 0 else full.bias
+        assert torch.equal(w, want_w) and torch.equal(b, want_b), (dim, blocks)

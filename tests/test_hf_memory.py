@@ -48,9 +48,9 @@ def _measure(rank: int, world: int, path: str, warmup: str) -> dict[str, float]:
     import transformers
 
     import tp_ffn.hf as tphf
-    from tp_ffn.hf import files
+    from tp_ffn import safetensors_dir
 
-    files.CHUNK_BYTES = CHUNK
+    safetensors_dir.CHUNK_BYTES = CHUNK
     cls = transformers.LlamaForCausalLM
     tphf.from_pretrained(cls, warmup)  # import and map the code paths on a tiny model first
     cls.from_pretrained(warmup)

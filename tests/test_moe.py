@@ -79,8 +79,8 @@ def _full_grads(par: ParallelMoEFeedForward) -> dict[str, torch.Tensor]:
     """Every parameter's gradient at its full shape, by state-dict key."""
     group, out = par.tp.group, {}
     for name in ("w1", "w2", "w3"):
-        split = par.experts.splits[f"experts.{name}"]
-        out[f"experts.{name}"] = all_gather_along(getattr(par.experts, name).grad, group, split.dim, split.sizes)
+        spec = par.experts.shard_spec(name)
+        out[f"experts.{name}"] = all_gather_along(getattr(par.experts, name).grad, group, spec.dim, spec.rank_sizes)
     if par.shared_expert is not None:
         s = par.shared_expert
         for name, dim in (("w1", 0), ("w2", 1), ("w3", 0)):

@@ -12,9 +12,10 @@ from .comm import (
 )
 from .emulation import emulate_pretraining_tp
 from .ffn import FeedForward, ParallelFeedForward, llama_ffn_hidden_dim
-from .groups import TPGroup, resolve_group, shard_bounds, shard_sizes
+from .groups import TPGroup, resolve_group
 from .layers import ColumnParallelLinear, RowParallelLinear
 from .moe import MoEConfig, MoEFeedForward, ParallelMoEFeedForward, load_balancing_loss
+from .sharding import ShardSpec, shard_bounds, shard_sizes
 from .swiglu import swiglu, swiglu_linear
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "ParallelFeedForward",
     "ParallelMoEFeedForward",
     "RowParallelLinear",
+    "ShardSpec",
     "TPGroup",
     "copy_to_parallel",
     "emulate_pretraining_tp",

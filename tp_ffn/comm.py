@@ -33,10 +33,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .groups import shard_sizes
+from .sharding import ShardSpec, shard_sizes
 
 __all__ = [
     "all_gather_along",
+    "all_gather_shard",
     "copy_to_parallel",
     "reduce_from_parallel",
     "gather_from_parallel",
@@ -83,6 +84,17 @@ def all_gather_along(x: Tensor, group: ProcessGroup | None, dim: int, sizes: Seq
     if sizes is not None and any(s != width for s in sizes):
         out = torch.cat([out[r * width : r * width + s] for r, s in enumerate(sizes)])
     return out.movedim(0, dim)
+
+
+def all_gather_shard(x: Tensor, spec: ShardSpec, group: ProcessGroup | None) -> Tensor:
+    """The full tensor (``spec.shape``) from every rank's piece ``x`` (``spec.local_shape``), no autograd.
+
+    One all-gather along ``spec.dim``, blocks put in their places; a replicated tensor is returned as is.
+    Collective: every rank of ``group`` calls it with its own piece.
+    """
+    if not spec.is_sharded:
+        return x
+    return spec.assemble(all_gather_along(x, group, spec.dim, spec.rank_sizes))
 
 
 def _split(x: Tensor, group: ProcessGroup, dim: int, sizes: Sequence[int]) -> Tensor:

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ffn import FeedForward
-from .groups import shard_bounds
 from .layers import check_input
+from .sharding import shard_bounds
 
 __all__ = ["emulate_pretraining_tp"]
 

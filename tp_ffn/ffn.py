@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import canonical_ffn_state_dict, check_ffn_state_dict, ffn_shapes, infer_ffn_dims
-from .comm import all_gather_along, copy_to_parallel, gather_from_sequence
+from .comm import all_gather_shard, copy_to_parallel, gather_from_sequence
 from .fused import gate_up_projection, row_parallel_chunked
 from .groups import GroupLike, resolve_group
 from .layers import ColumnParallelLinear, RowParallelLinear, check_features, check_input
@@ -246,6 +246,13 @@ class ParallelFeedForward(nn.Module):
         module.load_dense_state_dict(sd, device=w1.device if device is None else device)
         return module
 
+    def _params(self) -> list[tuple[str, ColumnParallelLinear | RowParallelLinear, str]]:
+        """``(Meta key, layer, attribute)`` of every parameter of the block (its layers say how each is split)."""
+        layers = (("w1", self.w1), ("w2", self.w2), ("w3", self.w3))
+        return [
+            (f"{n}.{a}", layer, a) for n, layer in layers for a in ("weight", "bias") if getattr(layer, a) is not None
+        ]
+
     @torch.no_grad()
     def load_dense_state_dict(self, sd: Mapping[str, Tensor], *, device: torch.device | str | None = None) -> None:
         """Load this rank's slices of a full state dict (Meta or HF keys, ``.weight`` / ``.bias``).
@@ -256,18 +263,7 @@ class ParallelFeedForward(nn.Module):
         """
         canonical, original = canonical_ffn_state_dict(sd, "sd")
         check_ffn_state_dict(canonical, original, ffn_shapes(self.dim, self.hidden_dim, self.w1.bias is not None), "sd")
-        s, e = self.w1.start, self.w1.end
-        slices = {
-            (self.w1, "weight"): canonical["w1.weight"][s:e],
-            (self.w2, "weight"): canonical["w2.weight"][:, s:e],
-            (self.w3, "weight"): canonical["w3.weight"][s:e],
-        }
-        if self.w1.bias is not None:
-            slices.update({
-                (self.w1, "bias"): canonical["w1.bias"][s:e],
-                (self.w2, "bias"): canonical["w2.bias"],
-                (self.w3, "bias"): canonical["w3.bias"][s:e],
-            })  # fmt: skip
+        slices = {(layer, attr): layer.shard_spec(attr).take(canonical[key]) for key, layer, attr in self._params()}
         for (layer, attr), value in slices.items():
             param: nn.Parameter = getattr(layer, attr)
             if param.device.type == "meta":
@@ -283,16 +279,11 @@ class ParallelFeedForward(nn.Module):
 
         Collective: every rank of the group must call it.
         """
-        group, sizes = self.tp.group, self.w1.shard_sizes
+        group = self.tp.group
         out = {
-            "w1.weight": all_gather_along(self.w1.weight.detach(), group, 0, sizes),
-            "w2.weight": all_gather_along(self.w2.weight.detach(), group, 1, sizes),
-            "w3.weight": all_gather_along(self.w3.weight.detach(), group, 0, sizes),
+            key: all_gather_shard(getattr(layer, attr).detach(), layer.shard_spec(attr), group)
+            for key, layer, attr in self._params()
         }
-        if self.w1.bias is not None:
-            out["w1.bias"] = all_gather_along(self.w1.bias.detach(), group, 0, sizes)
-            out["w2.bias"] = self.w2.bias.detach()
-            out["w3.bias"] = all_gather_along(self.w3.bias.detach(), group, 0, sizes)
         ordered = {k: out[k] for k in ffn_shapes(self.dim, self.hidden_dim, self.w1.bias is not None)}
         return {k: v.clone() for k, v in ordered.items()}
 

@@ -1,4 +1,4 @@
-"""Resolve the tensor-parallel group argument and compute shard bounds.
+"""Resolve the tensor-parallel group argument.
 
 Every layer takes ``group`` as a ``ProcessGroup``, a 1-D ``DeviceMesh`` or ``None``; this module
 turns that into a :class:`TPGroup` once, at construction, so that no layer consults global state.
@@ -11,6 +11,8 @@ from typing import Union
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+from .sharding import shard_bounds, shard_sizes  # their home; re-exported here for older imports
 
 try:  # DeviceMesh lives in torch.distributed.device_mesh from torch 2.2 on.
     from torch.distributed.device_mesh import DeviceMesh
@@ -83,19 +85,3 @@ def resolve_group(group: GroupLike) -> TPGroup:
             f"{dist.get_rank()} is not a member of it"
         )
     return TPGroup(group, rank, dist.get_world_size(group))
-
-
-def shard_sizes(n: int, world_size: int) -> list[int]:
-    """Sizes of ``n`` split over ``world_size`` ranks as ``torch.tensor_split`` does it.
-
-    The first ``n % world_size`` ranks hold one more element: 11008 over 3 -> [3670, 3669, 3669].
-    """
-    base, extra = divmod(n, world_size)
-    return [base + (r < extra) for r in range(world_size)]
-
-
-def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``[start, end)`` of rank ``rank``'s contiguous block of ``n`` (see :func:`shard_sizes`)."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)

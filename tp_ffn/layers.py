@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,8 +17,9 @@ from .comm import (
     reduce_scatter_to_sequence,
     scatter_to_parallel,
 )
-from .groups import GroupLike, TPGroup, resolve_group, shard_bounds, shard_sizes
+from .groups import GroupLike, TPGroup, resolve_group
 from .init import init_linear_shard_
+from .sharding import ShardSpec
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "check_features", "check_input"]
 
@@ -58,7 +61,7 @@ def check_input(
 
 
 class _ParallelLinear(nn.Module):
-    """What both layers share: the resolved group, the shard bounds, the parameters and their init."""
+    """What both layers share: the resolved group, the shard description, the parameters and their init."""
 
     def __init__(
         self,
@@ -67,6 +70,7 @@ class _ParallelLinear(nn.Module):
         bias: bool,
         *,
         shard_dim: int,
+        parts: Sequence[int] | None,
         group: GroupLike,
         sequence_parallel: bool,
         sequence_dim: int,
@@ -81,22 +85,56 @@ class _ParallelLinear(nn.Module):
         if isinstance(sequence_dim, bool) or not isinstance(sequence_dim, int):
             raise TypeError(f"sequence_dim: expected an int, got {type(sequence_dim).__name__} ({sequence_dim!r})")
         self.sequence_dim = sequence_dim
+        side = "out_features" if shard_dim == 0 else "in_features"
         sharded = out_features if shard_dim == 0 else in_features
-        if sharded < self.tp.size:
-            side = "out_features" if shard_dim == 0 else "in_features"
+        parts = (sharded,) if parts is None else tuple(parts)
+        if not parts or any(isinstance(n, bool) or not isinstance(n, int) for n in parts) or sum(parts) != sharded:
+            raise ValueError(f"parts: expected ints adding up to {side}={sharded}, got {parts}")
+        if min(parts) < self.tp.size:
+            what = f"{side}" if len(parts) == 1 else f"every part of {side} {parts}"
+            got = sharded if len(parts) == 1 else min(parts)
             raise ValueError(
-                f"{side}: expected at least one per rank (>= the tensor-parallel size {self.tp.size}), got {sharded}"
+                f"{what}: expected at least one per rank (>= the tensor-parallel size {self.tp.size}), got {got}"
             )
         self.shard_dim = shard_dim
-        self.shard_sizes = shard_sizes(sharded, self.tp.size)
-        self.start, self.end = shard_bounds(sharded, self.tp.size, self.tp.rank)
-        n = self.end - self.start
-        shape = (n, in_features) if shard_dim == 0 else (out_features, n)
+        self._weight_spec = ShardSpec.split((out_features, in_features), shard_dim, self.tp.rank, self.tp.size, parts)
+        self.shard_sizes: list[int] = self._weight_spec.rank_sizes or []
         kw = {"dtype": dtype, "device": device}
-        self.weight = nn.Parameter(torch.empty(shape, **kw))
-        bias_len = n if shard_dim == 0 else out_features
+        self.weight = nn.Parameter(torch.empty(self._weight_spec.local_shape, **kw))
+        bias_len = self._weight_spec.local_shape[0]
         self.bias = nn.Parameter(torch.empty(bias_len, **kw)) if bias else None
         self.reset_parameters()
+
+    def shard_spec(self, name: str) -> ShardSpec:
+        """How parameter ``name`` (``"weight"`` or ``"bias"``) is split over the group."""
+        if name == "weight":
+            return self._weight_spec
+        if name == "bias" and self.bias is not None:
+            if self.shard_dim == 0:
+                spec = self._weight_spec
+                return ShardSpec.split((self.out_features,), 0, spec.rank, spec.world, spec.parts)
+            return ShardSpec.replicated((self.out_features,))
+        raise KeyError(f"{type(self).__name__} has no parameter {name!r}")
+
+    def _single_block(self) -> tuple[int, int]:
+        blocks = self._weight_spec.blocks
+        if len(blocks) != 1:
+            # Not AttributeError: nn.Module.__getattr__ would replace this message with "no attribute".
+            raise ValueError(
+                f"{type(self).__name__}: holds {len(blocks)} blocks {list(blocks)} of {len(blocks)} parts, not one "
+                f"[start, end): read shard_spec('weight').blocks"
+            )
+        return blocks[0]
+
+    @property
+    def start(self) -> int:
+        """First index of this rank's block along the split dimension (one part only)."""
+        return self._single_block()[0]
+
+    @property
+    def end(self) -> int:
+        """End (exclusive) of this rank's block along the split dimension (one part only)."""
+        return self._single_block()[1]
 
     @property
     def group(self) -> ProcessGroup | None:
@@ -111,13 +149,14 @@ class _ParallelLinear(nn.Module):
         """Draw this rank's shard of what ``nn.Linear(in, out)`` would draw (see ``tp_ffn.init``)."""
         init_linear_shard_(
             self.weight, self.bias, self.in_features, self.out_features,
-            dim=self.shard_dim, start=self.start, end=self.end,
+            dim=self.shard_dim, blocks=self._weight_spec.blocks,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
+        blocks = ", ".join(f"[{s}, {e})" for s, e in self._weight_spec.blocks)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"shard=[{self.start}, {self.end}) rank={self.tp.rank}/{self.tp.size}, "
+            f"shard={blocks} rank={self.tp.rank}/{self.tp.size}, "
             f"sequence_parallel={self.sequence_parallel}"
         )
 
@@ -138,6 +177,11 @@ class ColumnParallelLinear(_ParallelLinear):
     Forward communication: none, or one all-gather of the sequence shards with
     ``sequence_parallel``, plus one all-gather of the outputs with ``gather_output``. Backward: one
     all-reduce (reduce-scatter with sequence parallelism) of the input gradient.
+
+    ``parts`` (e.g. ``(I, I)`` for a fused gate/up weight ``[2I, in]``): the output features are
+    these consecutive parts, each split over the group; rank r holds its rows of every part, one
+    part after the other (``weight [n_r(I) + n_r(I), in]``, ``y`` likewise), and ``gather_output``
+    puts every part back in place. :meth:`shard_spec` says it to loaders and checkpoints.
     """
 
     def __init__(
@@ -150,11 +194,12 @@ class ColumnParallelLinear(_ParallelLinear):
         group: GroupLike = None,
         sequence_parallel: bool = False,
         sequence_dim: int = 1,
+        parts: Sequence[int] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
-            in_features, out_features, bias, shard_dim=0, group=group,
+            in_features, out_features, bias, shard_dim=0, parts=parts, group=group,
             sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, dtype=dtype, device=device,
         )  # fmt: skip
         self.gather_output = bool(gather_output)
@@ -168,7 +213,8 @@ class ColumnParallelLinear(_ParallelLinear):
             x = copy_to_parallel(x, group)
         y = F.linear(x, self.weight, self.bias)
         if self.gather_output:
-            y = gather_from_parallel(y, group, -1, self.shard_sizes)
+            # Rank order; with several parts, each part's blocks are then put back in place.
+            y = self._weight_spec.assemble(gather_from_parallel(y, group, -1, self.shard_sizes), -1)
         return y
 
 
@@ -188,6 +234,9 @@ class RowParallelLinear(_ParallelLinear):
     Forward communication: one all-reduce of the partial products, or one reduce-scatter along
     ``sequence_dim`` with ``sequence_parallel``. Backward: none, or one all-gather with sequence
     parallelism plus one all-reduce of the bias gradient (each rank's bias sees only its own tokens).
+
+    ``parts``: the input features as consecutive parts, each split over the group (rank r holds its
+    columns of every part, one after the other); needs ``input_is_parallel``.
     """
 
     def __init__(
@@ -200,24 +249,32 @@ class RowParallelLinear(_ParallelLinear):
         group: GroupLike = None,
         sequence_parallel: bool = False,
         sequence_dim: int = 1,
+        parts: Sequence[int] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
+        if parts is not None and len(parts) > 1 and not input_is_parallel:
+            raise ValueError(
+                f"input_is_parallel: expected True with several parts {tuple(parts)} (a full input would have to be "
+                "cut block by block), got False"
+            )
         if sequence_parallel and not input_is_parallel:
             raise ValueError(
                 "input_is_parallel: expected True with sequence_parallel=True (the input comes from a "
                 "column-parallel layer), got False"
             )
         super().__init__(
-            in_features, out_features, bias, shard_dim=1, group=group,
+            in_features, out_features, bias, shard_dim=1, parts=parts, group=group,
             sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, dtype=dtype, device=device,
         )  # fmt: skip
         self.input_is_parallel = bool(input_is_parallel)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_is_parallel:
-            shard = f"this rank's in_features shard [{self.start}, {self.end})"
-            check_input(x, self.weight, self.end - self.start, what=shard, sequence_dim=self.active_sequence_dim)
+            blocks = ", ".join(f"[{s}, {e})" for s, e in self._weight_spec.blocks)
+            n = self._weight_spec.local_size
+            shard = f"this rank's in_features shard {blocks}"
+            check_input(x, self.weight, n, what=shard, sequence_dim=self.active_sequence_dim)
         else:
             check_input(x, self.weight, self.in_features, what="in_features")
         return self.forward_parallel(

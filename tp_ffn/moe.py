@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .comm import (
-    all_gather_along,
+    all_gather_shard,
     copy_to_parallel,
     gather_from_sequence,
     reduce_from_parallel,
@@ -38,9 +38,10 @@ from .comm import (
 )
 from .ffn import FeedForward, ParallelFeedForward
 from .grouped import dispatch_by_expert, grouped_swiglu
-from .groups import GroupLike, TPGroup, resolve_group, shard_bounds, shard_sizes
+from .groups import GroupLike, TPGroup, resolve_group
 from .init import init_linear_shard_
 from .layers import check_features, check_input
+from .sharding import ShardSpec, shard_spec_of
 from .swiglu import compute_dtype, get_activation
 
 __all__ = [
@@ -400,55 +401,49 @@ class MoEFeedForward(nn.Module):
         return f"dim={self.dim}, hidden_dim={c.hidden_dim}, shared_hidden_dim={c.shared_hidden_dim}, activation={self.activation!r}"
 
 
-class _Split(NamedTuple):
-    """How a tensor is split over the group: along ``dim``, this rank holds ``[start, end)``, rank r
-    holds ``sizes[r]`` elements."""
-
-    dim: int
-    start: int
-    end: int
-    sizes: list[int]
-
-
-def _expert_splits(config: MoEConfig, tp: TPGroup) -> dict[str, _Split]:
-    """The routed experts' split tensors (every other tensor of the block is replicated, or is the shared
-    expert's, which :class:`ParallelFeedForward` splits). The block's only slice arithmetic."""
-    start, end = shard_bounds(config.hidden_dim, tp.size, tp.rank)
-    sizes = shard_sizes(config.hidden_dim, tp.size)
+def _expert_specs(dim: int, config: MoEConfig, tp: TPGroup) -> dict[str, ShardSpec]:
+    """The routed experts' split weights, by attribute of :class:`ParallelExperts` (every other tensor
+    of the block is replicated, or is the shared expert's, which :class:`ParallelFeedForward` splits):
+    each expert's hidden dimension over the group, as :class:`ParallelFeedForward` splits its own."""
+    full = moe_shapes(dim, config)
     return {
-        "experts.w1": _Split(1, start, end, sizes),
-        "experts.w2": _Split(2, start, end, sizes),
-        "experts.w3": _Split(1, start, end, sizes),
+        "w1": ShardSpec.split(full["experts.w1"], 1, tp.rank, tp.size),
+        "w2": ShardSpec.split(full["experts.w2"], 2, tp.rank, tp.size),
+        "w3": ShardSpec.split(full["experts.w3"], 1, tp.rank, tp.size),
     }
 
 
 class ParallelExperts(nn.Module):
     """This rank's rows of every expert's w1/w3 and the same columns of w2: ``w1, w3 [E, n_r, dim]``,
-    ``w2 [E, dim, n_r]`` (``n_r = end - start``, ``torch.tensor_split`` sizes of I, as
-    :class:`~tp_ffn.ParallelFeedForward`). Drawn as :class:`Experts` draws the full weights."""
+    ``w2 [E, dim, n_r]`` (``n_r``: this rank's ``torch.tensor_split`` share of I, as
+    :class:`~tp_ffn.ParallelFeedForward`). Drawn as :class:`Experts` draws the full weights.
+    Publishes :meth:`shard_spec` (the layer protocol of :mod:`tp_ffn.sharding`)."""
 
     def __init__(
         self, dim: int, config: MoEConfig, tp: TPGroup, *, dtype: torch.dtype | None, device: torch.device | str | None
     ) -> None:
         super().__init__()
-        self.splits = _expert_splits(config, tp)
-        full = moe_shapes(dim, config)
+        self.tp = tp
+        self.specs = _expert_specs(dim, config, tp)
         kw = {"dtype": dtype, "device": device}
-        for name in ("w1", "w2", "w3"):
-            key, shape = f"experts.{name}", list(full[f"experts.{name}"])
-            split = self.splits[key]
-            shape[split.dim] = split.end - split.start
-            setattr(self, name, nn.Parameter(torch.empty(shape, **kw)))
+        for name, spec in self.specs.items():
+            setattr(self, name, nn.Parameter(torch.empty(spec.local_shape, **kw)))
         if self.w1.device.type != "meta":
-            i, s = config.hidden_dim, self.splits["experts.w1"]
+            i, blocks = config.hidden_dim, self.specs["w1"].blocks
             for k in range(config.num_experts):
-                init_linear_shard_(self.w1.data[k], None, dim, i, dim=0, start=s.start, end=s.end)
-                init_linear_shard_(self.w2.data[k], None, i, dim, dim=1, start=s.start, end=s.end)
-                init_linear_shard_(self.w3.data[k], None, dim, i, dim=0, start=s.start, end=s.end)
+                init_linear_shard_(self.w1.data[k], None, dim, i, dim=0, blocks=blocks)
+                init_linear_shard_(self.w2.data[k], None, i, dim, dim=1, blocks=blocks)
+                init_linear_shard_(self.w3.data[k], None, dim, i, dim=0, blocks=blocks)
+
+    def shard_spec(self, name: str) -> ShardSpec:
+        """How parameter ``name`` (``w1``, ``w2``, ``w3``) is split over the group."""
+        if name not in self.specs:
+            raise ValueError(f"ParallelExperts.shard_spec: expected one of {sorted(self.specs)}, got {name!r}")
+        return self.specs[name]
 
     def extra_repr(self) -> str:
-        s = self.splits["experts.w1"]
-        return f"hidden shard=[{s.start}, {s.end})"
+        (s, e), = self.specs["w1"].blocks
+        return f"hidden shard=[{s}, {e})"
 
 
 class _KeepSequenceBlockGrad(torch.autograd.Function):
@@ -637,13 +632,10 @@ class ParallelMoEFeedForward(nn.Module):
         others are copied into, on their own device.
         """
         _check_moe_state_dict(sd, moe_shapes(self.dim, self.config), "sd")
-        splits = self.experts.splits
         for key, value in sd.items():
             if key.startswith("shared_expert."):
                 continue
-            split = splits.get(key)
-            if split is not None:
-                value = value.narrow(split.dim, split.start, split.end - split.start)
+            value = shard_spec_of(self, key, value).take(value, name=f"sd[{key!r}]")
             module_name, _, attr = key.rpartition(".")
             self._assign(self.get_submodule(module_name), attr, value, device)
         if self.shared_expert is not None:
@@ -670,7 +662,7 @@ class ParallelMoEFeedForward(nn.Module):
 
         Collective: every rank of the group must call it.
         """
-        splits, group = self.experts.splits, self.tp.group
+        group = self.tp.group
         shared = {} if self.shared_expert is None else self.shared_expert.dense_state_dict()
         out = {}
         for key in moe_shapes(self.dim, self.config):
@@ -682,9 +674,7 @@ class ParallelMoEFeedForward(nn.Module):
                 if key != "router.e_score_correction_bias"
                 else self.router.e_score_correction_bias
             )
-            split = splits.get(key)
-            if split is not None:
-                value = all_gather_along(value.detach(), group, split.dim, split.sizes)
+            value = all_gather_shard(value.detach(), shard_spec_of(self, key, value), group)
             out[key] = value.detach().clone(memory_format=torch.contiguous_format)
         return out
 

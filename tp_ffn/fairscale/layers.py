@@ -47,8 +47,9 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from .. import layers as core
-from ..comm import all_gather_along, gather_from_parallel, reduce_from_parallel
-from ..groups import TPGroup, resolve_group, shard_bounds, shard_sizes
+from ..comm import all_gather_shard, gather_from_parallel, reduce_from_parallel
+from ..groups import TPGroup, resolve_group
+from ..sharding import ShardSpec
 from .initialize import get_model_parallel_group
 
 __all__ = ["ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear", "VocabParallelEmbedding"]
@@ -69,38 +70,30 @@ def _check_stride(stride: int, sizes: list[int]) -> int:
 
 
 @torch.no_grad()
-def _init_from_master(
-    weight: Tensor, full: tuple[int, int], dim: int, tp: TPGroup, start: int, end: int,
-    init_method: InitMethod, stride: int,
-) -> Tensor | None:  # fmt: skip
-    """Fill ``weight`` with this rank's block (on ``dim``) of a ``full``-shaped master drawn by ``init_method``.
+def _init_from_master(weight: Tensor, drawn: ShardSpec, init_method: InitMethod) -> Tensor | None:
+    """Fill ``weight`` with this rank's pieces ``drawn`` of a master (``drawn.shape``) drawn by ``init_method``.
 
     As fairscale: at W = 1 ``init_method`` fills ``weight`` itself; otherwise it fills a master of
-    the weight's dtype on the weight's device, and the block is ``[start, end)``, or with
-    ``stride`` the pieces ``rank, rank + W, ...`` of the master cut into ``stride * W`` equal pieces.
-    Returns the master (``None`` on the meta device, where nothing is drawn).
+    the weight's dtype on the weight's device and the rank keeps its pieces of it. Returns the
+    master (``None`` on the meta device, where nothing is drawn).
     """
     if weight.device.type == "meta":
         return None
-    if tp.size == 1:
+    if drawn.world == 1:
         init_method(weight)
         return weight.detach()
-    master = torch.empty(full, dtype=weight.dtype, device=weight.device)
+    master = torch.empty(drawn.shape, dtype=weight.dtype, device=weight.device)
     init_method(master)
-    if stride == 1:
-        weight.copy_(master.narrow(dim, start, end - start))
-    else:
-        pieces = master.split((end - start) // stride, dim)
-        weight.copy_(torch.cat(pieces[tp.rank :: tp.size], dim))
+    weight.copy_(drawn.take(master))
     return master
 
 
 class _MasterInit:
     """fairscale's initialisation, and ``get_master_weight``, for a layer with one sharded ``weight``.
 
-    The layer has ``weight``, ``tp``, ``shard_dim``, ``shard_sizes``, ``start``, ``end`` and
-    ``master_shape``. ``init_method`` is ``None`` while tp_ffn's linear constructor runs: it calls
-    ``reset_parameters``, which must draw nothing before the fairscale constructor has set it.
+    The layer has ``weight``, ``tp``, ``shard_spec("weight")`` and ``master_shape``. ``init_method``
+    is ``None`` while tp_ffn's linear constructor runs: it calls ``reset_parameters``, which must draw
+    nothing before the fairscale constructor has set it.
     """
 
     init_method: InitMethod | None = None
@@ -116,13 +109,21 @@ class _MasterInit:
         self.init_method = init_method
         self.reset_parameters()
 
+    def _drawn_spec(self) -> ShardSpec:
+        """Where this rank's weight is drawn from in the master: its block, or with ``stride`` k its
+        block of each of k equal parts (fairscale's ``_initialize_affine_weight``). Only the draw is
+        strided: the layer computes, and ``get_master_weight`` gathers, in rank order, as fairscale's."""
+        spec = self.shard_spec("weight")
+        if self.stride == 1:
+            return spec
+        n = spec.shape[spec.dim]
+        return ShardSpec.split(spec.shape, spec.dim, spec.rank, spec.world, (n // self.stride,) * self.stride)
+
     def reset_parameters(self) -> None:
         """Draw the master weight with ``init_method``, keep this rank's block, zero the bias."""
         if self.init_method is None:
             return
-        master = _init_from_master(
-            self.weight, self.master_shape, self.shard_dim, self.tp, self.start, self.end, self.init_method, self.stride
-        )
+        master = _init_from_master(self.weight, self._drawn_spec(), self.init_method)
         bias = getattr(self, "bias", None)
         if bias is not None:
             with torch.no_grad():
@@ -131,7 +132,7 @@ class _MasterInit:
 
     def get_master_weight(self) -> Tensor:
         """The full weight (``master_shape``), gathered from every rank (a collective)."""
-        return all_gather_along(self.weight.detach(), self.tp.group, self.shard_dim, self.shard_sizes)
+        return all_gather_shard(self.weight.detach(), self.shard_spec("weight"), self.tp.group)
 
 
 class ColumnParallelLinear(_MasterInit, core.ColumnParallelLinear):
@@ -259,12 +260,17 @@ class _ParallelEmbedding(_MasterInit, nn.Module):
                 f"{side}: expected at least one per rank (>= the model-parallel size {self.tp.size}), got {split}"
             )
         self.shard_dim = shard_dim
-        self.shard_sizes = shard_sizes(split, self.tp.size)
-        self.start, self.end = shard_bounds(split, self.tp.size, self.tp.rank)
-        shape = [num_embeddings, embedding_dim]
-        shape[shard_dim] = self.end - self.start
-        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+        self._weight_spec = ShardSpec.split((num_embeddings, embedding_dim), shard_dim, self.tp.rank, self.tp.size)
+        self.shard_sizes: list[int] = self._weight_spec.rank_sizes or []
+        self.start, self.end = self._weight_spec.blocks[0]
+        self.weight = nn.Parameter(torch.empty(self._weight_spec.local_shape, dtype=dtype, device=device))
         self._init_like_fairscale(init_method, 1, keep_master_weight_for_test)
+
+    def shard_spec(self, name: str) -> ShardSpec:
+        """How ``weight`` is split over the model-parallel group (rows or columns, ``tensor_split`` sizes)."""
+        if name != "weight":
+            raise KeyError(f"{type(self).__name__} has no parameter {name!r}")
+        return self._weight_spec
 
     @property
     def master_shape(self) -> tuple[int, int]:

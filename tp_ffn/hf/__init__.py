@@ -4,11 +4,12 @@
     full_state_dict(model)               the full HF-named tensors on every rank (for save_pretrained)
     from_pretrained(cls, path, group)    build on meta, read only this rank's slices of the MLPs
 
-This package imports tp_ffn's core; the core never imports it. transformers, safetensors and accelerate
-are needed only by from_pretrained (the ``hf`` extra).
+This package imports tp_ffn's core (and its safetensors reader, tp_ffn.safetensors_dir); the core never
+imports it. transformers, safetensors and accelerate are needed only by from_pretrained (the ``hf`` extra).
+Which slice of a tensor each rank reads or gathers is what the layer holding it says
+(``layer.shard_spec(name)``, tp_ffn.sharding), never worked out here.
 
     mlp.py      ParallelMLP, the activation names, parallelize_mlp, full_state_dict
-    files.py    safetensors checkpoint directories, read a chunk of rows at a time
     loading.py  from_pretrained
 """
 

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..groups import GroupLike, resolve_group
-from ..layers import ColumnParallelLinear, RowParallelLinear
-from .files import SafetensorsDir
+from ..safetensors_dir import SafetensorsDir
+from ..sharding import shard_spec_of
 from .mlp import parallelize_mlp
 
 __all__ = ["from_pretrained"]
@@ -231,19 +231,6 @@ def _key_mapper(model: nn.Module, model_keys: list[str], ckpt_keys: set[str]):
     return lambda k: k
 
 
-def _slice_of(target: _Target, attr: str) -> tuple[tuple[int, ...], tuple[int, int] | None, tuple[int, int] | None]:
-    """The full shape the checkpoint must hold, and this rank's rows / columns of it."""
-    layer = target.layer
-    if isinstance(layer, ColumnParallelLinear):
-        full = (layer.out_features, layer.in_features) if attr == "weight" else (layer.out_features,)
-        return full, (layer.start, layer.end), None
-    if isinstance(layer, RowParallelLinear):
-        if attr == "weight":
-            return (layer.out_features, layer.in_features), None, (layer.start, layer.end)
-        return (layer.out_features,), None, None
-    return tuple(target.tensor.shape), None, None
-
-
 @torch.no_grad()
 def _load(model: nn.Module, files: SafetensorsDir, device: torch.device) -> None:
     targets = _targets(model)
@@ -254,17 +241,10 @@ def _load(model: nn.Module, files: SafetensorsDir, device: torch.device) -> None
         key = next((to_ckpt(n) for n in target.names if to_ckpt(n) in files.shape), None)
         if key is None:
             continue  # a tied weight (tie_weights below) or a buffer kept as built; checked afterwards
-        attr = target.owners[0][1]
-        full, rows, cols = _slice_of(target, attr)
-        if files.shape[key] != full:
-            raise ValueError(f"{files.file_of[key]}: {key}: expected shape {full}, got {files.shape[key]}")
-        shape = list(full)
-        if rows is not None:
-            shape[0] = rows[1] - rows[0]
-        if cols is not None:
-            shape[1] = cols[1] - cols[0]
-        value = torch.empty(shape, dtype=target.tensor.dtype, device=device)
-        files.read_into(key, value, rows, cols)
+        # What the owning layer says this rank holds (replicated unless it is a tensor-parallel layer).
+        spec = shard_spec_of(target.layer, target.owners[0][1], target.tensor)
+        value = torch.empty(spec.local_shape, dtype=target.tensor.dtype, device=device)
+        files.read_into(key, value, spec)  # checks the stored shape against spec.shape
         if target.is_param:
             value = nn.Parameter(value, requires_grad=target.tensor.requires_grad)
         for module, name in target.owners:
@@ -288,7 +268,7 @@ def _init_missing(model: nn.Module, group: GroupLike, device: torch.device, root
     if not missing:
         return
     owners = {n: model.get_submodule(n.rpartition(".")[0]) for n in missing}
-    sharded = [n for n, m in owners.items() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    sharded = [n for n, m in owners.items() if shard_spec_of(m, n.rpartition(".")[2]).is_sharded]
     if sharded:
         raise ValueError(f"{root}: the checkpoint lacks {len(sharded)} MLP weights of the model: {sharded[:10]}")
     tp = resolve_group(group)

@@ -16,9 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import META_TO_HF
+from ..comm import all_gather_shard
 from ..ffn import ParallelFeedForward, get_activation
 from ..groups import GroupLike
 from ..layers import ColumnParallelLinear, RowParallelLinear
+from ..sharding import shard_spec_of
 
 __all__ = ["HF_ACTIVATIONS", "ParallelMLP", "full_state_dict", "parallelize_mlp"]
 
@@ -32,7 +34,7 @@ HF_ACTIVATIONS: dict[str, str] = {
     "relu": "relu",
 }
 
-_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_PROJECTIONS = (META_TO_HF["w1"], META_TO_HF["w3"], META_TO_HF["w2"])  # gate, up, down: Hugging Face's order
 
 
 class ParallelMLP(ParallelFeedForward):
@@ -48,7 +50,7 @@ class ParallelMLP(ParallelFeedForward):
     so ``state_dict()`` has the keys of the dense MLP, holding this rank's shards.
     """
 
-    _HF_NAMES: ClassVar[dict[str, str]] = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    _HF_NAMES: ClassVar[dict[str, str]] = META_TO_HF
 
     def __init__(self, hidden_size: int, intermediate_size: int, **options: Any) -> None:
         """``options``: those of :class:`~tp_ffn.ParallelFeedForward` (``bias``, ``activation``, ``group``,
@@ -260,18 +262,19 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
             model.save_pretrained(path, state_dict=sd)
     """
     out = model.state_dict()
-    gathered: dict[int, dict[str, Tensor]] = {}
+    gathered: dict[int, Tensor] = {}
+    # Every parameter whose layer says it is sharded (the MLP blocks, and any other tp_ffn layer), in
+    # module order on every rank, so that the all-gathers pair up.
     for path, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, ParallelFeedForward):
-            continue
-        if id(module) not in gathered:
-            if isinstance(module, ParallelMLP):
-                gathered[id(module)] = module.full_state_dict()
-            else:
-                gathered[id(module)] = module.dense_state_dict()
-        prefix = f"{path}." if path else ""
-        for key, value in gathered[id(module)].items():
-            out[prefix + key] = value
+        for attr, p in module._parameters.items():
+            key = f"{path}.{attr}" if path else attr
+            if p is None or key not in out:
+                continue
+            spec = shard_spec_of(module, attr, p)
+            if spec.is_sharded:
+                if id(p) not in gathered:
+                    gathered[id(p)] = all_gather_shard(p.detach(), spec, module.tp.group).clone()
+                out[key] = gathered[id(p)]
     for key, value in out.items():
         if _is_dtensor(value):
             out[key] = value.full_tensor()

@@ -8,7 +8,7 @@ error instead of an attempt to allocate terabytes.
 
 from __future__ import annotations
 
-from .llama import LlamaConfig
+from .config import LlamaConfig
 
 __all__ = ["ROPE_FLOOR_ELEMENTS", "check_config_fits"]
 

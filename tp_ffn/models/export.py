@@ -7,19 +7,20 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..comm import all_gather_along
+from ..comm import all_gather_shard
 from ..groups import TPGroup
+from ..sharding import ShardSpec
+from .config import LlamaConfig
 from .hf_files import HFReader
-from .llama import LlamaConfig, Transformer
-from .loading import shard_targets
+from .loading import model_config, shard_targets
 from .meta_files import MetaReader
 from .pretrained_config import config_from_pretrained, detect_format
 from .weight_names import HF_CONFIG, HF_SINGLE, META_EMBEDDING_SPLITS, META_PARAMS, meta_to_hf_rows, weight_layout
@@ -175,9 +176,10 @@ def _write_meta(
         shard = {}
         for e in layout:
             d = embedding_dim if e.name == "tok_embeddings.weight" else e.meta_dim
-            x = full[e.name] if d is None else torch.tensor_split(full[e.name], num_shards, d)[i]
-            # A copy of just this block: torch.save of a view would write the whole storage.
-            shard[e.name] = x.clone(memory_format=torch.contiguous_format)
+            # Meta shard i holds what rank i of num_shards would; a copy of just that block (torch.save
+            # of a view would write the whole storage).
+            spec = ShardSpec.replicated(e.shape) if d is None else ShardSpec.split(e.shape, d, i, num_shards)
+            shard[e.name] = spec.take(full[e.name], copy=True, name=e.name)
         torch.save(shard, out / f"consolidated.{i:02d}.pth")
         del shard
     _write_json(_meta_params_dict(cfg), out / META_PARAMS)
@@ -201,21 +203,21 @@ def _on_rank0(tp: TPGroup, fn: Callable[[], None]) -> None:
 
 
 @torch.no_grad()
-def _gather(model: Transformer) -> dict[str, Tensor]:
+def _gather(model: nn.Module) -> dict[str, Tensor]:
     """Full weights (Meta names, CPU) on TP rank 0; an empty dict elsewhere. Collective."""
     targets = shard_targets(model)
     if any(getattr(t.module, t.attr).device.type == "meta" for t in targets):
         raise ValueError("model: has parameters on the meta device; load or initialise it before exporting")
-    tp, full = model.tp, {}
+    tp: TPGroup = model.tp
+    full = {}
     for t in targets:
-        p = getattr(t.module, t.attr).detach()
-        x = p if t.dim is None else all_gather_along(p, tp.group, t.dim, t.module.shard_sizes)
+        x = all_gather_shard(getattr(t.module, t.attr).detach(), t.spec, tp.group)
         if tp.rank == 0:
             full[t.entry.name] = x.cpu()
     return full
 
 
-def export_hf(model: Transformer, path: PathLike, *, overwrite: bool = False) -> None:
+def export_hf(model: nn.Module, path: PathLike, *, overwrite: bool = False) -> None:
     """Write ``config.json`` + ``model.safetensors`` that ``LlamaForCausalLM.from_pretrained`` loads.
 
     Collective over the model's TP group (with data parallelism, call it on one replica's group).
@@ -224,18 +226,19 @@ def export_hf(model: Transformer, path: PathLike, *, overwrite: bool = False) ->
     ``path`` at the end. Raises ``FileExistsError`` for a non-empty ``path`` unless ``overwrite``.
     """
     dest = Path(path)
+    cfg = model_config(model)
     _on_rank0(model.tp, lambda: _check_destination(dest, overwrite))
     full = _gather(model)
 
     def write() -> None:
         with _atomic_dir(dest, overwrite) as tmp:
-            _write_hf(full, model.cfg, tmp)
+            _write_hf(full, cfg, tmp)
 
     _on_rank0(model.tp, write)
 
 
 def export_meta(
-    model: Transformer, path: PathLike, num_shards: int = 1, *, overwrite: bool = False, embedding_split: str = "vocab"
+    model: nn.Module, path: PathLike, num_shards: int = 1, *, overwrite: bool = False, embedding_split: str = "vocab"
 ) -> None:
     """Write Meta's ``params.json`` + ``consolidated.00.pth`` ... ``consolidated.{num_shards-1:02d}.pth``.
 
@@ -250,7 +253,8 @@ def export_meta(
     it; the original Llama 2 code does not, and assumes 10000). Collective and atomic as
     :func:`export_hf`.
     """
-    _check_num_shards(model.cfg, num_shards)
+    cfg = model_config(model)
+    _check_num_shards(cfg, num_shards)
     embedding_dim = _embedding_split_dim(embedding_split)
     dest = Path(path)
     _on_rank0(model.tp, lambda: _check_destination(dest, overwrite))
@@ -258,7 +262,7 @@ def export_meta(
 
     def write() -> None:
         with _atomic_dir(dest, overwrite) as tmp:
-            _write_meta(full, model.cfg, tmp, num_shards, embedding_dim=embedding_dim)
+            _write_meta(full, cfg, tmp, num_shards, embedding_dim=embedding_dim)
 
     _on_rank0(model.tp, write)
 
@@ -295,11 +299,10 @@ def convert_checkpoint(
     if to == "meta":
         _check_num_shards(cfg, num_shards)
     layout = weight_layout(cfg)
-    with ExitStack() as stack:
-        reader: HFReader | MetaReader = HFReader(src_path, stack) if fmt == "hf" else MetaReader(src_path)
-        reader.validate(layout)
-        items = progress(layout, desc=f"read {fmt}") if progress else layout
-        full = {e.name: reader.read(e, None, 0, 0, cfg.head_dim) for e in items}
+    reader: HFReader | MetaReader = HFReader(src_path) if fmt == "hf" else MetaReader(src_path)
+    reader.validate(layout)
+    items = progress(layout, desc=f"read {fmt}") if progress else layout
+    full = {e.name: reader.read(e, ShardSpec.replicated(e.shape), cfg.head_dim) for e in items}
     with _atomic_dir(dst_path, overwrite) as tmp:
         if to == "hf":
             _write_hf(full, cfg, tmp, progress)

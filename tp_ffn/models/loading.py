@@ -1,20 +1,22 @@
 """Loading Hugging Face or Meta weights into a :class:`~tp_ffn.models.Transformer` of any TP size.
 
-Each rank reads only its rows or columns of every sharded weight; every key and shape is checked,
-and every slice read, before the first parameter is written.
+Each rank reads only the blocks of every weight that its layer's :class:`~tp_ffn.sharding.ShardSpec`
+says it holds; every key and shape is checked, and every slice read, before the first parameter is
+written. This module sits below the model (:mod:`tp_ffn.models.llama` imports it for its one-call
+``load_pretrained``), so it knows a Transformer by its ``cfg`` and parameter names, not its class.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..sharding import ShardSpec, shard_spec_of
+from .config import LlamaConfig
 from .hf_files import HFReader
-from .llama import LlamaConfig, Transformer
 from .meta_files import MetaReader
 from .pretrained_config import config_from_hf, config_from_meta, detect_format
 from .weight_names import HF_CONFIG, META_PARAMS, WeightEntry, weight_layout
@@ -26,26 +28,34 @@ __all__ = [
     "load_hf_checkpoint",
     "load_meta_checkpoint",
     "load_pretrained",
+    "load_weights",
+    "model_config",
     "shard_targets",
 ]
 
 
 @dataclass(frozen=True)
 class ShardTarget:
-    """Where one checkpoint tensor goes in a model: ``module.attr``, this rank's ``[start, end)`` on ``dim``."""
+    """Where one checkpoint tensor goes in a model: ``module.attr``, and what this rank holds of it."""
 
     entry: WeightEntry
     module: nn.Module
     attr: str
-    dim: int | None
-    start: int
-    end: int
+    spec: ShardSpec
+
+
+def model_config(model: nn.Module) -> LlamaConfig:
+    """The config of a :class:`~tp_ffn.models.Transformer`; ``TypeError`` for anything else."""
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(model, nn.Module) or not isinstance(cfg, LlamaConfig):
+        raise TypeError(f"model: expected a tp_ffn.models.Transformer, got {type(model).__name__}")
+    return cfg
 
 
 def shard_targets(model: nn.Module) -> list[ShardTarget]:
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model: expected a tp_ffn.models.Transformer, got {type(model).__name__}")
-    layout = weight_layout(model.cfg)
+    """Every weight of ``model`` in :func:`weight_layout` order, with the spec its layer publishes."""
+    cfg = model_config(model)
+    layout = weight_layout(cfg)
     params = dict(model.named_parameters())
     missing = [e.name for e in layout if e.name not in params]
     extra = sorted(set(params) - {e.name for e in layout})
@@ -55,25 +65,22 @@ def shard_targets(model: nn.Module) -> list[ShardTarget]:
     for e in layout:
         prefix, _, attr = e.name.rpartition(".")
         module = model.get_submodule(prefix)
-        dim = getattr(module, "shard_dim", None)
-        start, end = (module.start, module.end) if dim is not None else (0, 0)
-        local = list(e.shape)
-        if dim is not None:
-            local[dim] = end - start
-        if tuple(params[e.name].shape) != tuple(local):
-            got = tuple(params[e.name].shape)
-            raise ValueError(f"model: {e.name} has shape {got}, expected {tuple(local)} for its config")
-        if e.heads is not None and dim == 0 and (start % model.cfg.head_dim or end % model.cfg.head_dim):
-            raise ValueError(f"model: {e.name} rows [{start}, {end}) do not hold whole heads of {model.cfg.head_dim}")
-        out.append(ShardTarget(e, module, attr, dim, start, end))
+        spec = shard_spec_of(module, attr, params[e.name])
+        got = tuple(params[e.name].shape)
+        if spec.shape != e.shape:
+            raise ValueError(f"model: {e.name} has full shape {spec.shape}, expected {e.shape} for its config")
+        if got != spec.local_shape:
+            raise ValueError(f"model: {e.name} has shape {got}, expected {spec.local_shape} for its config")
+        cut = [i for s, end in spec.blocks for i in (s, end)] if spec.dim == 0 else []
+        if e.heads is not None and any(i % cfg.head_dim for i in cut):
+            raise ValueError(f"model: {e.name} rows {list(spec.blocks)} do not hold whole heads of {cfg.head_dim}")
+        out.append(ShardTarget(e, module, attr, spec))
     return out
 
 
 def check_same_model(model: nn.Module, file_cfg: LlamaConfig, source: Path) -> None:
     """The checkpoint must describe the model's shapes and numerics (``max_seq_len`` may differ)."""
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model: expected a tp_ffn.models.Transformer, got {type(model).__name__}")
-    model_cfg = model.cfg
+    model_cfg = model_config(model)
     fields = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta")
     diff = [
         f"{f}: model {getattr(model_cfg, f)}, checkpoint {getattr(file_cfg, f)}"
@@ -85,14 +92,14 @@ def check_same_model(model: nn.Module, file_cfg: LlamaConfig, source: Path) -> N
 
 
 @torch.no_grad()
-def _load(model: Transformer, reader: HFReader | MetaReader, device: torch.device | str | None) -> None:
+def _load(model: nn.Module, reader: HFReader | MetaReader, device: torch.device | str | None) -> None:
     targets = shard_targets(model)
     reader.validate([t.entry for t in targets])
     hd = model.cfg.head_dim
     values = []
     for t in targets:
         param = getattr(t.module, t.attr)
-        x = reader.read(t.entry, t.dim, t.start, t.end, hd)
+        x = reader.read(t.entry, t.spec, hd)
         on_meta = param.device.type == "meta"
         target_device = (torch.device("cpu") if device is None else torch.device(device)) if on_meta else param.device
         values.append(x.to(device=target_device, dtype=param.dtype))
@@ -110,10 +117,10 @@ def _load(model: Transformer, reader: HFReader | MetaReader, device: torch.devic
                     setattr(module, name, buf.to(device))
 
 
-def load_hf_checkpoint(model: Transformer, path: PathLike, *, device: torch.device | str | None = None) -> None:
+def load_hf_checkpoint(model: nn.Module, path: PathLike, *, device: torch.device | str | None = None) -> None:
     """Load a Hugging Face ``LlamaForCausalLM`` safetensors checkpoint into ``model`` (any TP size).
 
-    Each rank reads only its slices of the sharded weights (``get_slice(name)[start:end]``), undoes
+    Each rank reads only its blocks of the sharded weights (a chunk at a time), undoes
     HF's rotary permutation of q/k on its own heads, and casts to the model's dtype. The config must
     describe the model's shapes and numerics; every key and shape is checked and every slice read
     before the first parameter is written (a materialised model briefly holds its shard twice).
@@ -124,11 +131,10 @@ def load_hf_checkpoint(model: Transformer, path: PathLike, *, device: torch.devi
     """
     root = Path(path)
     check_same_model(model, config_from_hf(root), root / HF_CONFIG)
-    with ExitStack() as stack:
-        _load(model, HFReader(root, stack), device)
+    _load(model, HFReader(root), device)
 
 
-def load_meta_checkpoint(model: Transformer, path: PathLike, *, device: torch.device | str | None = None) -> None:
+def load_meta_checkpoint(model: nn.Module, path: PathLike, *, device: torch.device | str | None = None) -> None:
     """Load Meta ``consolidated.XX.pth`` shards (any count) into ``model`` (any TP size).
 
     The shards are opened with ``torch.load(weights_only=True, mmap=True)`` (a file whose pickle
@@ -141,7 +147,17 @@ def load_meta_checkpoint(model: Transformer, path: PathLike, *, device: torch.de
     _load(model, MetaReader(root), device)
 
 
-def load_pretrained(model: Transformer, path: PathLike, *, device: torch.device | str | None = None) -> None:
-    """:func:`load_hf_checkpoint` or :func:`load_meta_checkpoint`, by :func:`detect_format`."""
+def load_weights(model: nn.Module, path: PathLike, *, device: torch.device | str | None = None) -> None:
+    """Load a checkpoint directory's weights into an existing ``model`` (any TP size):
+    :func:`load_hf_checkpoint` or :func:`load_meta_checkpoint`, by :func:`detect_format`.
+
+    To build the model from the directory as well, in one call, use
+    :func:`tp_ffn.models.llama.load_pretrained` (``Transformer.from_pretrained``).
+    """
     loader = load_hf_checkpoint if detect_format(path) == "hf" else load_meta_checkpoint
     loader(model, path, device=device)
+
+
+# The name this function had (``tp_ffn.models.load_pretrained(model, path)``); kept for callers.
+# Not ``tp_ffn.models.llama.load_pretrained(path, ...)``, which builds the model too.
+load_pretrained = load_weights

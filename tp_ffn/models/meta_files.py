@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..sharding import ShardSpec
 from .weight_names import META_EMBEDDING_SPLITS, META_IGNORED, META_SHARD, WeightEntry
 
 __all__ = ["MetaReader", "load_torch_file", "meta_shard_files"]
@@ -81,23 +82,27 @@ class MetaReader:
         if bad:
             raise ValueError(f"{self.root}: " + "; ".join(bad))
 
-    def read(self, e: WeightEntry, dim: int | None, start: int, end: int, head_dim: int) -> Tensor:
+    def read(self, e: WeightEntry, spec: ShardSpec, head_dim: int) -> Tensor:
+        """This rank's blocks of ``e`` (``spec``), wherever Meta's shard borders fall; a new tensor that
+        refers to nothing of the mapped files."""
         del head_dim  # Meta's rows are already in the model's convention
         d = self.split[e.name]
-        pieces = [s[e.name] for s in self.shards]
-        if d is None:
-            x = pieces[0]
-            return (x if dim is None else x.narrow(dim, start, end - start)).clone()
-        lo, hi = (start, end) if dim == d else (0, e.shape[d])
+        if d is None:  # every Meta shard holds the whole tensor
+            return spec.take(self.shards[0][e.name], copy=True)
+        if spec.dim == d:  # only the ranges this rank holds, from the Meta shards they cross
+            return torch.cat([self._span(e.name, d, s, end) for s, end in spec.blocks], d)
+        return spec.take(self._span(e.name, d, 0, e.shape[d]), copy=spec.is_sharded)
+
+    def _span(self, name: str, d: int, lo: int, hi: int) -> Tensor:
+        """``full[lo:hi]`` along Meta's split dim ``d``, a new tensor made of the Meta shards it crosses."""
         parts, offset = [], 0
-        for p in pieces:
-            n = p.shape[d]
-            a, b = max(lo, offset), min(hi, offset + n)
+        for shard in self.shards:
+            p = shard[name]
+            a, b = max(lo, offset), min(hi, offset + p.shape[d])
             if a < b:
                 parts.append(p.narrow(d, a - offset, b - a))
-            offset += n
-        x = torch.cat(parts, d)  # a copy: nothing refers to the mapped file afterwards
-        return x if dim is None or dim == d else x.narrow(dim, start, end - start).clone()
+            offset += p.shape[d]
+        return torch.cat(parts, d)  # a copy: nothing refers to the mapped file afterwards
 
 
 def _fits(shapes: list[tuple[int, ...]], full: tuple[int, ...], d: int | None) -> bool:

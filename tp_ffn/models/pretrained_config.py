@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from ..files import regular_size
+from ..ffn import llama_ffn_hidden_dim
+from ..files import JSON_MAX_BYTES, read_json_object  # re-exported: their home was here
+from ..safetensors_dir import SafetensorsDir
+from .config import LlamaConfig
 from .config_bounds import check_config_fits
-from .llama import LlamaConfig
 from .meta_files import load_torch_file, meta_shard_files
 from .weight_names import HF_CONFIG, HF_INDEX, HF_SINGLE, META_PARAMS, META_SHARD
 from .weights_types import PathLike
@@ -31,8 +31,6 @@ def ffn_rule_for(dim: int, hidden_dim: int) -> tuple[int, float | None]:
     (Llama-3-8B's 14336 gives ``(2048, 1.3)``; Meta wrote ``(1024, 1.3)``); then the exact
     ratio. Raises ``ValueError`` when nothing reproduces ``hidden_dim``.
     """
-    from ..ffn import llama_ffn_hidden_dim
-
     for name, v in (("dim", dim), ("hidden_dim", hidden_dim)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -62,30 +60,6 @@ def ffn_rule_for(dim: int, hidden_dim: int) -> tuple[int, float | None]:
     raise ValueError(
         f"intermediate_size: no multiple_of / ffn_dim_multiplier makes Meta's rule give {hidden_dim} for dim {dim}"
     )
-
-
-JSON_MAX_BYTES = 64 << 20  # configs and indexes are KB; a bigger file is not read into memory
-
-
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from a small regular file; ``ValueError`` naming the file for anything else.
-
-    A FIFO or device in its place is refused before it is opened (reading it could block forever
-    or never end), and so is a file larger than :data:`JSON_MAX_BYTES`.
-    """
-    size = regular_size(path, lambda why: ValueError(f"{path}: the {what} {why}"))
-    if size is None:
-        raise ValueError(f"{path}: no {what} here")
-    if size > JSON_MAX_BYTES:
-        raise ValueError(f"{path}: {size} bytes is far more than a {what}; refusing to read it")
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read())
-    except (OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: cannot read the {what}: {type(e).__name__}: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _int_field(data: Mapping[str, Any], key: str, source: Path) -> int:
@@ -274,7 +248,4 @@ def stored_elements(path: PathLike, fmt: str) -> int:
     root = Path(path)
     if fmt == "meta":
         return sum(t.numel() for f in meta_shard_files(root) for t in load_torch_file(f).values())
-    from .hf_files import HFReader  # hf_files reads its index with read_json_object, from here
-
-    with ExitStack() as stack:
-        return HFReader(root, stack).stored_elements()
+    return SafetensorsDir(root).stored_elements()

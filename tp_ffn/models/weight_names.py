@@ -1,5 +1,8 @@
 """Names in the two on-disk layouts of Llama weights: files, tensors, and HF's rotary row order.
 
+The one HF <-> Meta names table of the Llama model: :data:`LAYER_NAMES` (per layer) and
+:data:`MODEL_NAMES` (outside the layers); the feed-forward projections come from the core's
+:data:`tp_ffn.checkpoint.META_TO_HF` (``w1`` = ``gate_proj`` ...), which the block itself reads.
 See :mod:`tp_ffn.models.weights` for the table of every tensor in both namings.
 """
 
@@ -10,23 +13,53 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .llama import LlamaConfig
+from ..checkpoint import META_TO_HF
+from ..safetensors_dir import FLOAT_DTYPES, INDEX, SINGLE
+from .config import LlamaConfig
 
 __all__ = [
-    "HF_CONFIG", "HF_FLOAT_DTYPES", "HF_IGNORED_SUFFIX", "HF_INDEX", "HF_SINGLE", "META_EMBEDDING_SPLITS",
-    "META_IGNORED", "META_PARAMS", "META_SHARD", "WeightEntry", "hf_to_meta_rows", "meta_to_hf_rows", "weight_layout",
+    "HF_CONFIG",
+    "HF_FLOAT_DTYPES",
+    "HF_IGNORED_SUFFIX",
+    "HF_INDEX",
+    "HF_SINGLE",
+    "LAYER_NAMES",
+    "META_EMBEDDING_SPLITS",
+    "META_IGNORED",
+    "META_PARAMS",
+    "META_SHARD",
+    "MODEL_NAMES",
+    "WeightEntry",
+    "hf_to_meta_rows",
+    "meta_to_hf_rows",
+    "weight_layout",
 ]  # fmt: skip
 
-HF_CONFIG, HF_SINGLE, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+HF_CONFIG, HF_SINGLE, HF_INDEX = "config.json", SINGLE, INDEX
 META_PARAMS = "params.json"
 META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 # Precomputed rotary tables some checkpoints carry; the model computes its own.
 META_IGNORED = {"rope.freqs"}
 HF_IGNORED_SUFFIX = "rotary_emb.inv_freq"
-HF_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+HF_FLOAT_DTYPES = set(FLOAT_DTYPES)
 # Meta's split of tok_embeddings.weight [vocab, dim]: Llama 3 / llama-models shard the vocabulary
 # (fairscale's VocabParallelEmbedding), Llama 1 / 2 the embedding dimension (ParallelEmbedding).
 META_EMBEDDING_SPLITS = {"vocab": 0, "dim": 1}
+
+
+# Meta name -> Hugging Face name below ``layers.N.`` / ``model.layers.N.``, in the model's parameter order.
+LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    **{f"feed_forward.{w}.weight": f"mlp.{META_TO_HF[w]}.weight" for w in ("w1", "w2", "w3")},
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+# Outside the layers: Meta name -> Hugging Face name.
+MODEL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+               "output.weight": "lm_head.weight"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,24 +77,27 @@ def weight_layout(cfg: LlamaConfig) -> list[WeightEntry]:
     """Every weight of ``Transformer(cfg)``, in the model's parameter order."""
     d, h, v = cfg.dim, cfg.hidden_dim, cfg.vocab_size
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    out = [WeightEntry("tok_embeddings.weight", "model.embed_tokens.weight", (v, d), META_EMBEDDING_SPLITS["vocab"])]
+    # Meta name -> (full shape, Meta's split dim, the heads HF permutes).
+    layer = {
+        "attention.wq.weight": ((q, d), 0, cfg.n_heads),
+        "attention.wk.weight": ((kv, d), 0, cfg.kv_heads),
+        "attention.wv.weight": ((kv, d), 0, None),
+        "attention.wo.weight": ((d, q), 1, None),
+        "feed_forward.w1.weight": ((h, d), 0, None),
+        "feed_forward.w2.weight": ((d, h), 1, None),
+        "feed_forward.w3.weight": ((h, d), 0, None),
+        "attention_norm.weight": ((d,), None, None),
+        "ffn_norm.weight": ((d,), None, None),
+    }
+    model = {
+        "tok_embeddings.weight": ((v, d), META_EMBEDDING_SPLITS["vocab"], None),
+        "norm.weight": ((d,), None, None),
+        "output.weight": ((v, d), 0, None),
+    }
+    out = [WeightEntry("tok_embeddings.weight", MODEL_NAMES["tok_embeddings.weight"], *model["tok_embeddings.weight"])]
     for i in range(cfg.n_layers):
-        m, f = f"layers.{i}.", f"model.layers.{i}."
-        out += [
-            WeightEntry(m + "attention.wq.weight", f + "self_attn.q_proj.weight", (q, d), 0, cfg.n_heads),
-            WeightEntry(m + "attention.wk.weight", f + "self_attn.k_proj.weight", (kv, d), 0, cfg.kv_heads),
-            WeightEntry(m + "attention.wv.weight", f + "self_attn.v_proj.weight", (kv, d), 0),
-            WeightEntry(m + "attention.wo.weight", f + "self_attn.o_proj.weight", (d, q), 1),
-            WeightEntry(m + "feed_forward.w1.weight", f + "mlp.gate_proj.weight", (h, d), 0),
-            WeightEntry(m + "feed_forward.w2.weight", f + "mlp.down_proj.weight", (d, h), 1),
-            WeightEntry(m + "feed_forward.w3.weight", f + "mlp.up_proj.weight", (h, d), 0),
-            WeightEntry(m + "attention_norm.weight", f + "input_layernorm.weight", (d,), None),
-            WeightEntry(m + "ffn_norm.weight", f + "post_attention_layernorm.weight", (d,), None),
-        ]
-    out += [
-        WeightEntry("norm.weight", "model.norm.weight", (d,), None),
-        WeightEntry("output.weight", "lm_head.weight", (v, d), 0),
-    ]
+        out += [WeightEntry(f"layers.{i}.{m}", f"model.layers.{i}.{hf}", *layer[m]) for m, hf in LAYER_NAMES.items()]
+    out += [WeightEntry(m, MODEL_NAMES[m], *model[m]) for m in ("norm.weight", "output.weight")]
     return out
 
 

@@ -8,8 +8,9 @@ Two layouts on disk::
       or model-0000X-of-0000N.safetensors        ... consolidated.{M-1:02d}.pth   (M model-parallel shards)
          + model.safetensors.index.json
 
-Loading reads only this rank's rows or columns of every sharded weight (``safe_open(...).get_slice``
-for safetensors, a memory-mapped ``torch.load`` for Meta shards), so a checkpoint written for any
+Loading reads only this rank's rows or columns of every sharded weight, as its layer's
+:class:`~tp_ffn.sharding.ShardSpec` says (the one safetensors reader, :mod:`tp_ffn.safetensors_dir`,
+a chunk at a time; a memory-mapped ``torch.load`` for Meta shards), so a checkpoint written for any
 number of shards loads into a :class:`~tp_ffn.models.Transformer` of any TP size. Every key and shape
 is checked, and every slice is read, before the first parameter is written: a bad checkpoint leaves
 the model as it was.
@@ -42,13 +43,16 @@ Typical use, at any TP size::
 
     cfg = config_from_pretrained(path)
     model = Transformer(cfg, group=tp_group, dtype=torch.bfloat16, device="meta")
-    load_pretrained(model, path, device="cuda")
+    load_weights(model, path, device="cuda")
+
+or in one call ``tp_ffn.models.llama.load_pretrained(path, group=tp_group, device="cuda", dtype=...)``
+(``Transformer.from_pretrained``). ``load_pretrained(model, path)`` here is ``load_weights``'s older name.
 """
 
 from __future__ import annotations
 
 from .export import convert_checkpoint, export_hf, export_meta
-from .loading import load_hf_checkpoint, load_meta_checkpoint, load_pretrained
+from .loading import load_hf_checkpoint, load_meta_checkpoint, load_pretrained, load_weights
 from .pretrained_config import config_from_hf, config_from_meta, config_from_pretrained, detect_format, ffn_rule_for
 
 __all__ = [
@@ -63,4 +67,5 @@ __all__ = [
     "load_hf_checkpoint",
     "load_meta_checkpoint",
     "load_pretrained",
+    "load_weights",
 ]

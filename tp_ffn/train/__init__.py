@@ -6,12 +6,13 @@ One responsibility per module, dependencies pointing one way (trainer -> the res
     consensus.py    decisions taken from what each rank sees, agreed by every rank; reporting errors once
     outputs.py      before step 1: the output paths can be written, and --ckpt-dir is shared by every rank
     documents.py    what --data names: text files, .jsonl lines, directories, globs; their fingerprint
-    tokenizer.py    Tokenizer, bytes, --tokenizer resolution, a checkpoint's own tokenizer
+    tokenizer_base.py     the Tokenizer interface and the tokenizer file names (below both modules that follow)
+    tokenizer.py    bytes, --tokenizer resolution, a checkpoint's own tokenizer (re-exports Tokenizer)
     tokenizer_formats.py  tokenizer.json, Meta Llama 3 (tiktoken) and Llama 2 (SentencePiece) tokenizer.model
     tokenizer_export.py   a run's tokenizer written as Hugging Face / Meta files
     token_cache.py  the checked, memory-mapped token file (one rank builds it, the others wait)
     data.py         the corpus as bytes or tokens, train/validation split, the resumable training stream
-    layout.py       where each rank's block of every parameter sits in the full model
+    layout.py       where each rank's block of every parameter sits in the full model (the layers' ShardSpecs + FSDP2)
     parallelize.py  process group, ("dp", "tp") mesh, activation checkpointing, compile, FSDP2
     optim.py        AdamW, warmup + cosine, clipping by the true global gradient norm
     checkpoint.py   atomic DCP checkpoints that reshard over TP and dp, verified before every read

@@ -2,9 +2,10 @@
 
 A parameter is cut twice:
 
-* by tensor parallelism, into ``torch.tensor_split`` blocks along the layer's ``shard_dim``
-  (``ColumnParallelLinear``: weight rows and bias; ``RowParallelLinear``: weight columns), or not at
-  all (embeddings, norms, a row-parallel bias): replicated over the TP group;
+* by tensor parallelism, as the layer holding it says (its :class:`~tp_ffn.sharding.ShardSpec`:
+  ``torch.tensor_split`` blocks along ``ColumnParallelLinear``'s weight rows and bias,
+  ``RowParallelLinear``'s weight columns), or not at all (embeddings, norms, a row-parallel bias):
+  replicated over the TP group;
 * by FSDP2 over the dp group, into ``torch.chunk`` pieces along dim 0 of the TP block (the last
   ranks may hold fewer rows, or none).
 
@@ -15,10 +16,11 @@ So rank (d, t) holds one rectangular block of the full tensor, e.g. for ``w2 [di
     dim rows [0, c)         (d=0, t=0)        (d=0, t=1)
     dim rows [c, dim)       (d=1, t=0)        (d=1, t=1)
 
-:func:`param_blocks` describes those blocks with their true global offsets; the checkpoint and the
-global gradient norm are built on it. (DTensor's own ``Shard`` placement would describe the TP
-split with ``torch.chunk`` sizes, which differ from ``tensor_split``'s when the size does not
-divide: 10 over 4 is 3, 3, 3, 1 versus 3, 3, 2, 2.)
+:func:`param_blocks` describes those blocks with their true global offsets (the TP spec's
+:meth:`~tp_ffn.sharding.ShardSpec.boxes` of the FSDP piece); the checkpoint and the global gradient
+norm are built on it. (DTensor's own ``Shard`` placement would describe the TP split with
+``torch.chunk`` sizes, which differ from ``tensor_split``'s when the size does not divide: 10 over 4
+is 3, 3, 3, 1 versus 3, 3, 2, 2.)
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
-from ..layers import ColumnParallelLinear, RowParallelLinear
+from ..sharding import chunk_bounds, shard_spec_of
 
 __all__ = ["Block", "chunk_bounds", "local_tensor", "param_blocks"]
 
@@ -52,26 +54,9 @@ class Block:
         return self.sizes == self.global_shape
 
 
-def chunk_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
-    """``[start, end)`` of piece ``index`` of ``torch.chunk(range(n), parts)`` (empty past the end)."""
-    size = -(-n // parts)
-    start = min(index * size, n)
-    return start, min(start + size, n)
-
-
 def local_tensor(t: Tensor) -> Tensor:
     """The tensor this rank holds (the local shard of an FSDP2 DTensor, else ``t``)."""
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _tp_split(module: nn.Module, name: str) -> tuple[int, int, int] | None:
-    """``(dim, start, full)`` when ``module.<name>`` is split over the TP group, else ``None``."""
-    if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-        return None
-    dim = module.shard_dim
-    if name == "weight" or (name == "bias" and dim == 0):
-        return dim, module.start, sum(module.shard_sizes)
-    return None
 
 
 def _fsdp_offset(p: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -94,13 +79,14 @@ def param_blocks(model: nn.Module) -> dict[str, Block]:
     out: dict[str, Block] = {}
     for mod_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
-            offsets, sizes = map(list, _fsdp_offset(p))
-            shape = list(p.shape)
-            split = _tp_split(module, name)
-            if split is not None:
-                dim, start, full = split
-                offsets[dim] += start
-                shape[dim] = full
             fqn = f"{mod_name}.{name}" if mod_name else name
-            out[fqn] = Block(tuple(shape), tuple(offsets), tuple(sizes), split is not None)
+            spec = shard_spec_of(module, name, p)  # p.shape is the TP block's even under FSDP2
+            boxes = spec.boxes(*_fsdp_offset(p))
+            if len(boxes) != 1:
+                raise NotImplementedError(
+                    f"{fqn}: this rank's piece is {len(boxes)} blocks of the full tensor ({spec}); the DCP layout "
+                    "writes one block per rank"
+                )
+            offsets, sizes, _ = boxes[0]
+            out[fqn] = Block(spec.shape, offsets, sizes, spec.is_sharded)
     return out

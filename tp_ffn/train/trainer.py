@@ -175,9 +175,9 @@ class _Trainer:
             fuse_gate_up=cfg.ffn_fuse_gate_up, overlap_comm=cfg.ffn_overlap_comm, comm_chunks=cfg.ffn_comm_chunks,
         )  # fmt: skip
         if init_from is not None:
-            from ..models.weights import load_pretrained
+            from ..models.weights import load_weights
 
-            agree(lambda: _load_pretrained(load_pretrained, model, init_from), what=f"--init-from {init_from}")
+            agree(lambda: _load_pretrained(load_weights, model, init_from), what=f"--init-from {init_from}")
             self.log(f"initialised from {init_from}")
         self.model = parallelize(
             model, self.mesh, dtype=cfg.dtype, compile=cfg.compile, compile_backend=cfg.compile_backend,
