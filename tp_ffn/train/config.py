@@ -29,7 +29,10 @@ class UsageError(Exception):
 
     ``agreed``: every rank raised this same error (see :func:`tp_ffn.train.consensus.agree`), so one
     rank reports it. ``rank``: the rank that saw it alone, once the process group existed.
+    ``exit_status``: what ``scripts/train.py`` exits with after reporting it.
     """
+
+    exit_status = 2
 
     def __init__(self, message: str, *, agreed: bool = False) -> None:
         super().__init__(message)
