@@ -61,6 +61,7 @@ META = "meta.json"
 STEP_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-step_"
 EXIT_SAVE_FAILED = 3
+_FULL_BYTES = 1 << 20  # less free than this after a failed write: the disk is full
 
 
 def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
@@ -349,6 +350,12 @@ class Saver:
 
     def _failed(self, job: _Save, error: str) -> SaveError:
         """Rank 0, once every rank has stopped writing: remove the partial directory; the error."""
+        try:  # torch.save's zip writer reports a full disk as "unexpected pos ...": say what was free
+            free = shutil.disk_usage(job.tmp).free
+            if "No space left" not in error and free < _FULL_BYTES:
+                error += f" (the file system is full: {_human(free)} free)"
+        except OSError:
+            pass
         shutil.rmtree(job.tmp, ignore_errors=True)
         left = " (it could not be removed: delete it by hand)" if job.tmp.exists() else " (removed)"
         return SaveError(
