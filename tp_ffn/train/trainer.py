@@ -498,6 +498,7 @@ def _train_locked(cfg: TrainConfig, rt: Runtime) -> TrainResult:
 
     def save(background: bool, *, stopping: bool = False) -> None:
         assert saver is not None and cfg.ckpt_dir is not None
+        completed(saver.wait())  # at most one in flight: the previous one first
         state, planner = t.state.snapshot(step, position)
         path = saver.save(state, planner, step, t.meta(), extra_files=t.tokenizer.files, background=background)
         if path is not None:
@@ -558,7 +559,6 @@ def _train_locked(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                 if (term or usr1) and step < cfg.steps:
                     result.stopped_by = "SIGTERM" if term else "SIGUSR1"
                     if saver is not None:  # the save in flight first, then this step's (unless it is that one)
-                        completed(saver.wait())
                         save(False, stopping=True)
                     break
             if saver is not None:
