@@ -40,7 +40,8 @@ def _default_handlers() -> None:
 
 def _summary(res) -> dict:
     return {
-        "losses": res.losses, "start": res.start_step, "final": res.final_step, "stopped_by": res.stopped_by,
+        "losses": res.losses, "start": res.start_step, "final": res.final_step,
+        "stopped_by": getattr(res, "stopped_by", None),  # (getattr: the helper also runs against older code)
         "checkpoints": res.checkpoints,
     }  # fmt: skip
 

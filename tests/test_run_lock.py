@@ -26,7 +26,6 @@ import pytest
 from test_preemption import _wait_for_step
 from test_train_cli import SMALL, _env, _launcher, _reap, _spawn
 
-from tp_ffn.train import run_lock
 from tp_ffn.train.config import UsageError
 from tp_ffn.train.metrics import read_metrics
 
@@ -37,13 +36,21 @@ HOLD = (
 )
 
 
+@pytest.fixture
+def run_lock():
+    """The module under test, imported here so that the real-run tests below also run against code without it."""
+    from tp_ffn.train import run_lock
+
+    return run_lock
+
+
 def _holder(path: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], env=_env(), stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
     return proc
 
 
-def test_flock_refuses_a_second_holder_and_the_kernel_frees_it_when_the_first_dies(tmp_path):
+def test_flock_refuses_a_second_holder_and_the_kernel_frees_it_when_the_first_dies(tmp_path, run_lock):
     proc = _holder(tmp_path)
     try:
         with pytest.raises(UsageError) as e:
@@ -71,7 +78,7 @@ def no_flock(monkeypatch):
     monkeypatch.setattr(fcntl, "flock", flock)
 
 
-def test_lease_when_the_file_system_has_no_locks(tmp_path, no_flock, monkeypatch):
+def test_lease_when_the_file_system_has_no_locks(tmp_path, run_lock, no_flock, monkeypatch):
     monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.1)
     lock = run_lock.acquire_run_lock(tmp_path)
     try:
@@ -91,7 +98,7 @@ def test_lease_when_the_file_system_has_no_locks(tmp_path, no_flock, monkeypatch
 
 
 @pytest.mark.parametrize("case", ["stale heartbeat", "dead pid on this host"])
-def test_a_dead_runs_lease_is_taken_over(tmp_path, no_flock, case):
+def test_a_dead_runs_lease_is_taken_over(tmp_path, run_lock, no_flock, case):
     dead = subprocess.Popen(["true"])
     dead.wait()
     lease = {"host": socket.gethostname(), "pid": dead.pid, "since": 1.0, "heartbeat": time.time(), "token": "old"}
@@ -104,7 +111,7 @@ def test_a_dead_runs_lease_is_taken_over(tmp_path, no_flock, case):
     assert not (tmp_path / ".run.lease").exists()
 
 
-def test_lease_negative_control_a_live_lease_elsewhere_is_not_taken(tmp_path, no_flock):
+def test_lease_negative_control_a_live_lease_elsewhere_is_not_taken(tmp_path, run_lock, no_flock):
     """The takeover above is about the dead holder: the same lease, fresh and from another host, holds."""
     lease = {"host": "elsewhere", "pid": 1, "since": 1.0, "heartbeat": time.time(), "token": "old"}
     (tmp_path / ".run.lease").write_text(json.dumps(lease))

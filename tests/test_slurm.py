@@ -38,6 +38,12 @@ STEPS = 300
 TRAIN_ARGS = [*SMALL, "--steps", str(STEPS), "--val-every", "100", "--timeout", "120"]
 
 
+def test_the_docs_show_the_tested_script_verbatim():
+    script = (ROOT / SCRIPT).read_text()
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    assert f"```bash\n{script}```\n" in docs, "docs/cluster.md does not hold scripts/slurm/train.sbatch verbatim"
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     reason = ensure_installed()
