@@ -112,12 +112,11 @@ class _Bench:
         for _ in range(self.args.steps_between):
             writing = background and saver.pending_here()  # this rank's part still being written
             steps.append((self.train_step(), writing))
-            if background and write_s is None:
-                if not any_rank([saver.pending_here()], self.rt.device)[0]:
-                    write_s = time.perf_counter() - t0
-                    t1 = time.perf_counter()
-                    saver.poll(True)
-                    finish_s = time.perf_counter() - t1
+            if background and write_s is None and not any_rank([saver.pending_here()], self.rt.device)[0]:
+                write_s = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                saver.poll(True)
+                finish_s = time.perf_counter() - t1
         if background and saver.pending is not None:  # still writing after the steps: wait (counted)
             t1 = time.perf_counter()
             saver.wait()

@@ -32,7 +32,9 @@ __all__ = ["PACKAGES", "SlurmCluster", "ensure_installed"]
 
 
 def _missing() -> list[str]:
-    return [d for d in (*DAEMONS, "sbatch", "scancel", "squeue", "scontrol") if shutil.which(d, path=_sbin_path()) is None]
+    return [
+        d for d in (*DAEMONS, "sbatch", "scancel", "squeue", "scontrol") if shutil.which(d, path=_sbin_path()) is None
+    ]
 
 
 def _sbin_path() -> str:
@@ -148,11 +150,10 @@ class SlurmCluster:
         self.conf.write_text("\n".join(lines) + "\n")
 
     def _start(self, name: str, cmd: list[str]) -> None:
-        log = open(self.root / f"{name}.stdout", "ab")
-        self.procs[name] = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-        )  # fmt: skip
-        log.close()
+        with open(self.root / f"{name}.stdout", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )  # fmt: skip
 
     def _munge_socket(self) -> Path:
         return self.root / "munge" / "munge.socket"

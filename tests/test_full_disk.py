@@ -193,7 +193,9 @@ def test_the_process_ends_with_one_line_and_exit_status_3(small_disk):
     )  # fmt: skip
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-3000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"train.py: error: checkpoint of step 2 could not be written to {d}/"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        f"train.py: error: checkpoint of step 2 could not be written to {d}/"
+    ), r.stderr
     # torch.save's zip writer hides the ENOSPC ("unexpected pos ..."): the line says the disk is full.
     assert "(the file system is full: " in lines[0] or "No space left on device" in lines[0], lines[0]
     assert lines[0].endswith("the newest: none; free space or fix the mount, then --resume"), lines[0]

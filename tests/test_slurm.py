@@ -107,7 +107,7 @@ def test_sbatch_recipe_survives_requeue_and_scancel_and_ends_equal_to_an_uninter
     _wait("reaching step 5", lambda: len(_steps(metrics)) >= 5, slurm, job, out)
     slurm.scancel("--batch", "--signal=USR1", str(job))
     _wait("the first stop", lambda: len(_stops(out.read_text())) == 1, slurm, job, out)
-    (first, saved), = _stops(out.read_text())
+    ((first, saved),) = _stops(out.read_text())
     assert saved == str(ck / f"step_{first:08d}") and first < STEPS
 
     # 2. The requeued job resumes from that step; then it is cancelled (SIGTERM, KillWait 30 s).

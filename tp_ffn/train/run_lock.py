@@ -37,7 +37,7 @@ from typing import Any
 
 from .config import UsageError
 
-__all__ = ["HEARTBEAT_S", "LOCK_NAME", "LEASE_NAME", "STALE_S", "RunLock", "acquire_run_lock"]
+__all__ = ["HEARTBEAT_S", "LEASE_NAME", "LOCK_NAME", "STALE_S", "RunLock", "acquire_run_lock"]
 
 LOCK_NAME = ".run.lock"
 LEASE_NAME = ".run.lease"
@@ -64,9 +64,7 @@ def _when(t: Any) -> str:
 def _describe(holder: dict[str, Any] | None, path: Path) -> str:
     if not isinstance(holder, dict):
         return f"another run holds {path} (it has not said who yet)"
-    return (
-        f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, running since {_when(holder.get('since'))}"
-    )
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, running since {_when(holder.get('since'))}"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -249,14 +249,14 @@ class Saver:
         if background:
             try:
                 job.future = dcp.async_save(state, storage_writer=job.writer, planner=planner, process_group=self.group)
-            except (Exception, dcp.CheckpointException) as e:  # staging failed (out of memory): nothing in flight
+            except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - staging failed (memory): reported below
                 job.error = _error_text(e)
                 return self._complete(job)
             self.pending = job
             return None
         try:
             dcp.save(state, storage_writer=job.writer, planner=planner, no_dist=not _is_dist())
-        except (Exception, dcp.CheckpointException) as e:  # a BaseException carrying every rank's failure
+        except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - every rank's failure, agreed below
             job.error = _error_text(e)
         return self._complete(job)
 
@@ -280,7 +280,7 @@ class Saver:
         assert job.future is not None
         try:
             job.future.result()
-        except (Exception, dcp.CheckpointException) as e:
+        except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - agreed and reported below
             job.error = _error_text(e)
         return self._complete(job)
 
@@ -403,4 +403,3 @@ def save_atomic(
     then deletes all but the newest ``keep_last`` complete checkpoints. Raises :class:`SaveError`.
     """
     return Saver(ckpt_dir, keep_last=keep_last).save(state, planner, step, meta, extra_files=extra_files)
-

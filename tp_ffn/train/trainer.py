@@ -554,7 +554,8 @@ def _train_locked(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                 if unwritable:
                     newest = "none" if saver is None or saver.newest_path is None else str(saver.newest_path)
                     decided_by_rank_0(
-                        lambda: _metrics_failed(metrics_path, log.error, step, newest), what="the metrics file"
+                        lambda step=step, newest=newest: _metrics_failed(metrics_path, log.error, step, newest),
+                        what="the metrics file",
                     )
                 if (term or usr1) and step < cfg.steps:
                     result.stopped_by = "SIGTERM" if term else "SIGUSR1"
