@@ -378,7 +378,10 @@ class Saver:
             os.fsync(f.fileno())
         _fsync_dir(job.tmp)
         os.rename(job.tmp, job.final)
-        _fsync_dir(self.root)
+        try:  # the checkpoint is complete from here on: what fails now is worth a warning, not the run
+            _fsync_dir(self.root)
+        except OSError as e:
+            self.warn(f"warning: {self.root}: fsync after renaming {job.final.name} failed ({e.strerror or e})")
         if self.keep_last > 0:
             for failure in prune(self.root, self.keep_last):
                 self.warn(f"warning: --keep-last {self.keep_last}: could not delete {failure}")
