@@ -204,7 +204,14 @@ class SlurmCluster:
         return "; ".join(out)
 
     def stop(self) -> None:
-        """SIGTERM each daemon this object started (slurmd first), SIGKILL what is left after 15 s."""
+        """Kill the jobs still running (a test that failed half-way), then SIGTERM each daemon this
+        object started (slurmd first), SIGKILL what is left after 15 s."""
+        if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
+            self._run("scancel", "--partition=debug", "--signal=KILL")
+            self._run("scancel", "--partition=debug")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self._run("squeue", "--noheader").stdout.strip():
+                time.sleep(0.5)
         for name in reversed(DAEMONS):
             p = self.procs.get(name)
             if p is not None and p.poll() is None:
