@@ -146,7 +146,11 @@ def test_full_disk_write_fails_cleanly_and_resume_works_once_there_is_space(tmp_
     small_disk.resize(8 * MB)
     d = small_disk.path / "ck"
     line = _error(2, _failing, {**RUN, "ckpt_dir": str(d)}, "ENOSPC under a quota")
-    assert "could not be written" in line and "[Errno 28] No space left on device" in line, line
+    # The ENOSPC comes as an OSError, or as torch.save's zip writer reports it ("unexpected pos"),
+    # depending on which write meets the full disk first (the free-space note cannot help here:
+    # the planted quota hides it from statvfs).
+    assert "could not be written" in line, line
+    assert "[Errno 28] No space left on device" in line or "unexpected pos" in line, line
     assert f"the newest: {d / 'step_00000003'};" in line, line
     _only_step_3(d)
 
