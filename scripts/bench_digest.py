@@ -34,6 +34,7 @@ import torch
 
 from tp_ffn.models.llama import LlamaConfig, Transformer
 from tp_ffn.train import checkpoint as ck
+from tp_ffn.train import saving
 
 
 def _hashers() -> dict[str, Callable[[], object]]:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = cfg.num_params() * 4
     shutil.rmtree(args.dir, ignore_errors=True)
 
-    real_digest = ck.file_digest
+    real_digest = saving.file_digest
     spent = {"digest": 0.0}
 
     def timed_digest(path: str | os.PathLike) -> str:
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             spent["digest"] += time.perf_counter() - t0
 
-    ck.file_digest = timed_digest  # what save_atomic calls for each file it wrote
+    saving.file_digest = timed_digest  # what a save calls for each file it wrote
     saves = []
     try:
         with warnings.catch_warnings():
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 total = time.perf_counter() - t0
                 saves.append({"save_s": total, "digest_s": spent["digest"], "share": spent["digest"] / total})
     finally:
-        ck.file_digest = real_digest
+        saving.file_digest = real_digest
     assert path is not None
     files = sorted(p for p in path.iterdir() if p.name != "meta.json")
     info = ck.open_checkpoint(path)

@@ -41,19 +41,28 @@ file system):
         --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 --rdzv-id run1 \
         scripts/train.py --tp 8 --dp 2 --ckpt-dir /shared/ckpt/run1 --resume
 
+Under Slurm: ``scripts/slurm/train.sbatch`` (docs/cluster.md).
+
 Plain ``python scripts/train.py ...`` is a world of one. ``--help`` lists every flag. Bad
 arguments, files or checkpoints, and ranks that see different files, end with one line
 (``train.py: error: ...``) and exit status 2 before step 1; nothing already saved is overwritten.
 A resumed run keeps its learning-rate schedule; ``--lr-schedule-steps N`` stretches it.
+
+Exit status: 0 done; 1 the loss diverged; 2 bad input, or --ckpt-dir in use by another run;
+3 a checkpoint or the metrics could not be written (full disk, I/O error: nothing older is lost);
+75 stopped by SIGTERM or SIGUSR1 after saving the step it was in (run it again with --resume).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
+from tp_ffn.shutdown import exit_without_teardown
 from tp_ffn.train import UsageError, parse_args, train
-from tp_ffn.train.consensus import report_error
+from tp_ffn.train.consensus import QUIET_RANK_GRACE_S, report_error
+from tp_ffn.train.preempt import EXIT_PREEMPTED
 
 
 def _rank() -> int:
@@ -66,18 +75,35 @@ def _rank() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        train(parse_args(argv))
+        result = train(parse_args(argv))
     except UsageError as e:
         report_error("train.py", e)
-        return 2
+        return e.exit_status
     except FloatingPointError as e:  # the loss diverged: the same on every rank (it is all-reduced)
         if _rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         return 130
+    if result.stopped_by is not None:
+        if _rank() == 0:
+            saved = f"saved {result.checkpoints[-1]}" if result.checkpoints else "no --ckpt-dir: nothing saved"
+            print(
+                f"train.py: stopped by {result.stopped_by} after step {result.final_step}: {saved}; exit status "
+                f"{EXIT_PREEMPTED} (run it again with --resume to continue)",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif "TORCHELASTIC_RUN_ID" in os.environ:
+            time.sleep(QUIET_RANK_GRACE_S)  # torchrun stops the group at the first exit: let rank 0 print first
+        return EXIT_PREEMPTED
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == EXIT_PREEMPTED:
+        # Interpreter finalization puts the default handlers back: a late SIGTERM from the scheduler
+        # or torchrun would then turn exit status 75 into 143. Nothing is left to tear down.
+        exit_without_teardown(status)
+    sys.exit(status)

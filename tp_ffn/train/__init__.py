@@ -16,6 +16,9 @@ One responsibility per module, dependencies pointing one way (trainer -> the res
     parallelize.py  process group, ("dp", "tp") mesh, activation checkpointing, compile, FSDP2
     optim.py        AdamW, warmup + cosine, clipping by the true global gradient norm
     checkpoint.py   atomic DCP checkpoints that reshard over TP and dp, verified before every read
+    saving.py       writing them: free-space check, failed writes agreed and cleaned up, --ckpt-async
+    run_lock.py     one run per --ckpt-dir: flock held by rank 0, a lease file where locks do not work
+    preempt.py      SIGTERM / SIGUSR1 recorded; the loop stops every rank after the same step, saved
     safe_dcp.py     DCP's reader without pickled code: restricted index unpickler, tensor-only records
     digests.py      SHA-256 of checkpoint files, streamed
     metrics.py      JSONL metrics, progress bar, loss plot

@@ -11,10 +11,12 @@ Layout of ``--ckpt-dir``::
       .tmp-step_00000300-1a2b3c/  a save in progress (or one that crashed): never read, removed at start
       metrics.jsonl, metrics.png  (default place of the metrics)
 
-A save writes into ``.tmp-step_N-<random>/``; each rank then digests the files it wrote, and rank 0
-writes ``meta.json`` (with every file's size and digest), fsyncs, and renames the directory to
-``step_N`` in one ``rename(2)``. A crash at any moment leaves either no ``step_N`` or a complete one,
-and never touches older checkpoints. An existing ``step_N`` is never overwritten.
+A save (:mod:`tp_ffn.train.saving`) writes into ``.tmp-step_N-<random>/``; each rank digests the
+files it wrote, and rank 0 writes ``meta.json`` (with every file's size and digest), fsyncs, and
+renames the directory to ``step_N`` in one ``rename(2)``. A crash at any moment leaves either no
+``step_N`` or a complete one, and never touches older checkpoints; a failed write removes its
+directory. An existing ``step_N`` is never overwritten. The directory also holds the lock of the run
+writing into it (``.run.lock``, :mod:`tp_ffn.train.run_lock`).
 
 Reading trusts nothing in the directory: :func:`verify_checkpoint` checks every file's size and
 digest against ``meta.json`` and ``meta.json``'s model config against the tensors, and every DCP
@@ -47,8 +49,6 @@ import hashlib
 import json
 import math
 import os
-import re
-import secrets
 import shutil
 import sys
 import warnings
@@ -94,6 +94,7 @@ from .safe_dcp import (
     regular_file_size,
     unwrap_refusal,
 )
+from .saving import FORMAT, META, STEP_RE, TMP_PREFIX, SaveError, save_atomic, step_dir
 
 __all__ = [
     "FORMAT",
@@ -102,6 +103,7 @@ __all__ = [
     "CheckpointInfo",
     "DamagedCheckpointError",
     "SafeFileSystemReader",
+    "SaveError",
     "TrainingState",
     "UnsafeCheckpointError",
     "check_ckpt_dir",
@@ -117,20 +119,12 @@ __all__ = [
     "verify_files",
 ]
 
-FORMAT = "tp_ffn.train.checkpoint/1"
-META = "meta.json"
 _META_MAX_BYTES = 64 << 20  # ours are a few KB; a bigger one is not read into memory
 # Types of the meta.json fields the code reads, so a hostile or damaged file cannot reach them as others.
 _META_TYPES: dict[str, type] = {
     "step": int, "world": int, "tp": int, "dp": int, "seq_len": int, "model": dict, "data": dict, "rng": list,
     "files": dict, "args": dict,
 }  # fmt: skip
-_STEP_RE = re.compile(r"^step_(\d{8})$")
-_TMP_PREFIX = ".tmp-step_"
-
-
-def step_dir(ckpt_dir: str | os.PathLike, step: int) -> Path:
-    return Path(ckpt_dir) / f"step_{step:08d}"
 
 
 @dataclass(frozen=True)
@@ -196,7 +190,7 @@ def find_latest(ckpt_dir: str | os.PathLike) -> tuple[CheckpointInfo | None, lis
     if not root.is_dir():
         return None, []
     found = sorted(
-        ((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()), reverse=True
+        ((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()), reverse=True
     )
     skipped: list[Path] = []
     for step, path in found:
@@ -213,7 +207,7 @@ def find_latest(ckpt_dir: str | os.PathLike) -> tuple[CheckpointInfo | None, lis
 def open_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     """One ``step_N`` directory, or the newest complete checkpoint of a ``--ckpt-dir``."""
     p = Path(path)
-    m = _STEP_RE.match(p.name)
+    m = STEP_RE.match(p.name)
     if m and (p / META).exists():
         meta = _read_meta(p)
         if meta.get("step") != int(m.group(1)):
@@ -377,7 +371,7 @@ def remove_stale_tmp(ckpt_dir: str | os.PathLike) -> list[Path]:
     removed = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(_TMP_PREFIX) and p.is_dir() and not p.is_symlink():  # never into a link
+            if p.name.startswith(TMP_PREFIX) and p.is_dir() and not p.is_symlink():  # never into a link
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
@@ -422,6 +416,9 @@ class BlockSavePlanner(DefaultSavePlanner):
                     ),
                 )
             )
+        # A staged copy (--ckpt-async) may sit in pinned memory: the index must not say so, so that
+        # it is the same bytes as a synchronous save of the same state.
+        items = [_unpinned(item) for item in items]
         self.plan = dataclasses.replace(plan, items=items)
         return self.plan
 
@@ -429,6 +426,14 @@ class BlockSavePlanner(DefaultSavePlanner):
         if index.fqn in self.blocks:
             return self.state_dict[index.fqn]
         return super().lookup_object(index)
+
+
+def _unpinned(item: WriteItem) -> WriteItem:
+    data = item.tensor_data
+    if data is None or not data.properties.pin_memory:
+        return item
+    props = dataclasses.replace(data.properties, pin_memory=False)
+    return dataclasses.replace(item, tensor_data=dataclasses.replace(data, properties=props))
 
 
 class BlockLoadPlanner(DefaultLoadPlanner):
@@ -539,11 +544,12 @@ class TrainingState:
         extra_files: Mapping[str, Path] | None = None,
     ) -> Path | None:
         """:func:`save_atomic` of the whole training state."""
-        sd = self.state_dict(step=step, position=position)
-        return save_atomic(
-            ckpt_dir, step, sd, meta, planner=BlockSavePlanner(self.blocks), keep_last=keep_last,
-            extra_files=extra_files,
-        )  # fmt: skip
+        sd, planner = self.snapshot(step, position)
+        return save_atomic(ckpt_dir, step, sd, meta, planner=planner, keep_last=keep_last, extra_files=extra_files)
+
+    def snapshot(self, step: int, position: int) -> tuple[dict[str, Any], BlockSavePlanner]:
+        """What a save hands DCP: the state dict (aliasing the live tensors) and its planner."""
+        return self.state_dict(step=step, position=position), BlockSavePlanner(self.blocks)
 
     def load(self, info: CheckpointInfo, *, model_only: bool = False) -> tuple[int, int]:
         """Load ``info`` into the model (and optimizer, scheduler, RNG); return ``(step, position)``.
@@ -614,127 +620,6 @@ def _restore_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, last_epo
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
-
-
-# --------------------------------------------------------------------------------------------------
-# Saving
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _copy_synced(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
-    with open(dst, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _broadcast(value: Any) -> Any:
-    if not _is_dist():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if _is_dist():
-        dist.barrier()
-
-
-def save_atomic(
-    ckpt_dir: str | os.PathLike,
-    step: int,
-    state: dict[str, Any],
-    meta: dict[str, Any],
-    *,
-    planner: DefaultSavePlanner | None = None,
-    keep_last: int = 0,
-    extra_files: Mapping[str, Path] | None = None,
-) -> Path | None:
-    """Save ``state`` as ``ckpt_dir/step_<step>`` (collective); ``None`` when it already exists.
-
-    ``meta`` goes to ``meta.json`` with the format, step, world size and each file's size and
-    SHA-256 added (each rank digests the files it wrote, right after writing them, while they are
-    still in the page cache); ``planner`` is DCP's (a :class:`BlockSavePlanner` for sharded state).
-    ``extra_files`` (name -> source, e.g. the tokenizer's files) are copied into the checkpoint beside
-    DCP's, and listed and digested in ``meta.json`` like them.
-    ``keep_last > 0`` then deletes all but the newest ``keep_last`` complete checkpoints.
-    """
-    root = Path(ckpt_dir)
-    final = step_dir(root, step)
-    rank = dist.get_rank() if _is_dist() else 0
-    tmp_name = None
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if not final.exists():
-            tmp_name = f"{_TMP_PREFIX}{step:08d}-{secrets.token_hex(4)}"
-            (root / tmp_name).mkdir()
-    tmp_name = _broadcast(tmp_name)
-    if tmp_name is None:
-        return None
-    tmp = root / tmp_name
-    dcp.save(
-        state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), planner=planner, no_dist=not _is_dist()
-    )
-    if rank == 0:
-        for name, src in (extra_files or {}).items():
-            _copy_synced(Path(src), tmp / name)
-    files = _digest_written_files(tmp, rank)  # after the copies: rank 0 lists and digests them too
-    if rank == 0:
-        full_meta = {
-            "format": FORMAT, "step": step, "world": dist.get_world_size() if _is_dist() else 1,
-            "rng": sorted(k for k in state if k.startswith("rng.")), **meta, "files": files,
-        }  # fmt: skip
-        with open(tmp / META, "w") as f:
-            json.dump(full_meta, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        if keep_last > 0:
-            _prune(root, keep_last)
-    _barrier()
-    return final
-
-
-def _writer(name: str, world: int) -> int:
-    """The rank that wrote ``name``: DCP names rank r's files ``__r_<n>.distcp``; anything else is rank 0's."""
-    m = re.match(r"^__(\d+)_\d+\.distcp$", name)
-    return int(m.group(1)) if m and int(m.group(1)) < world else 0
-
-
-def _digest_written_files(tmp: Path, rank: int) -> dict[str, dict[str, Any]]:
-    """``{name: {"size": bytes, "sha256": hex}}`` for every file of a just-written save (collective).
-
-    Rank 0 lists the directory; each rank digests the files it wrote, all ranks at once.
-    """
-    world = dist.get_world_size() if _is_dist() else 1
-    names = _broadcast(sorted(p.name for p in tmp.iterdir() if p.is_file()) if rank == 0 else None)
-    mine = {
-        name: {"size": (tmp / name).stat().st_size, ALGORITHM: file_digest(tmp / name)}
-        for name in names
-        if _writer(name, world) == rank
-    }
-    if not _is_dist():
-        return mine
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, mine)
-    return {name: entry for part in parts for name, entry in sorted(part.items())}
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / META).exists())
-    for old in complete[:-keep_last]:
-        doomed = root / f"{_TMP_PREFIX}deleted-{old.name}-{secrets.token_hex(4)}"
-        os.rename(old, doomed)  # gone from view in one step, then removed
-        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_full_tensors(path: str | os.PathLike, prefix: str = "model.", *, verify: bool = True) -> dict[str, Tensor]:

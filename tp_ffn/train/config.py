@@ -29,7 +29,10 @@ class UsageError(Exception):
 
     ``agreed``: every rank raised this same error (see :func:`tp_ffn.train.consensus.agree`), so one
     rank reports it. ``rank``: the rank that saw it alone, once the process group existed.
+    ``exit_status``: what ``scripts/train.py`` exits with after reporting it.
     """
+
+    exit_status = 2
 
     def __init__(self, message: str, *, agreed: bool = False) -> None:
         super().__init__(message)
@@ -95,6 +98,7 @@ class TrainConfig:
     ckpt_dir: str | None = None
     ckpt_every: int = 0
     keep_last: int = 0
+    ckpt_async: bool = False
     resume: bool = False
     verify_checkpoint: bool = True
     metrics: str | None = None
@@ -154,6 +158,8 @@ class TrainConfig:
             raise UsageError("--resume: needs --ckpt-dir (the directory to resume from)")
         if self.ckpt_every and self.ckpt_dir is None:
             raise UsageError(f"--ckpt-every {self.ckpt_every}: needs --ckpt-dir (where to write the checkpoints)")
+        if self.ckpt_async and self.ckpt_dir is None:
+            raise UsageError("--ckpt-async: needs --ckpt-dir (where to write the checkpoints)")
         if self.metrics is not None and not self.metrics.endswith(".jsonl"):
             raise UsageError(
                 f"--metrics: expected a path ending in .jsonl (the plot goes next to it as .png), got {self.metrics!r}"
@@ -418,7 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--ckpt-every", type=int, default=d.ckpt_every, help="save every N steps (0: only at the end); needs --ckpt-dir"
     )
     c.add_argument(
-        "--keep-last", type=int, default=d.keep_last, help="keep only the newest N checkpoints (0: keep all)"
+        "--keep-last",
+        type=int,
+        default=d.keep_last,
+        help="keep only the newest N checkpoints (0: keep all); older ones are deleted once a newer one is complete",
+    )
+    c.add_argument(
+        "--ckpt-async",
+        action="store_true",
+        help="a save copies the state to CPU memory and writes it in the background (DCP async_save; one at a "
+        "time): training waits for the copy only; costs a CPU copy of each rank's share (docs/cluster.md)",
     )
     c.add_argument(
         "--resume",

@@ -6,6 +6,9 @@ path on a rank started in another directory, sees something else; if each rank a
 view, they would wait in different collectives until the timeout. :func:`agree` runs such a check
 on every rank, gathers what each found (the value's description, or the error) and, when they
 differ, raises one :class:`UsageError` on every rank that names the ranks and what each saw.
+:func:`decided_by_rank_0` is for what only rank 0 may do (take the run's lock, check the free
+space): the others learn its verdict. :func:`any_rank` tells every rank, in one small all-reduce,
+which of a few flags (a stop signal, a save still being written) any rank has raised.
 :func:`report_error` prints a :class:`UsageError` from the rank(s) that should print it.
 """
 
@@ -17,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
@@ -25,7 +29,7 @@ from .config import UsageError
 # Seconds a rank that prints nothing waits before exiting under torchrun (see report_error).
 QUIET_RANK_GRACE_S = 2.0
 
-__all__ = ["agree", "report_error"]
+__all__ = ["agree", "any_rank", "decided_by_rank_0", "report_error"]
 
 T = TypeVar("T")
 
@@ -97,6 +101,62 @@ def agree(
         groups.setdefault(key, []).append(r)
     parts = [f"{_rank_list(rs)}: {text}" + (f", {w}" if w else "") for ((_, text), w), rs in groups.items()]
     raise UsageError(f"the ranks disagree about {what}: " + "; ".join(parts), agreed=True)
+
+
+def _distributed(group: ProcessGroup | None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def decided_by_rank_0(fn: Callable[[], T], *, what: str, group: ProcessGroup | None = None) -> T:
+    """Run ``fn`` on rank 0 of ``group`` (default: the world) only; every rank returns its value.
+
+    A :class:`UsageError` raised by ``fn`` is raised on every rank (``agreed``); any other
+    exception is raised again on rank 0 and as a ``RuntimeError`` naming it on the others, so
+    nobody waits. The value must be picklable (it is broadcast). Collective.
+    """
+    if not _distributed(group):
+        try:
+            return fn()
+        except UsageError as e:
+            e.agreed = True
+            raise
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    mine = dist.get_rank(group) == 0
+    value: Any = None
+    outcome: tuple[str, Any] = ("ok", None)
+    unexpected: BaseException | None = None
+    if mine:
+        try:
+            value = fn()
+            outcome = ("ok", value)
+        except UsageError as e:
+            outcome = ("error", (type(e), str(e)))  # the class too: a subclass carries its exit status
+        except Exception as e:  # noqa: BLE001 - told to the others below, then re-raised here
+            unexpected, outcome = e, ("crash", f"{type(e).__name__}: {e}")
+    box: list[Any] = [outcome]
+    dist.broadcast_object_list(box, src=src, group=group)
+    kind, payload = box[0]
+    if unexpected is not None:
+        raise unexpected
+    if kind == "error":
+        cls, message = payload
+        raise cls(message, agreed=True)
+    if kind == "crash":
+        raise RuntimeError(f"rank {src} failed while deciding {what}: {payload}")
+    return value if mine else payload
+
+
+def any_rank(flags: list[bool], device: torch.device, group: ProcessGroup | None = None) -> list[bool]:
+    """``flags[i]`` is True on every rank that returns once it is True on any rank of ``group``.
+
+    One all-reduce (MAX) of ``len(flags)`` bytes on ``device`` (so NCCL runs use the GPU's link).
+    Collective; without a process group (or with a group of one) the flags themselves.
+    """
+    if not _distributed(group):
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.uint8, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
 
 
 def report_error(prog: str, error: UsageError) -> None:

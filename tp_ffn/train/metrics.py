@@ -44,11 +44,14 @@ class MetricsLog:
     Lines with ``step > resume_step`` are dropped first (written to a temporary file and renamed
     over, so a crash leaves either file); ``resume_step=None`` is a fresh run, which keeps only
     step-0 lines (evaluations of the weights it starts from). ``append=True`` keeps every line.
+    A write that fails (a full disk) is kept in :attr:`error` and ends the writing: the trainer
+    stops every rank on it (one line), instead of this rank alone raising mid-run.
     """
 
     def __init__(self, path: str | os.PathLike | None, *, resume_step: int | None = None, append: bool = False) -> None:
         self.path = None if path is None else Path(path)
         self._f: TextIO | None = None
+        self.error: OSError | None = None
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,13 +69,19 @@ class MetricsLog:
             self._f = open(self.path, "w")
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._f is not None:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
+        if self._f is not None and self.error is None:
+            try:
+                self._f.write(json.dumps(record) + "\n")
+                self._f.flush()
+            except OSError as e:
+                self.error = e
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError as e:  # the buffered rest could not be written either
+                self.error = self.error or e
             self._f = None
 
 

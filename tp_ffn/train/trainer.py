@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..models.llama import LlamaConfig, Transformer
 from . import checkpoint as ckpt
 from .config import ParallelPlan, TrainConfig, UsageError
-from .consensus import agree
+from .consensus import agree, any_rank, decided_by_rank_0
 from .data import Corpus, Windows, load_corpus, validation_batch, validation_count
 from .flops import measure_peak, mfu, model_flops_per_token
 from .layout import param_blocks
@@ -35,6 +35,9 @@ from .metrics import MetricsLog, Progress, plot_metrics
 from .optim import WarmupCosine, build_optimizer, build_scheduler, clip_grad_norm_, init_adamw_state
 from .outputs import check_outputs
 from .parallelize import Runtime, build_mesh, init_runtime, parallelize
+from .preempt import StopSignals
+from .run_lock import RunLock, acquire_run_lock
+from .saving import SaveError, Saver, checkpoint_bytes
 from .token_cache import CacheOptions, default_cache_dir
 from .tokenizer import ByteTokenizer, Tokenizer, resolve_tokenizer, tokenizer_from_checkpoint
 
@@ -44,7 +47,9 @@ __all__ = ["TrainResult", "lr_schedule_steps", "train"]
 @dataclass
 class TrainResult:
     """What a run did: per-step train losses (index 0 = step ``start_step + 1``), validation losses
-    (mean cross-entropy per token; ``--eval-only`` gives one, at ``start_step``)."""
+    (mean cross-entropy per token; ``--eval-only`` gives one, at ``start_step``). ``stopped_by``: the
+    signal (``"SIGTERM"``, ``"SIGUSR1"``) that ended the run early, after a checkpoint of
+    ``final_step`` (``checkpoints[-1]``; none without ``--ckpt-dir``)."""
 
     start_step: int
     losses: list[float] = field(default_factory=list)
@@ -53,6 +58,7 @@ class TrainResult:
     resumed_from: str | None = None
     checkpoints: list[str] = field(default_factory=list)
     plot: str | None = None
+    stopped_by: str | None = None
 
 
 def _model_config(cfg: TrainConfig) -> LlamaConfig:
@@ -248,6 +254,14 @@ class _Trainer:
         }  # fmt: skip
 
 
+def _metrics_failed(path: Path | None, error: OSError | None, step: int, newest: str) -> None:
+    why = f"{error.strerror or error}" if error is not None else "unknown error"
+    raise SaveError(
+        f"--metrics {path}: cannot write it ({why}); training stopped after step {step}; newest checkpoint: "
+        f"{newest}; free space or fix the mount, then --resume"
+    )
+
+
 def _load_pretrained(load: Callable[..., None], model: nn.Module, path: str) -> None:
     try:
         load(model, path)
@@ -320,7 +334,36 @@ def _evaluate(t: _Trainer, step: int, resume_info: ckpt.CheckpointInfo | None) -
     )
 
 
+def _take_run_lock(cfg: TrainConfig) -> RunLock | None:
+    """Rank 0 takes the lock of ``--ckpt-dir`` for this run (not for ``--eval-only``, which writes
+    no checkpoint); every rank learns the verdict. Before anything is read or written there, so a
+    second run is refused at once and never touches the first one's files (see run_lock.py)."""
+    if cfg.ckpt_dir is None or cfg.eval_only:
+        return None
+    ckpt_dir = cfg.ckpt_dir
+    agree(
+        lambda: ckpt.check_ckpt_dir(ckpt_dir),  # no lock file in a directory of another kind
+        what=f"--ckpt-dir {ckpt_dir} (every rank must see the same directory)",
+        where=f"in {os.path.abspath(ckpt_dir)}",
+    )
+    taken: list[RunLock] = []
+    decided_by_rank_0(
+        lambda: taken.append(acquire_run_lock(ckpt_dir)) if dist.get_rank() == 0 else None,
+        what=f"the lock of --ckpt-dir {ckpt_dir}",
+    )
+    return taken[0] if taken else None
+
+
 def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
+    lock = _take_run_lock(cfg)
+    try:
+        return _train_locked(cfg, rt)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -397,10 +440,15 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
             return TrainResult(start_step=cfg.steps, final_step=cfg.steps, resumed_from=str(resume_info.path))
         if resume_info is not None:  # before anything is written: each rank digests its share, all agree
             ckpt.verify_checkpoint(resume_info, digests=cfg.verify_checkpoint, group=dist.group.WORLD)
+    if cfg.ckpt_dir is not None and rt.rank == 0 and not cfg.eval_only:
+        # Partial saves of a run that died (this run holds the lock: no other run is writing them),
+        # before the write check below: a full disk may be full of them.
+        removed = ckpt.remove_stale_tmp(cfg.ckpt_dir)
+        if removed:
+            print(f"removed {len(removed)} partial checkpoint(s) of an interrupted save: "
+                  f"{', '.join(p.name for p in removed)}", flush=True)  # fmt: skip
     # --eval-only writes no checkpoint (its --ckpt-dir may be read-only); the metrics it appends to.
     check_outputs(None if cfg.eval_only else cfg.ckpt_dir, cfg.metrics_path, rank=rt.rank)
-    if cfg.ckpt_dir is not None and rt.rank == 0 and not cfg.eval_only:
-        ckpt.remove_stale_tmp(cfg.ckpt_dir)
     schedule_steps, schedule_note = lr_schedule_steps(cfg, resume_info.meta if resume_info is not None else None)
 
     mesh = build_mesh(rt.device, plan.dp, plan.tp, timeout_s=cfg.timeout)
@@ -443,47 +491,93 @@ def _train(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     bar = Progress(cfg.steps, step, enabled=t.is_main and cfg.progress)
     tokens_per_step = plan.batch_size * cfg.seq_len
     flops_per_step = model_flops_per_token(mcfg, cfg.seq_len) * tokens_per_step
-    try:
-        while step < cfg.steps:
-            lr = t.opt.param_groups[0]["lr"]
-            t0 = time.perf_counter()
-            loss, norm = t.train_step(position)
-            dt = time.perf_counter() - t0
-            step += 1
-            position += plan.batch_size
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or enable --grad-clip")
-            result.losses.append(loss)
-            log.write(
-                {
-                    "step": step,
-                    "loss": loss,
-                    "lr": lr,
-                    "tokens": position * cfg.seq_len,
-                    "tokens_per_s": tokens_per_step / dt,
-                    "grad_norm": norm,
-                    "time_s": dt,
-                    "mfu": mfu(flops_per_step, dt, peak.flops, rt.world),
-                }
-            )
-            val = None
-            if (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps:
-                val = t.validate()
-                result.val_losses.append((step, val))
-                log.write({"step": step, "val_loss": val, "val_ppl": _perplexity(val)})
-            bar.update(loss, tokens_per_step / dt, val)
-            if cfg.ckpt_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
-                path = t.state.save(
-                    cfg.ckpt_dir, step, position, t.meta(), keep_last=cfg.keep_last, extra_files=t.tokenizer.files
+    saver = None
+    if cfg.ckpt_dir is not None:
+        newest = None if resume_info is None else (resume_info.path, checkpoint_bytes(resume_info.meta))
+        saver = Saver(cfg.ckpt_dir, keep_last=cfg.keep_last, background=cfg.ckpt_async, newest=newest, warn=bar.write)
+
+    def save(background: bool, *, stopping: bool = False) -> None:
+        assert saver is not None and cfg.ckpt_dir is not None
+        completed(saver.wait())  # at most one in flight: the previous one first
+        state, planner = t.state.snapshot(step, position)
+        path = saver.save(state, planner, step, t.meta(), extra_files=t.tokenizer.files, background=background)
+        if path is not None:
+            result.checkpoints.append(str(path))
+        elif saver.pending is None and not stopping:
+            bar.write(f"{ckpt.step_dir(cfg.ckpt_dir, step)} exists; not overwritten")
+
+    def completed(path: Path | None) -> None:
+        if path is not None:
+            result.checkpoints.append(str(path))
+
+    with StopSignals() as stop:
+        try:
+            while step < cfg.steps:
+                lr = t.opt.param_groups[0]["lr"]
+                t0 = time.perf_counter()
+                loss, norm = t.train_step(position)
+                dt = time.perf_counter() - t0
+                step += 1
+                position += plan.batch_size
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or enable --grad-clip")
+                result.losses.append(loss)
+                log.write(
+                    {
+                        "step": step,
+                        "loss": loss,
+                        "lr": lr,
+                        "tokens": position * cfg.seq_len,
+                        "tokens_per_s": tokens_per_step / dt,
+                        "grad_norm": norm,
+                        "time_s": dt,
+                        "mfu": mfu(flops_per_step, dt, peak.flops, rt.world),
+                    }
                 )
-                if path is not None:
-                    result.checkpoints.append(str(path))
-                else:
-                    bar.write(f"{ckpt.step_dir(cfg.ckpt_dir, step)} exists; not overwritten")
-    finally:
-        bar.close()
-        log.close()
+                val = None
+                if (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps:
+                    val = t.validate()
+                    result.val_losses.append((step, val))
+                    log.write({"step": step, "val_loss": val, "val_ppl": _perplexity(val)})
+                bar.update(loss, tokens_per_step / dt, val)
+                if saver is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
+                    save(cfg.ckpt_async and step < cfg.steps)  # the last one: written before the run ends
+                # One all-reduce of 4 bytes a step: a stop signal on any rank, a background save still
+                # being written on any rank, a metrics file that cannot be written (rank 0's).
+                term, usr1, writing, unwritable = any_rank(
+                    [stop.received == "SIGTERM", stop.received == "SIGUSR1", saver is not None and saver.pending_here(),
+                     log.error is not None],
+                    rt.device,
+                )  # fmt: skip
+                if saver is not None:
+                    completed(saver.poll(not writing))
+                if unwritable:
+                    newest = "none" if saver is None or saver.newest_path is None else str(saver.newest_path)
+                    decided_by_rank_0(
+                        lambda step=step, newest=newest: _metrics_failed(metrics_path, log.error, step, newest),
+                        what="the metrics file",
+                    )
+                if (term or usr1) and step < cfg.steps:
+                    result.stopped_by = "SIGTERM" if term else "SIGUSR1"
+                    if saver is not None:  # the save in flight first, then this step's (unless it is that one)
+                        save(False, stopping=True)
+                    break
+            if saver is not None:
+                completed(saver.wait())
+        except FloatingPointError:  # the same on every rank (the loss is all-reduced): finish the save in flight
+            if saver is not None:
+                completed(saver.wait())
+            raise
+        except BaseException:
+            if saver is not None:
+                saver.abandon()  # not every rank may be here: no collective; the next run removes its directory
+            raise
+        finally:
+            bar.close()
+            log.close()
     result.final_step = step
+    if result.stopped_by is not None:  # the scheduler's grace period is running: no plot, no summary
+        return result
     if t.is_main and metrics_path is not None and metrics_path.exists():
         try:
             result.plot = str(plot_metrics(metrics_path))
