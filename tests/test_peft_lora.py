@@ -202,6 +202,23 @@ def test_block_lora_exact_and_collectives(world, sp):
         assert not bad, f"W={world} rank {rank}: {bad}"
 
 
+def _whole_factors(rank: int, world: int) -> list[torch.Tensor]:
+    par = build("llama")
+    tphf.parallelize_mlp(par)
+    torch.manual_seed(rank)  # generators that disagree across the group
+    par = get_peft_model(par, LoraConfig(target_modules=MLP, init_lora_weights=False))
+    mlp = par.base_model.model.model.layers[1].mlp
+    return [mlp.gate_proj.lora_A["default"].weight.detach(), mlp.down_proj.lora_B["default"].weight.detach()]
+
+
+@pytest.mark.timeout(120)
+def test_whole_factors_agree_across_the_group():
+    """The factors every rank holds whole (A of gate/up, B of down) are the same on every rank even where the
+    ranks' generators differ at get_peft_model (they are broadcast from the group's first rank)."""
+    got = run_ranks(2, _whole_factors, timeout=100)
+    assert all(torch.equal(a, b) for a, b in zip(got[0], got[1]))
+
+
 def _save_load(rank: int, world: int, root: str) -> dict[str, float]:
     config = {"target_modules": "all-linear", "r": 4, "init_lora_weights": False, "lora_alpha": 12}
     dense, par = _pair(config, world, seed=21)
@@ -223,6 +240,12 @@ def _save_load(rank: int, world: int, root: str) -> dict[str, float]:
     out["loaded tensors differ"] = float(
         any(not torch.equal(full[k], v) for k, v in dense.state_dict().items() if ".lora_" in k)
     )
+    # The same with PEFT's low_cpu_mem_usage: adapters built on the meta device, then the slices assigned.
+    mine = copy.deepcopy(base)
+    tphf.parallelize_mlp(mine)
+    lean = PeftModel.from_pretrained(mine, dense_dir, low_cpu_mem_usage=True)
+    with torch.no_grad():
+        out["dense adapter -> parallel, low_cpu_mem_usage"] = rel_err(lean(x).logits, dense(x).logits)
     # 2. The parallel model's adapter, changed by a step, written as PEFT's dense files, onto plain transformers.
     par.train()
     par(tokens(seed=6), labels=tokens(seed=6)).loss.backward()
@@ -331,3 +354,28 @@ def test_fresh_process_needs_no_extra_import():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-1] == "28"  # 2 layers x (q, k, v, o, gate, up, down) x (A, B)
+
+
+@pytest.mark.timeout(300)
+def test_lora_memory_script_smoke():
+    """scripts/lora_memory.py at TP=2 on a tiny model, both modes: LoRA's frozen base keeps no gradients, its
+    gradients and AdamW state are those of the adapters only, and each is a small part of full fine-tuning's."""
+    import json
+
+    rows = {}
+    for mode in ("lora", "full"):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(ROOT / "scripts" / "lora_memory.py"), "--mode", mode, "--hidden", "64", "--intermediate", "173",
+            "--layers", "2", "--heads", "4", "--vocab", "256", "--lora-rank", "4", "--tokens", "128", "--seq", "64",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        rows[mode] = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        assert [row["rank"] for row in rows[mode]] == [0, 1]
+    for lora, full in zip(rows["lora"], rows["full"]):
+        assert lora["frozen_params_with_grad"] == 0
+        assert lora["grads_bytes"] == lora["trainable_bytes"] < full["grads_bytes"] / 5
+        assert lora["optimizer_state_bytes"] < full["optimizer_state_bytes"] / 5
+        assert full["grads_bytes"] == full["trainable_bytes"] == full["params_bytes"]

@@ -292,5 +292,5 @@ def _teach_peft() -> None:
         return
     try:
         import tp_ffn.peft  # noqa: F401
-    except ImportError as e:
+    except Exception as e:  # noqa: BLE001 - an old or broken PEFT install must not stop parallelize_mlp
         warnings.warn(f"tp_ffn.hf: LoRA through PEFT is not available on the parallel MLPs: {e}", stacklevel=3)
