@@ -29,7 +29,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "tp_ffn"
 
-CORE = {"", "groups", "comm", "init", "layers", "ffn", "swiglu", "fused", "emulation", "sharding", "checkpoint", "moe", "grouped"}
+CORE = {"", "groups", "comm", "init", "layers", "ffn", "swiglu", "fused", "emulation", "sharding", "checkpoint", "moe", "grouped", "lowrank"}
 SUPPORT = {"files", "safetensors_dir", "diagnostics", "machine", "shutdown"}
 SUBPACKAGES = {"models", "hf", "fairscale", "train"}
 ALLOWED = {

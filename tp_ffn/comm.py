@@ -12,6 +12,7 @@ that nothing else references). Use the returned tensor.
 function                      forward               backward
 ============================  ====================  ====================
 ``copy_to_parallel``          identity              all-reduce
+``copy_all_to_parallel``      identity              one all-reduce of all the gradients (per dtype)
 ``reduce_from_parallel``      all-reduce            identity
 ``gather_from_parallel``      all-gather            split
 ``scatter_to_parallel``       split                 all-gather
@@ -39,6 +40,7 @@ __all__ = [
     "all_gather_along",
     "all_gather_shard",
     "copy_to_parallel",
+    "copy_all_to_parallel",
     "reduce_from_parallel",
     "gather_from_parallel",
     "scatter_to_parallel",
@@ -121,6 +123,27 @@ class _IdentityAllReduce(torch.autograd.Function):
         return _all_reduce(grad, ctx.group), None
 
 
+class _IdentityAllReduceMany(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, group: ProcessGroup, *xs: Tensor) -> tuple[Tensor, ...]:
+        ctx.group = group
+        return xs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        out = list(grads)
+        by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, g in enumerate(grads):
+            by_dtype.setdefault((g.dtype, g.device), []).append(i)
+        for idx in by_dtype.values():
+            # One buffer of our own per dtype: the gradients' bytes side by side, reduced at once.
+            flat = torch.cat([grads[i].reshape(-1) for i in idx])
+            dist.all_reduce(flat, group=ctx.group)
+            for i, piece in zip(idx, flat.split([grads[i].numel() for i in idx])):
+                out[i] = piece.view(grads[i].shape)
+        return (None, *out)
+
+
 class _AllReduceIdentity(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, group: ProcessGroup, inplace: bool) -> Tensor:
@@ -182,6 +205,23 @@ class _ReduceScatterAllGather(torch.autograd.Function):
 def copy_to_parallel(x: Tensor, group: ProcessGroup | None) -> Tensor:
     """Enter a tensor-parallel region. Forward: identity; backward: all-reduce (Megatron's ``f``)."""
     return x if _size(group) == 1 else _IdentityAllReduce.apply(x, group)
+
+
+def copy_all_to_parallel(xs: Sequence[Tensor], group: ProcessGroup | None) -> list[Tensor]:
+    """Enter a tensor-parallel region with several tensors at once. Forward: identity; backward: the
+    gradients of all of them summed over the group by one all-reduce per dtype (their bytes side by side).
+
+    What ``copy_to_parallel`` does for each, with one collective instead of ``len(xs)``. Tensors that do
+    not require a gradient (or with gradients off) pass through untouched and are not reduced.
+    """
+    out = list(xs)
+    if _size(group) == 1 or not torch.is_grad_enabled():
+        return out
+    idx = [i for i, x in enumerate(xs) if x.requires_grad]
+    if idx:
+        for i, y in zip(idx, _IdentityAllReduceMany.apply(group, *(xs[i] for i in idx))):
+            out[i] = y
+    return out
 
 
 def reduce_from_parallel(x: Tensor, group: ProcessGroup | None, *, inplace: bool = False) -> Tensor:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import canonical_ffn_state_dict, check_ffn_state_dict, ffn_shapes, infer_ffn_dims
-from .comm import all_gather_shard, copy_to_parallel, gather_from_sequence
+from .comm import all_gather_shard, copy_all_to_parallel, copy_to_parallel, gather_from_sequence
 from .fused import gate_up_projection, row_parallel_chunked
 from .groups import GroupLike, resolve_group
 from .layers import ColumnParallelLinear, RowParallelLinear, check_features, check_input
+from .lowrank import LowRank, column_term, low_rank_terms, parallel_layer, row_term
 from .swiglu import ACTIVATIONS, compute_dtype, get_activation, swiglu_linear
 
 __all__ = ["ACTIVATIONS", "FeedForward", "ParallelFeedForward", "get_activation", "llama_ffn_hidden_dim"]
@@ -115,6 +117,10 @@ class ParallelFeedForward(nn.Module):
     down projection into token chunks whose all-reduces overlap the next chunk's GEMM, so the
     forward issues ``comm_chunks`` all-reduces carrying the bytes of one.
 
+    Low-rank terms (LoRA): a projection slot may hold a wrapper around its parallel layer that supplies
+    ``low_rank_terms()`` (PEFT's LoRA through :mod:`tp_ffn.peft`); the block then adds them in its own
+    forward, sharded as the projection, with the same one forward all-reduce (see :mod:`tp_ffn.lowrank`).
+
     Memory kept for backward (every mode; parameters aside): the input ``x`` once (both projections
     read the same tensor), and ``g = x w1^T`` and ``u = x w3^T`` — ``dim + 2 n_r`` elements per
     token. The gated product ``act(g) * u`` and the down projection are one autograd function
@@ -177,10 +183,18 @@ class ParallelFeedForward(nn.Module):
         self.sequence_parallel = self.w1.sequence_parallel
         self.sequence_dim = sequence_dim
 
+    def layers(self) -> tuple[ColumnParallelLinear, RowParallelLinear, ColumnParallelLinear]:
+        """``(w1, w2, w3)`` as parallel layers, also where a wrapper (a LoRA layer, see :mod:`tp_ffn.lowrank`)
+        holds one in its slot."""
+        return parallel_layer(self.w1), parallel_layer(self.w2), parallel_layer(self.w3)  # type: ignore[return-value]
+
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.w1.weight, self.dim, what="dim", sequence_dim=self.w1.active_sequence_dim)
+        w1, w2, w3 = self.layers()
+        check_input(x, w1.weight, self.dim, what="dim", sequence_dim=w1.active_sequence_dim)
+        terms = (low_rank_terms(self.w1), low_rank_terms(self.w3), low_rank_terms(self.w2))
+        if any(terms):
+            return self._forward_low_rank(x, *terms)
         group = self.tp.group
-        w1, w3 = self.w1, self.w3
         if self.fuse_gate_up or self.overlap_comm:
             seq_dim = self.sequence_dim if self.sequence_parallel else None
             g, u = gate_up_projection(
@@ -201,9 +215,44 @@ class ParallelFeedForward(nn.Module):
             g, u = F.linear(x, w1.weight, w1.bias), F.linear(x, w3.weight, w3.bias)
         # act(g) * u and the down projection in one function that keeps only g and u for backward.
         if self.comm_chunks > 1 and self.tp.size > 1:
-            y = row_parallel_chunked(g, u, self.w2.weight, self.activation, group, self.comm_chunks)
-            return y if self.w2.bias is None else y + self.w2.bias.to(y.dtype)
-        return self.w2.reduce_partial(swiglu_linear(g, u, self.w2.weight, self.activation))
+            y = row_parallel_chunked(g, u, w2.weight, self.activation, group, self.comm_chunks)
+            return y if w2.bias is None else y + w2.bias.to(y.dtype)
+        return w2.reduce_partial(swiglu_linear(g, u, w2.weight, self.activation))
+
+    def _forward_low_rank(
+        self, x: Tensor, gate: tuple[LowRank, ...], up: tuple[LowRank, ...], down: tuple[LowRank, ...]
+    ) -> Tensor:
+        """The block with low-rank terms (:mod:`tp_ffn.lowrank`), on the reference path (two GEMMs; a frozen
+        weight gets no weight-gradient GEMM, so there is nothing for ``overlap_comm`` to hide the collective
+        behind; ``fuse_gate_up`` and ``comm_chunks`` do not apply). Communication: forward one all-reduce
+        (SP: all-gather, reduce-scatter); backward one all-reduce per dtype carrying the input gradient and
+        the whole factors' gradients (SP: the reduce-scatter of the input gradient, and the factors' all-reduce).
+        """
+        w1, w2, w3 = self.layers()
+        group = self.tp.group
+        wholes = [t.a for t in gate + up] + [t.b for t in down]
+        if self.sequence_parallel:
+            x = gather_from_sequence(x, group, self.sequence_dim)
+            wholes = copy_all_to_parallel(wholes, group)
+        else:
+            x, *wholes = copy_all_to_parallel([x, *wholes], group)
+        n = len(gate) + len(up)
+        gate = tuple(replace(t, a=a) for t, a in zip(gate, wholes[: len(gate)]))
+        up = tuple(replace(t, a=a) for t, a in zip(up, wholes[len(gate) : n]))
+        down = tuple(replace(t, b=b) for t, b in zip(down, wholes[n:]))
+        # Contiguous as the dense input is: dropout draws its mask in memory order (a gathered input is strided).
+        x = x.contiguous()
+        xc = x.to(compute_dtype(x))
+        g, u = F.linear(xc, w1.weight, w1.bias), F.linear(xc, w3.weight, w3.bias)
+        # The terms in the dense block's order (gate, up, down), so that dropout draws what it draws.
+        if gate:
+            g = sum((column_term(x, t) for t in gate), g).to(g.dtype)
+        if up:
+            u = sum((column_term(x, t) for t in up), u).to(u.dtype)
+        y = swiglu_linear(g, u, w2.weight, self.activation)
+        if down:
+            y = sum((row_term(g, u, t, self.activation, w2) for t in down), y).to(y.dtype)
+        return w2.reduce_partial(y)
 
     @classmethod
     def from_dense(
@@ -248,7 +297,7 @@ class ParallelFeedForward(nn.Module):
 
     def _params(self) -> list[tuple[str, ColumnParallelLinear | RowParallelLinear, str]]:
         """``(Meta key, layer, attribute)`` of every parameter of the block (its layers say how each is split)."""
-        layers = (("w1", self.w1), ("w2", self.w2), ("w3", self.w3))
+        layers = zip(("w1", "w2", "w3"), self.layers())
         return [
             (f"{n}.{a}", layer, a) for n, layer in layers for a in ("weight", "bias") if getattr(layer, a) is not None
         ]
@@ -262,7 +311,7 @@ class ParallelFeedForward(nn.Module):
         default the tensors' device); others are copied into, on their own device.
         """
         canonical, original = canonical_ffn_state_dict(sd, "sd")
-        check_ffn_state_dict(canonical, original, ffn_shapes(self.dim, self.hidden_dim, self.w1.bias is not None), "sd")
+        check_ffn_state_dict(canonical, original, ffn_shapes(self.dim, self.hidden_dim, self.layers()[0].bias is not None), "sd")
         slices = {(layer, attr): layer.shard_spec(attr).take(canonical[key]) for key, layer, attr in self._params()}
         for (layer, attr), value in slices.items():
             param: nn.Parameter = getattr(layer, attr)
@@ -279,13 +328,22 @@ class ParallelFeedForward(nn.Module):
 
         Collective: every rank of the group must call it.
         """
+        return {k: full for k, (_, full) in self._gathered().items()}
+
+    @torch.no_grad()
+    def gather_shards(self) -> list[tuple[Tensor, Tensor]]:
+        """``(this rank's parameter, the full tensor)`` for every parameter of the block, as
+        :func:`tp_ffn.hf.full_state_dict` asks of every module that holds shards. Collective."""
+        return list(self._gathered().values())
+
+    def _gathered(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Meta key -> ``(parameter, full tensor)``, in the order of :func:`~tp_ffn.checkpoint.ffn_shapes`."""
         group = self.tp.group
-        out = {
-            key: all_gather_shard(getattr(layer, attr).detach(), layer.shard_spec(attr), group)
-            for key, layer, attr in self._params()
-        }
-        ordered = {k: out[k] for k in ffn_shapes(self.dim, self.hidden_dim, self.w1.bias is not None)}
-        return {k: v.clone() for k, v in ordered.items()}
+        out = {}
+        for key, layer, attr in self._params():
+            p = getattr(layer, attr)
+            out[key] = (p, all_gather_shard(p.detach(), layer.shard_spec(attr), group).clone())
+        return {k: out[k] for k in ffn_shapes(self.dim, self.hidden_dim, self.layers()[0].bias is not None)}
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -8,7 +8,9 @@ their names, and the full state dict gathered back from them.
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -181,7 +183,8 @@ def parallelize_mlp(
     ``hidden_act``): ``silu``/``swish``, ``gelu`` (erf), ``gelu_pytorch_tanh``, ``relu``; anything else is a
     ``ValueError``. Rules of a Hugging Face ``tp_plan`` that name the replaced layers are dropped from the
     model's plans, so a later ``tp_plan`` pass cannot shard them a second time. Hooks registered on the
-    replaced modules are not carried over. Every rank of ``group`` must call it on the same model.
+    replaced modules are not carried over. Every rank of ``group`` must call it on the same model. Where PEFT
+    is installed, :mod:`tp_ffn.peft` is imported, so that ``peft.get_peft_model`` can put LoRA on the blocks.
     """
     config = getattr(model, "config", None)
     found: dict[int, tuple[nn.Module, list[str]]] = {}
@@ -201,6 +204,7 @@ def parallelize_mlp(
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, block)
     _drop_plan_rules(model, [p for _, paths, _, _ in plans for p in paths])
+    _teach_peft()
     return len(plans)
 
 
@@ -252,8 +256,13 @@ def _drop_plan_rules(model: nn.Module, paths: Iterable[str]) -> None:
 
 @torch.no_grad()
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()`` with every tensor-parallel block gathered to its full tensors (and any DTensor
+    """``model.state_dict()`` with every tensor-parallel shard gathered to its full tensor (and any DTensor
     made whole), under the same keys, identical on every rank.
+
+    Shards are found by what holds them: every module with a ``gather_shards()`` method (the parallel blocks,
+    and the LoRA layers of :mod:`tp_ffn.peft`) gives each of its local parameters with the full tensor, which
+    replaces that parameter under every key it has, however it is wrapped (a PEFT model's
+    ``...mlp.gate_proj.base_layer.weight`` included).
 
     Collective: every rank of every block's group must call it. Use it to save a normal checkpoint::
 
@@ -262,20 +271,39 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
             model.save_pretrained(path, state_dict=sd)
     """
     out = model.state_dict()
+    keys: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        keys.setdefault(id(value), []).append(key)
     gathered: dict[int, Tensor] = {}
-    # Every parameter whose layer says it is sharded (the MLP blocks, and any other tp_ffn layer), in
-    # module order on every rank, so that the all-gathers pair up.
-    for path, module in model.named_modules(remove_duplicate=False):
+    # Modules that gather their own (a block, LoRA factors whose keys PEFT renames), then every other
+    # parameter whose layer says it is sharded; in module order on every rank, so the all-gathers pair up.
+    for module in model.modules():
+        gather = getattr(module, "gather_shards", None)
+        if callable(gather):
+            gathered.update((id(local), full) for local, full in gather())
+    for module in model.modules():
         for attr, p in module._parameters.items():
-            key = f"{path}.{attr}" if path else attr
-            if p is None or key not in out:
+            if p is None or id(p) in gathered or id(p) not in keys:
                 continue
             spec = shard_spec_of(module, attr, p)
             if spec.is_sharded:
-                if id(p) not in gathered:
-                    gathered[id(p)] = all_gather_shard(p.detach(), spec, module.tp.group).clone()
-                out[key] = gathered[id(p)]
+                gathered[id(p)] = all_gather_shard(p.detach(), spec, module.tp.group).clone()
+    for ident, full in gathered.items():
+        for key in keys.get(ident, ()):
+            out[key] = full
     for key, value in out.items():
         if _is_dtensor(value):
             out[key] = value.full_tensor()
     return out
+
+
+def _teach_peft() -> None:
+    """Where PEFT is installed, import :mod:`tp_ffn.peft`, which teaches it to put LoRA on the parallel MLPs (so
+    ``get_peft_model`` works on the result of :func:`parallelize_mlp` without more imports). A PEFT it cannot
+    work with is a warning: the parallel model itself does not need it."""
+    if importlib.util.find_spec("peft") is None:
+        return
+    try:
+        import tp_ffn.peft  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - an old or broken PEFT install must not stop parallelize_mlp
+        warnings.warn(f"tp_ffn.hf: LoRA through PEFT is not available on the parallel MLPs: {e}", stacklevel=3)
