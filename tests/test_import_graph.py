@@ -31,12 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent / "tp_ffn"
 
 CORE = {"", "groups", "comm", "init", "layers", "ffn", "swiglu", "fused", "emulation", "sharding", "checkpoint", "moe", "grouped", "lowrank"}
 SUPPORT = {"files", "safetensors_dir", "diagnostics", "machine", "shutdown"}
-SUBPACKAGES = {"models", "hf", "fairscale", "train"}
+SUBPACKAGES = {"models", "hf", "peft", "fairscale", "train"}
 ALLOWED = {
     "core": {"core"},
     "support": {"core", "support"},
     "models": {"core", "support", "models"},
-    "hf": {"core", "support", "hf"},
+    "hf": {"core", "support", "hf", "peft"},  # parallelize_mlp teaches PEFT where it is installed
+    "peft": {"core", "support", "peft"},
     "fairscale": {"core", "support", "fairscale"},
     "train": {"core", "support", "models", "train"},
 }
