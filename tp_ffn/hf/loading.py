@@ -18,6 +18,7 @@ from ..groups import GroupLike, resolve_group
 from ..layers import ColumnParallelLinear, RowParallelLinear
 from .files import SafetensorsDir
 from .mlp import parallelize_mlp
+from .moe import load_moe_blocks
 
 __all__ = ["from_pretrained"]
 
@@ -249,8 +250,11 @@ def _load(model: nn.Module, files: SafetensorsDir, device: torch.device) -> None
     targets = _targets(model)
     model_keys = [n for t in targets.values() for n in t.names]
     to_ckpt = _key_mapper(model, model_keys, set(files.shape))
-    used: set[str] = set()
+    # MoE blocks read their router and this rank's slices of every expert themselves (per-expert or fused keys).
+    used, loaded = load_moe_blocks(model, files, to_ckpt, device)
     for target in targets.values():
+        if loaded.intersection(target.names):
+            continue
         key = next((to_ckpt(n) for n in target.names if to_ckpt(n) in files.shape), None)
         if key is None:
             continue  # a tied weight (tie_weights below) or a buffer kept as built; checked afterwards
@@ -273,10 +277,25 @@ def _load(model: nn.Module, files: SafetensorsDir, device: torch.device) -> None
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     ignore.append(re.compile(r"rotary_emb\.inv_freq"))  # once saved, now computed
     unexpected = sorted(k for k in set(files.shape) - used if not any(p.search(k) for p in ignore))
-    if unexpected:
-        warnings.warn(
-            f"{files.root}: tensors the model has no place for were not loaded: {unexpected[:10]}", stacklevel=3
+    # A base model loaded from a checkpoint with a head: the head's tensors are left out, as transformers does.
+    head = _outside_base_model(model, model_keys, set(files.shape), unexpected)
+    if head:
+        warnings.warn(f"{files.root}: tensors the model has no place for were not loaded: {head[:10]}", stacklevel=3)
+    unplaced = [k for k in unexpected if k not in head]
+    if unplaced:
+        raise ValueError(
+            f"{files.root}: {len(unplaced)} checkpoint tensors match nothing in {type(model).__name__}: {unplaced[:10]}"
         )
+
+
+def _outside_base_model(model: nn.Module, model_keys: list[str], ckpt_keys: set[str], keys: list[str]) -> list[str]:
+    """Those of ``keys`` outside ``base_model_prefix`` when a base model is loaded from a checkpoint of a model
+    with a head (``Qwen2Model`` from a ``Qwen2ForCausalLM`` checkpoint: ``lm_head.weight``)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    inside = prefix + "."
+    if not prefix or any(k.startswith(inside) for k in model_keys) or not any(k.startswith(inside) for k in ckpt_keys):
+        return []
+    return [k for k in keys if not k.startswith(prefix + ".")]
 
 
 @torch.no_grad()
@@ -337,8 +356,10 @@ def from_pretrained(
     ``attn_implementation``, ``config``, and config overrides; anything else is an error naming it. Tied
     weights are tied, the model is returned in eval mode with its generation config. Weights the checkpoint
     lacks are drawn by the model's ``_init_weights`` with a warning, as transformers does (a new
-    classification head), the same on every rank; a missing MLP weight is a ``ValueError``. Checkpoint tensors
-    the model has no place for are a warning. Every rank of ``group`` must call it.
+    classification head), the same on every rank; a missing MLP weight or expert is a ``ValueError``. A
+    checkpoint tensor the model has no place for is a ``ValueError`` too, except a head's when a base model is
+    loaded (a warning, as in transformers). MoE experts are read from per-expert keys (as checkpoints store them)
+    or fused ones, each rank its slices only. Every rank of ``group`` must call it.
     """
     opts = _LoadOptions.from_kwargs(kwargs)
     root = Path(path)
