@@ -284,8 +284,8 @@ def _inspect(block: nn.Module, config: Any, path: str) -> _HFLayout:
     family = MOE_BLOCKS.get(name)
     if family is None:
         raise _Refused(
-            f"{name} is a mixture of experts tp_ffn.hf does not take (its routing or experts are not one of "
-            f"{sorted(MOE_BLOCKS)})"
+            f"a mixture of experts tp_ffn.hf does not take (its routing or experts are not those of "
+            f"{', '.join(sorted(MOE_BLOCKS))})"
         )
     jitter = getattr(block, "jitter_noise", 0) or 0
     if jitter > 0:
