@@ -277,8 +277,9 @@ def _load(model: nn.Module, files: SafetensorsDir, device: torch.device) -> None
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     ignore.append(re.compile(r"rotary_emb\.inv_freq"))  # once saved, now computed
     unexpected = sorted(k for k in set(files.shape) - used if not any(p.search(k) for p in ignore))
-    # A base model loaded from a checkpoint with a head: the head's tensors are left out, as transformers does.
-    head = _outside_base_model(model, model_keys, set(files.shape), unexpected)
+    # A head the model does not have (a base model, or another head, loaded from a checkpoint with one): its
+    # tensors are left out with a warning, as transformers does. Any other tensor that matches nothing is an error.
+    head = _head_keys(model, set(files.shape), unexpected)
     if head:
         warnings.warn(f"{files.root}: tensors the model has no place for were not loaded: {head[:10]}", stacklevel=3)
     unplaced = [k for k in unexpected if k not in head]
@@ -288,14 +289,13 @@ def _load(model: nn.Module, files: SafetensorsDir, device: torch.device) -> None
         )
 
 
-def _outside_base_model(model: nn.Module, model_keys: list[str], ckpt_keys: set[str], keys: list[str]) -> list[str]:
-    """Those of ``keys`` outside ``base_model_prefix`` when a base model is loaded from a checkpoint of a model
-    with a head (``Qwen2Model`` from a ``Qwen2ForCausalLM`` checkpoint: ``lm_head.weight``)."""
-    prefix = getattr(model, "base_model_prefix", "")
-    inside = prefix + "."
-    if not prefix or any(k.startswith(inside) for k in model_keys) or not any(k.startswith(inside) for k in ckpt_keys):
+def _head_keys(model: nn.Module, ckpt_keys: set[str], keys: list[str]) -> list[str]:
+    """Those of ``keys`` outside the base model (``base_model_prefix``, e.g. ``model.``) of a checkpoint that has
+    one: ``lm_head.weight`` of a ``Qwen2ForCausalLM`` checkpoint loaded into ``Qwen2Model`` or a classifier."""
+    inside = getattr(model, "base_model_prefix", "") + "."
+    if inside == "." or not any(k.startswith(inside) for k in ckpt_keys):
         return []
-    return [k for k in keys if not k.startswith(prefix + ".")]
+    return [k for k in keys if not k.startswith(inside)]
 
 
 @torch.no_grad()
@@ -357,9 +357,10 @@ def from_pretrained(
     weights are tied, the model is returned in eval mode with its generation config. Weights the checkpoint
     lacks are drawn by the model's ``_init_weights`` with a warning, as transformers does (a new
     classification head), the same on every rank; a missing MLP weight or expert is a ``ValueError``. A
-    checkpoint tensor the model has no place for is a ``ValueError`` too, except a head's when a base model is
-    loaded (a warning, as in transformers). MoE experts are read from per-expert keys (as checkpoints store them)
-    or fused ones, each rank its slices only. Every rank of ``group`` must call it.
+    checkpoint tensor the model has no place for is a ``ValueError`` too, except a head's the model lacks (a
+    warning, as in transformers: a base model or another head loaded from a checkpoint with a head). MoE experts
+    are read from per-expert keys (as checkpoints store them) or fused ones, each rank its slices only. Every
+    rank of ``group`` must call it.
     """
     opts = _LoadOptions.from_kwargs(kwargs)
     root = Path(path)
