@@ -51,10 +51,18 @@ def tiny_moe(family: str, **overrides) -> tuple[type, object]:
         "qwen2_moe": (
             tf.Qwen2MoeForCausalLM,
             tf.Qwen2MoeConfig,
-            {"num_experts": E, "moe_intermediate_size": EXPERT, "shared_expert_intermediate_size": SHARED,
-             "intermediate_size": DENSE},
-        ),  # fmt: skip
-        "olmoe": (tf.OlmoeForCausalLM, tf.OlmoeConfig, {"num_experts": E, "intermediate_size": EXPERT, "norm_topk_prob": True}),
+            {
+                "num_experts": E,
+                "moe_intermediate_size": EXPERT,
+                "shared_expert_intermediate_size": SHARED,
+                "intermediate_size": DENSE,
+            },
+        ),
+        "olmoe": (
+            tf.OlmoeForCausalLM,
+            tf.OlmoeConfig,
+            {"num_experts": E, "intermediate_size": EXPERT, "norm_topk_prob": True},
+        ),
     }
     if TF5:
         classes["qwen3_moe"] = (
@@ -126,7 +134,9 @@ def _train_step(rank: int, world: int) -> dict[str, object]:
         par = copy.deepcopy(dense)
         replaced = tphf.parallelize_mlp(par)
         blocks = [m for m in par.modules() if isinstance(m, ParallelSparseMoeBlock)]
-        mlps = [m for m in par.modules() if isinstance(m, tphf.ParallelMLP) and m not in [b.shared_expert for b in blocks]]
+        mlps = [
+            m for m in par.modules() if isinstance(m, tphf.ParallelMLP) and m not in [b.shared_expert for b in blocks]
+        ]
         out[f"{name} replaced (count, MoE blocks, MLPs)"] = (replaced, len(blocks), len(mlps))
         want, got = (m(x, labels=x, output_router_logits=True) for m in (dense, par))
         out[f"{name} aux loss > 0"] = want.aux_loss.item() > 0 and len(got.router_logits) == len(want.router_logits)
@@ -253,7 +263,9 @@ def _fused_copy(src: Path, dst: Path) -> None:
         if e != "0":
             continue
         gate, up, down = next(p for p in PROJECTIONS.values() if proj in p)
-        stack = {n: torch.stack([tensors[f"{block}.experts.{i}.{n}.weight"] for i in range(E)]) for n in (gate, up, down)}
+        stack = {
+            n: torch.stack([tensors[f"{block}.experts.{i}.{n}.weight"] for i in range(E)]) for n in (gate, up, down)
+        }
         fused[f"{block}.experts.gate_up_proj"] = torch.cat((stack[gate], stack[up]), dim=1)
         fused[f"{block}.experts.down_proj"] = stack[down]
     dst.mkdir()
@@ -294,7 +306,7 @@ def _load(rank: int, world: int, checkpoints: dict[str, str]) -> dict[str, objec
     read = []
     real_read = hfmoe._read_parts
 
-    def counting(files, parts):  # noqa: ANN001, ANN202 - records what this rank asks safetensors for
+    def counting(files, parts):  # records what this rank asks safetensors for
         read.extend((key, out.numel()) for key, _, out in parts)
         return real_read(files, parts)
 
@@ -354,7 +366,9 @@ def test_from_pretrained_checkpoint_errors(checkpoints, tmp_path):
         return bad
 
     extra = dict(tensors, **{"model.layers.0.mlp.experts.4.gate_proj.weight": torch.zeros(EXPERT, 32)})
-    with pytest.raises(ValueError, match=r"1 checkpoint tensors match nothing .*'model.layers.0.mlp.experts.4.gate_proj"):
+    with pytest.raises(
+        ValueError, match=r"1 checkpoint tensors match nothing .*'model.layers.0.mlp.experts.4.gate_proj"
+    ):
         tphf.from_pretrained(model_class, write(extra))
     missing = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.experts.2.up_proj.weight"}
     with pytest.raises(ValueError, match=r"lacks 1 expert tensors of model.layers.1.mlp: .*experts.2.up_proj"):
@@ -390,7 +404,9 @@ def test_refused_blocks_name_the_module():
     strict=False leaves the whole block dense (its experts too) with one warning."""
     jitter = build("mixtral", router_jitter_noise=0.1)
     where = "mlp" if TF5 else "block_sparse_moe"
-    with pytest.raises(ValueError, match=rf"^model.layers.0.{where}: MixtralSparseMoeBlock: router jitter .*0.1.* \(and 1 more\)"):
+    with pytest.raises(
+        ValueError, match=rf"^model.layers.0.{where}: MixtralSparseMoeBlock: router jitter .*0.1.* \(and 1 more\)"
+    ):
         tphf.parallelize_mlp(jitter)
     assert _no_parallel(jitter)
     with pytest.warns(UserWarning, match=r"left dense: model.layers.0.\w+: MixtralSparseMoeBlock: router jitter"):
@@ -416,6 +432,8 @@ def test_refused_blocks_name_the_module():
     with pytest.warns(UserWarning, match=r"left dense: 0: _OtherMoE"):
         assert tphf.parallelize_mlp(holder, strict=False) == 1  # the MLP beside it, not the experts inside it
     assert _no_parallel(holder[0]) and isinstance(holder[1], tphf.ParallelMLP)
+    with pytest.raises(ValueError, match=r"^model: is itself such a block; pass the model that holds it"):
+        tphf.parallelize_mlp(build("olmoe").model.layers[0].mlp)
 
 
 def test_parallelized_model_keeps_names_modes_and_plans():
@@ -427,7 +445,11 @@ def test_parallelized_model_keeps_names_modes_and_plans():
     gate = layer.gate
     for p in layer.experts.parameters():
         p.requires_grad_(False)
-    model.model._tp_plan = {"layers.*.mlp.experts.gate_up_proj": "x", "layers.*.mlp": "y", "layers.*.self_attn.q_proj": "z"}
+    model.model._tp_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "x",
+        "layers.*.mlp": "y",
+        "layers.*.self_attn.q_proj": "z",
+    }
     model.model._ep_plan = {"layers.*.mlp.experts": "ep", "layers.*": "layer"}
     assert tphf.parallelize_mlp(model) == 2 and tphf.parallelize_mlp(model) == 0
     block = model.model.layers[0].mlp
@@ -437,7 +459,7 @@ def test_parallelized_model_keeps_names_modes_and_plans():
     assert model.model._tp_plan == {"layers.*.self_attn.q_proj": "z"} and model.model._ep_plan == {"layers.*": "layer"}
     x = torch.randn(2, 5, 32, dtype=torch.float64)
     y = block(x)
-    assert (isinstance(y, torch.Tensor) if TF5 else isinstance(y, tuple) and y[1].shape == (10, E))
+    assert isinstance(y, torch.Tensor) if TF5 else isinstance(y, tuple) and y[1].shape == (10, E)
 
 
 def test_docs_list_the_supported_blocks():

@@ -40,7 +40,7 @@ def test_hf_moe_with_transformers_5():
     ).stdout.strip()  # fmt: skip
     assert version.startswith("5."), f"{HF5} holds transformers {version}, expected 5.x"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "tests/test_hf_moe.py"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=880, check=False)
     summary = proc.stdout[-6000:]
     assert proc.returncode == 0, f"{' '.join(cmd)} with transformers {version}:\n{summary}\n{proc.stderr[-3000:]}"
     assert re.search(r"\d+ passed", summary) and "skipped" not in summary, summary

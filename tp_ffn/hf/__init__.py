@@ -8,11 +8,20 @@ This package imports tp_ffn's core; the core never imports it. transformers, saf
 are needed only by from_pretrained (the ``hf`` extra).
 
     mlp.py      ParallelMLP, the activation names, parallelize_mlp, full_state_dict
+    moe.py      ParallelSparseMoeBlock: Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE blocks on ParallelMoEFeedForward
     files.py    safetensors checkpoint directories, read a chunk of rows at a time
     loading.py  from_pretrained
 """
 
 from .loading import from_pretrained
 from .mlp import HF_ACTIVATIONS, ParallelMLP, full_state_dict, parallelize_mlp
+from .moe import ParallelSparseMoeBlock  # also registers the MoE blocks with parallelize_mlp
 
-__all__ = ["HF_ACTIVATIONS", "ParallelMLP", "from_pretrained", "full_state_dict", "parallelize_mlp"]
+__all__ = [
+    "HF_ACTIVATIONS",
+    "ParallelMLP",
+    "ParallelSparseMoeBlock",
+    "from_pretrained",
+    "full_state_dict",
+    "parallelize_mlp",
+]

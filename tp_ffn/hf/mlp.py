@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -168,7 +168,7 @@ def _check_mlp(mlp: nn.Module, path: str) -> tuple[int, int, bool]:
 # building its tensor-parallel block from the group. Such a block is replaced whole; nothing inside it is taken
 # as an MLP of its own. A malformed block raises ValueError from prepare.
 BlockBuild = Callable[[GroupLike], nn.Module]
-BlockLayout = Callable[[nn.Module, Any, str], Union[None, str, BlockBuild]]
+BlockLayout = Callable[[nn.Module, Any, str], None | str | BlockBuild]
 _BLOCK_LAYOUTS: list[BlockLayout] = []
 
 
@@ -199,7 +199,6 @@ def _find_blocks(model: nn.Module, config: Any) -> tuple[list[tuple[list[str], B
         else:
             plans[id(module)] = ([path], plan)
     return list(plans.values()), refused, inside
-# ---
 
 
 def parallelize_mlp(

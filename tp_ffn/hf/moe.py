@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -162,7 +162,7 @@ class ParallelSparseMoeBlock(ParallelMoEFeedForward):
     One all-reduce forward; backward one of the input gradient and one of the ``[B*S, k(+1)]`` routing weights.
     """
 
-    _HF_NAMES = {"router": "gate"}  # noqa: RUF012 - read-only
+    _HF_NAMES: ClassVar[dict[str, str]] = {"router": "gate"}
 
     def __init__(self, block: nn.Module, layout: _HFLayout, group: GroupLike = None) -> None:
         """``block``: the dense HF block (on the meta device or not), already checked into ``layout``."""
@@ -177,10 +177,10 @@ class ParallelSparseMoeBlock(ParallelMoEFeedForward):
             self.shared_expert_gate = block.shared_expert_gate
         if layout.moe.shared_hidden_dim:
             self.shared_expert = _build_shared(block.shared_expert, layout, group)
-        source = block.experts
-        if source_device(source).type != "meta":
-            self._copy_experts(lambda key: block.get_parameter(key), layout.fused)
-        trained = next(source.parameters()).requires_grad  # the same for all (checked)
+        first = next(block.experts.parameters())
+        if first.device.type != "meta":
+            self._copy_experts(block.get_parameter, layout.fused, first.device)
+        trained = first.requires_grad  # the same for every expert weight (checked)
         for p in (self.experts.w1, self.experts.w2, self.experts.w3):
             p.requires_grad_(trained)
         self.train(block.training)
@@ -219,7 +219,9 @@ class ParallelSparseMoeBlock(ParallelMoEFeedForward):
     def _copy_experts(self, stored: Callable[[str], Tensor], fused: bool, device: torch.device | None = None) -> None:
         """Fill ``experts.w1/w2/w3`` with this rank's slices of ``stored(key)`` (keys of the given layout)."""
         out = self._new_expert_params(device)
-        for read in expert_reads(fused, self.layout.family.projections, self.num_experts, self.config.hidden_dim, *self.splits):
+        for read in expert_reads(
+            fused, self.layout.family.projections, self.num_experts, self.config.hidden_dim, *self.splits
+        ):
             target = out[read.param][read.expert]
             target.copy_(stored(read.key)[read.index].reshape(target.shape))
         self._set_expert_params(out)
@@ -254,10 +256,6 @@ class ParallelSparseMoeBlock(ParallelMoEFeedForward):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={'fused' if self.layout.fused else 'per-expert'} (HF)"
-
-
-def source_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def _build_shared(mlp: nn.Module, layout: _HFLayout, group: GroupLike) -> ParallelMLP:
@@ -317,10 +315,17 @@ def _inspect(block: nn.Module, config: Any, path: str) -> _HFLayout:
     ):
         raise _Refused(f"shared_expert_gate: expected nn.Linear(H, 1, bias=False), got {shared_gate!r}")
     if _is_dtensor(weight):
-        raise ValueError(f"{path}.gate.weight: expected a full tensor, got a DTensor (leave the MoE blocks out of tp_plan)")
-    trained = {p.requires_grad for p in block.experts.parameters()}
-    if len(trained) > 1:
+        raise ValueError(
+            f"{path}.gate.weight: expected a full tensor, got a DTensor (leave the MoE blocks out of tp_plan)"
+        )
+    experts = list(block.experts.parameters())
+    if len({p.requires_grad for p in experts}) > 1:
         raise ValueError(f"{path}.experts: expected requires_grad the same on every expert weight (they are stacked)")
+    if {p.dtype for p in experts} != {weight.dtype}:
+        raise ValueError(
+            f"{path}: expected the router and the experts in one dtype, got {weight.dtype} and "
+            f"{sorted({str(p.dtype) for p in experts})}"
+        )
     moe = MoEConfig(
         num_experts, top_k, intermediate, shared_hidden_dim=shared_dim, shared_expert_gate=shared_gate is not None,
         norm_topk_prob=renormalise,
@@ -372,7 +377,9 @@ def _check_expert_modules(
             if _is_dtensor(layer.weight):
                 raise ValueError(f"{path}.experts.{e}.{n}.weight: expected a full tensor, got a DTensor")
             if tuple(layer.weight.shape) != shape:
-                raise ValueError(f"{path}.experts.{e}.{n}.weight: expected shape {shape}, got {tuple(layer.weight.shape)}")
+                raise ValueError(
+                    f"{path}.experts.{e}.{n}.weight: expected shape {shape}, got {tuple(layer.weight.shape)}"
+                )
     return intermediate, first
 
 
@@ -414,7 +421,9 @@ def _read_parts(files: SafetensorsDir, parts: list[tuple[str, tuple[slice, ...],
                 out.copy_(f.get_slice(key)[index].reshape(out.shape))
 
 
-def _saved_prefix(path: str, block: ParallelSparseMoeBlock, to_ckpt: Callable[[str], str], keys: Mapping) -> tuple[str, bool]:
+def _saved_prefix(
+    path: str, block: ParallelSparseMoeBlock, to_ckpt: Callable[[str], str], keys: Mapping
+) -> tuple[str, bool]:
     """The checkpoint's name for the block (Mixtral's is ``block_sparse_moe`` on disk, ``mlp`` in transformers 5)
     and whether its experts are stored fused there."""
     parent, _, name = path.rpartition(".")
@@ -452,7 +461,9 @@ def load_moe_blocks(
         keys = {rel: to_ckpt(f"{prefix}.{rel}") for rel in shapes}
         missing = [k for k in keys.values() if k not in files.shape]
         if missing:
-            raise ValueError(f"{files.root}: the checkpoint lacks {len(missing)} expert tensors of {path}: {missing[:5]}")
+            raise ValueError(
+                f"{files.root}: the checkpoint lacks {len(missing)} expert tensors of {path}: {missing[:5]}"
+            )
         for rel, key in keys.items():
             if files.shape[key] != shapes[rel]:
                 raise ValueError(f"{files.file_of[key]}: {key}: expected shape {shapes[rel]}, got {files.shape[key]}")
