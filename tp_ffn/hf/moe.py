@@ -201,7 +201,8 @@ class ParallelSparseMoeBlock(ParallelMoEFeedForward):
 
     def route(self, x: Tensor) -> Routing:
         """The model's own routing of ``x [T, H]``: transformers 5's router module, or transformers 4's
-        ``softmax(gate(x), dtype=float32)``, top-k, renormalised for Mixtral or ``norm_topk_prob``, cast to x's dtype."""
+        ``softmax(gate(x), dtype=float32)``, top-k, renormalised for Mixtral or ``norm_topk_prob``; weights cast
+        to x's dtype."""
         if self.layout.fused:
             logits, weights, indices = self.gate(x)
         else:
@@ -477,7 +478,8 @@ def load_moe_blocks(
             weight = block.gate.weight
             if files.shape[gate_key] != tuple(weight.shape):
                 raise ValueError(
-                    f"{files.file_of[gate_key]}: {gate_key}: expected shape {tuple(weight.shape)}, got {files.shape[gate_key]}"
+                    f"{files.file_of[gate_key]}: {gate_key}: expected shape {tuple(weight.shape)}, "
+                    f"got {files.shape[gate_key]}"
                 )
             gate = torch.empty(weight.shape, dtype=weight.dtype, device=device)
             parts.append((gate_key, (slice(None),), gate))
