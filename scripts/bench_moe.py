@@ -3,7 +3,7 @@
     # one process (W=1): ParallelMoEFeedForward against transformers' Qwen2MoeSparseMoeBlock
     OMP_NUM_THREADS=1 python scripts/bench_moe.py --preset tiny
     # two gloo ranks (W=2): against the same HF block with each expert (and the shared expert)
-    # parallelized on its own by tp_ffn.hf.parallelize_mlp, which is what it does today
+    # parallelized on its own, which is what tp_ffn.hf.parallelize_mlp did before it took MoE blocks whole
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 scripts/bench_moe.py --preset cpu
     # a GPU node (NCCL), one Qwen1.5-MoE-A2.7B layer, bf16 autocast
     torchrun --standalone --nproc_per_node 4 scripts/bench_moe.py --preset qwen1.5-moe-a2.7b --dtype bfloat16
@@ -12,8 +12,9 @@ Candidates, all on the same weights (one HF block drawn from ``--seed``, stacked
 
 ===============  =====================================================================================
 hf               transformers' ``Qwen2MoeSparseMoeBlock`` as it runs (loop over experts); W=1 only
-hf-per-expert    the same block after ``tp_ffn.hf.parallelize_mlp``: every expert and the shared
-                 expert a ``ParallelMLP`` of its own, one all-reduce each way per expert, tokens or not
+hf-per-expert    the same block with every expert and the shared expert made a ``ParallelMLP`` of its
+                 own (what ``tp_ffn.hf.parallelize_mlp`` did before it took MoE blocks whole), one
+                 all-reduce each way per expert, tokens or not
 moe              ``tp_ffn.ParallelMoEFeedForward`` (grouped GEMMs where ``torch._grouped_mm`` takes them)
 moe-loop         the same with ``grouped_gemm=False``: one GEMM per expert with tokens
 ===============  =====================================================================================
@@ -170,8 +171,14 @@ def build(name: str, block: torch.nn.Module, dense: MoEFeedForward) -> torch.nn.
     if name == "hf-per-expert":
         from tp_ffn.hf import parallelize_mlp
 
+        # What tp_ffn.hf did before it took MoE blocks whole: every expert and the shared expert made a ParallelMLP
+        # of its own (parallelize_mlp now replaces the whole block by one ParallelSparseMoeBlock).
         per_expert = copy.deepcopy(block)
-        parallelize_mlp(per_expert, dist.group.WORLD)
+        parallelize_mlp(per_expert.experts, dist.group.WORLD)
+        holder = torch.nn.Module()
+        holder.shared_expert = per_expert.shared_expert
+        parallelize_mlp(holder, dist.group.WORLD)
+        per_expert.shared_expert = holder.shared_expert
         return per_expert
     return ParallelMoEFeedForward.from_dense(dense, group=dist.group.WORLD, grouped_gemm=name == "moe")
 

@@ -549,7 +549,7 @@ class ParallelMoEFeedForward(nn.Module):
             # The router reads the whole sequence on every rank: only this rank's tokens send it a gradient.
             x_router = _KeepSequenceBlockGrad.apply(x2.view(shape), tp.rank, tp.size, self.sequence_dim % len(shape))
         xr2 = x_router.reshape(-1, self.dim)
-        weights, indices, logits = self.router(xr2)
+        weights, indices, logits = self.route(xr2)
         gate = None if self.shared_expert_gate is None else self.shared_expert_gate(xr2).sigmoid()
         weights, gate = self._enter_partial(weights, gate)
 
@@ -569,6 +569,12 @@ class ParallelMoEFeedForward(nn.Module):
         else:
             y = reduce_from_parallel(y, group, inplace=True)
         return (y, logits) if return_router_logits else y
+
+    def route(self, x: Tensor) -> Routing:
+        """The routing of ``x [T, dim]``, computed on every rank from the replicated router (the same
+        everywhere). An adapter whose router is the model's own module (``tp_ffn.hf``: so its numerics and
+        hooks stay the model's) overrides this; the expert path does not change."""
+        return self.router(x)
 
     def _enter_partial(self, weights: Tensor, gate: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The routing weights ``[T, k]`` and gate ``[T, 1]`` scale this rank's partial outputs: pass them

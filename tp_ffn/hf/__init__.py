@@ -10,10 +10,19 @@ Which slice of a tensor each rank reads or gathers is what the layer holding it 
 (``layer.shard_spec(name)``, tp_ffn.sharding), never worked out here.
 
     mlp.py      ParallelMLP, the activation names, parallelize_mlp, full_state_dict
+    moe.py      ParallelSparseMoeBlock: Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE blocks on ParallelMoEFeedForward
     loading.py  from_pretrained
 """
 
 from .loading import from_pretrained
 from .mlp import HF_ACTIVATIONS, ParallelMLP, full_state_dict, parallelize_mlp
+from .moe import ParallelSparseMoeBlock  # also registers the MoE blocks with parallelize_mlp
 
-__all__ = ["HF_ACTIVATIONS", "ParallelMLP", "from_pretrained", "full_state_dict", "parallelize_mlp"]
+__all__ = [
+    "HF_ACTIVATIONS",
+    "ParallelMLP",
+    "ParallelSparseMoeBlock",
+    "from_pretrained",
+    "full_state_dict",
+    "parallelize_mlp",
+]

@@ -18,6 +18,7 @@ from ..groups import GroupLike, resolve_group
 from ..safetensors_dir import SafetensorsDir
 from ..sharding import shard_spec_of
 from .mlp import parallelize_mlp
+from .moe import load_moe_blocks
 
 __all__ = ["from_pretrained"]
 
@@ -236,8 +237,11 @@ def _load(model: nn.Module, files: SafetensorsDir, device: torch.device) -> None
     targets = _targets(model)
     model_keys = [n for t in targets.values() for n in t.names]
     to_ckpt = _key_mapper(model, model_keys, set(files.shape))
-    used: set[str] = set()
+    # MoE blocks read their router and this rank's slices of every expert themselves (per-expert or fused keys).
+    used, loaded = load_moe_blocks(model, files, to_ckpt, device)
     for target in targets.values():
+        if loaded.intersection(target.names):
+            continue
         key = next((to_ckpt(n) for n in target.names if to_ckpt(n) in files.shape), None)
         if key is None:
             continue  # a tied weight (tie_weights below) or a buffer kept as built; checked afterwards
@@ -253,10 +257,25 @@ def _load(model: nn.Module, files: SafetensorsDir, device: torch.device) -> None
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     ignore.append(re.compile(r"rotary_emb\.inv_freq"))  # once saved, now computed
     unexpected = sorted(k for k in set(files.shape) - used if not any(p.search(k) for p in ignore))
-    if unexpected:
-        warnings.warn(
-            f"{files.root}: tensors the model has no place for were not loaded: {unexpected[:10]}", stacklevel=3
+    # A head the model does not have (a base model, or another head, loaded from a checkpoint with one): its
+    # tensors are left out with a warning, as transformers does. Any other tensor that matches nothing is an error.
+    head = _head_keys(model, set(files.shape), unexpected)
+    if head:
+        warnings.warn(f"{files.root}: tensors the model has no place for were not loaded: {head[:10]}", stacklevel=3)
+    unplaced = [k for k in unexpected if k not in head]
+    if unplaced:
+        raise ValueError(
+            f"{files.root}: {len(unplaced)} checkpoint tensors match nothing in {type(model).__name__}: {unplaced[:10]}"
         )
+
+
+def _head_keys(model: nn.Module, ckpt_keys: set[str], keys: list[str]) -> list[str]:
+    """Those of ``keys`` outside the base model (``base_model_prefix``, e.g. ``model.``) of a checkpoint that has
+    one: ``lm_head.weight`` of a ``Qwen2ForCausalLM`` checkpoint loaded into ``Qwen2Model`` or a classifier."""
+    inside = getattr(model, "base_model_prefix", "") + "."
+    if inside == "." or not any(k.startswith(inside) for k in ckpt_keys):
+        return []
+    return [k for k in keys if not k.startswith(inside)]
 
 
 @torch.no_grad()
@@ -317,8 +336,11 @@ def from_pretrained(
     ``attn_implementation``, ``config``, and config overrides; anything else is an error naming it. Tied
     weights are tied, the model is returned in eval mode with its generation config. Weights the checkpoint
     lacks are drawn by the model's ``_init_weights`` with a warning, as transformers does (a new
-    classification head), the same on every rank; a missing MLP weight is a ``ValueError``. Checkpoint tensors
-    the model has no place for are a warning. Every rank of ``group`` must call it.
+    classification head), the same on every rank; a missing MLP weight or expert is a ``ValueError``. A
+    checkpoint tensor the model has no place for is a ``ValueError`` too, except a head's the model lacks (a
+    warning, as in transformers: a base model or another head loaded from a checkpoint with a head). MoE experts
+    are read from per-expert keys (as checkpoints store them) or fused ones, each rank its slices only. Every
+    rank of ``group`` must call it.
     """
     opts = _LoadOptions.from_kwargs(kwargs)
     root = Path(path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +22,7 @@ from ..comm import all_gather_shard
 from ..ffn import ParallelFeedForward, get_activation
 from ..groups import GroupLike
 from ..layers import ColumnParallelLinear, RowParallelLinear
+from ..moe import ParallelMoEFeedForward
 from ..sharding import shard_spec_of
 
 __all__ = ["HF_ACTIVATIONS", "ParallelMLP", "full_state_dict", "parallelize_mlp"]
@@ -165,17 +166,62 @@ def _check_mlp(mlp: nn.Module, path: str) -> tuple[int, int, bool]:
     return hidden, intermediate, biases[0]
 
 
+# --- Blocks that hold MLPs of their own (mixture-of-experts blocks: tp_ffn/hf/moe.py registers itself on import).
+# prepare(module, model_config, path) -> None (not such a block) | str (such a block, refused: why) | a function
+# building its tensor-parallel block from the group. Such a block is replaced whole; nothing inside it is taken
+# as an MLP of its own. A malformed block raises ValueError from prepare.
+BlockBuild = Callable[[GroupLike], nn.Module]
+BlockLayout = Callable[[nn.Module, Any, str], None | str | BlockBuild]
+_BLOCK_LAYOUTS: list[BlockLayout] = []
+
+
+def register_block_layout(prepare: BlockLayout) -> None:
+    if prepare not in _BLOCK_LAYOUTS:
+        _BLOCK_LAYOUTS.append(prepare)
+
+
+def _find_blocks(model: nn.Module, config: Any) -> tuple[list[tuple[list[str], BlockBuild]], list[str], set[int]]:
+    """``(plans, refusals, ids of every module inside a block found)`` for the registered block layouts."""
+    plans: dict[int, tuple[list[str], BlockBuild]] = {}
+    refused: list[str] = []
+    inside: set[int] = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        if id(module) in plans:
+            plans[id(module)][0].append(path)
+            continue
+        if id(module) in inside:
+            continue
+        plan = next((p for p in (prepare(module, config, path) for prepare in _BLOCK_LAYOUTS) if p is not None), None)
+        if plan is None:
+            continue
+        if path == "":
+            raise ValueError("model: is itself such a block; pass the model that holds it")
+        inside.update(id(m) for m in module.modules())
+        if isinstance(plan, str):
+            refused.append(f"{path}: {plan}")
+        else:
+            plans[id(module)] = ([path], plan)
+    return list(plans.values()), refused, inside
+
+
 def parallelize_mlp(
     model: nn.Module,
     group: GroupLike = None,
     *,
+    strict: bool = True,
     fuse_gate_up: bool = False,
     overlap_comm: bool = True,
     comm_chunks: int = 1,
 ) -> int:
     """Replace, in place, every submodule of ``model`` whose children ``gate_proj``, ``up_proj`` and
     ``down_proj`` are ``nn.Linear`` by a :class:`ParallelMLP` over ``group`` holding this rank's slices of
-    their weights. Returns the number of blocks replaced.
+    their weights, and every mixture-of-experts block of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (transformers
+    4.46 and 5.x) by one :class:`~tp_ffn.hf.moe.ParallelSparseMoeBlock` (its experts and shared expert inside
+    it, one all-reduce per layer). Returns the number of blocks replaced.
+
+    An MoE block it cannot take (another family or routing, router jitter, expert biases) is a ``ValueError``
+    naming the module with ``strict=True`` (the default; nothing is changed then); with ``strict=False`` the
+    whole block is left dense, with one warning.
 
     Each rank copies only its slices (a model on the ``meta`` device stays there, to be loaded later).
     Parameter names, dtype, device, ``requires_grad`` and train/eval mode are kept, so ``model.state_dict()``
@@ -187,9 +233,13 @@ def parallelize_mlp(
     is installed, :mod:`tp_ffn.peft` is imported, so that ``peft.get_peft_model`` can put LoRA on the blocks.
     """
     config = getattr(model, "config", None)
+    blocks, refused, inside = _find_blocks(model, config)
+    if refused and strict:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise ValueError(f"{refused[0]}{more} (strict=False leaves it dense)")
     found: dict[int, tuple[nn.Module, list[str]]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
-        if _is_hf_mlp(module):
+        if id(module) not in inside and _is_hf_mlp(module):
             found.setdefault(id(module), (module, []))[1].append(path)
     # Everything is checked before anything is replaced, so a bad model is left as it was.
     plans = []
@@ -198,14 +248,19 @@ def parallelize_mlp(
             raise ValueError("model: is itself such an MLP; pass the model that holds it")
         dims = _check_mlp(mlp, paths[0])
         plans.append((mlp, paths, dims, _activation_name(mlp, config, paths[0])))
+    if refused:
+        warnings.warn(f"parallelize_mlp (strict=False): left dense: {'; '.join(refused)}", stacklevel=2)
+    built = [(paths, build(group)) for paths, build in blocks]
     for mlp, paths, (hidden, intermediate, bias), activation in plans:
         block = _build(mlp, hidden, intermediate, bias, activation, group, fuse_gate_up, overlap_comm, comm_chunks)
+        built.append((paths, block))
+    for paths, block in built:
         for path in paths:
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, block)
-    _drop_plan_rules(model, [p for _, paths, _, _ in plans for p in paths])
+    _drop_plan_rules(model, [p for paths, _ in built for p in paths])
     _teach_peft()
-    return len(plans)
+    return len(built)
 
 
 def _build(
@@ -230,28 +285,28 @@ def _build(
     return block.train(mlp.training)
 
 
-def _plan_rule_matches(rule: str, name: str) -> bool:
-    """Hugging Face plan keys are module paths with ``*`` for a layer index (``layers.*.mlp.gate_proj``)."""
+def _plan_rule_matches(rule: str, name: str, *, inside: bool = False) -> bool:
+    """Hugging Face plan keys are module paths with ``*`` for a layer index (``layers.*.mlp.gate_proj``).
+    ``inside``: the rule names ``name`` or anything under it."""
+    if inside:  # the rule's first atoms, as many as the name has, name it
+        atoms, depth = rule.split("."), name.count(".") + 1
+        return len(atoms) >= depth and _plan_rule_matches(".".join(atoms[:depth]), name)
     pattern = "[^.]+".join(re.escape(part) for part in rule.split("*"))
     return re.fullmatch(pattern, name) is not None
 
 
 def _drop_plan_rules(model: nn.Module, paths: Iterable[str]) -> None:
-    """Remove the rules of every ``_tp_plan`` (transformers >= 4.47) that name a replaced MLP or its layers."""
+    """Remove the rules of every ``_tp_plan`` (transformers >= 4.47) and ``_ep_plan`` (expert parallelism, 5.x)
+    that name a replaced block or anything inside it (its layers, an MoE block's experts)."""
     paths = list(paths)
     for prefix, module in model.named_modules():
-        plan = module.__dict__.get("_tp_plan")  # instance plans only: the class-level ones are shared
-        if not isinstance(plan, dict) or not plan:
-            continue
-        names = set()
-        for path in paths:
-            if prefix and not path.startswith(prefix + "."):
+        for attr in ("_tp_plan", "_ep_plan"):
+            plan = module.__dict__.get(attr)  # instance plans only: the class-level ones are shared
+            if not isinstance(plan, dict) or not plan:
                 continue
-            rel = path[len(prefix) + 1 :] if prefix else path
-            names.add(rel)
-            names.update(f"{rel}.{n}{s}" for n in _PROJECTIONS for s in ("", ".weight", ".bias"))
-        for rule in [r for r in plan if any(_plan_rule_matches(r, n) for n in names)]:
-            del plan[rule]
+            names = [p[len(prefix) + 1 :] if prefix else p for p in paths if not prefix or p.startswith(prefix + ".")]
+            for rule in [r for r in plan if any(_plan_rule_matches(r, n, inside=True) for n in names)]:
+                del plan[rule]
 
 
 @torch.no_grad()
@@ -270,31 +325,57 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if rank == 0:
             model.save_pretrained(path, state_dict=sd)
     """
-    out = model.state_dict()
+    local = model.state_dict()
+    # MoE blocks: their full keys (HF's per-expert or fused layout) differ from their local ones
+    # (stacked experts), so each block gives its full tensors under its own keys.
+    moe: dict[str, nn.Module] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        if isinstance(module, ParallelMoEFeedForward) and _under(prefix, moe) is None:
+            moe[prefix] = module
+    moe_full: dict[int, dict[str, Tensor]] = {}
+    for module in moe.values():
+        if id(module) not in moe_full:
+            full = getattr(module, "full_state_dict", None)
+            moe_full[id(module)] = full() if full is not None else module.dense_state_dict()
+    # Every other parameter: modules that gather their own (a block, LoRA factors whose keys PEFT renames),
+    # then every parameter whose layer says it is sharded; in module order on every rank, so the
+    # all-gathers pair up.
     keys: dict[int, list[str]] = {}
     for key, value in model.state_dict(keep_vars=True).items():
         keys.setdefault(id(value), []).append(key)
+    outside = [m for path, m in model.named_modules() if _under(f"{path}." if path else "", moe) is None]
     gathered: dict[int, Tensor] = {}
-    # Modules that gather their own (a block, LoRA factors whose keys PEFT renames), then every other
-    # parameter whose layer says it is sharded; in module order on every rank, so the all-gathers pair up.
-    for module in model.modules():
+    for module in outside:
         gather = getattr(module, "gather_shards", None)
         if callable(gather):
-            gathered.update((id(local), full) for local, full in gather())
-    for module in model.modules():
+            gathered.update((id(local_), full) for local_, full in gather())
+    for module in outside:
         for attr, p in module._parameters.items():
             if p is None or id(p) in gathered or id(p) not in keys:
                 continue
             spec = shard_spec_of(module, attr, p)
             if spec.is_sharded:
                 gathered[id(p)] = all_gather_shard(p.detach(), spec, module.tp.group).clone()
-    for ident, full in gathered.items():
-        for key in keys.get(ident, ()):
-            out[key] = full
-    for key, value in out.items():
-        if _is_dtensor(value):
-            out[key] = value.full_tensor()
+    full_of = {key: full for ident, full in gathered.items() for key in keys.get(ident, ())}
+    out: dict[str, Tensor] = {}
+    placed: set[str] = set()
+    for key, value in local.items():
+        prefix = _under(key, moe)
+        if prefix is None:
+            value = full_of.get(key, value)
+            out[key] = value.full_tensor() if _is_dtensor(value) else value
+        elif prefix not in placed:
+            placed.add(prefix)
+            full = moe_full[id(moe[prefix])]
+            mine = [k[len(prefix) :] for k in local if k.startswith(prefix)]
+            out.update({prefix + k: full[k] for k in (mine if set(mine) == set(full) else full)})
     return out
+
+
+def _under(key: str, prefixes: dict[str, Any]) -> str | None:
+    """The prefix of ``prefixes`` that ``key`` starts with (a block's key prefix, ``""`` for the model itself)."""
+    return next((p for p in prefixes if key.startswith(p)), None)
 
 
 def _teach_peft() -> None:
