@@ -18,6 +18,7 @@ from ..groups import GroupLike, resolve_group
 from ..layers import ColumnParallelLinear, RowParallelLinear
 from .files import SafetensorsDir
 from .mlp import parallelize_mlp
+from .phi3 import GateUpParallelLinear
 
 __all__ = ["from_pretrained"]
 
@@ -231,9 +232,15 @@ def _key_mapper(model: nn.Module, model_keys: list[str], ckpt_keys: set[str]):
     return lambda k: k
 
 
-def _slice_of(target: _Target, attr: str) -> tuple[tuple[int, ...], tuple[int, int] | None, tuple[int, int] | None]:
-    """The full shape the checkpoint must hold, and this rank's rows / columns of it."""
+_Rows = tuple[int, int] | list[tuple[int, int]] | None
+
+
+def _slice_of(target: _Target, attr: str) -> tuple[tuple[int, ...], _Rows, tuple[int, int] | None]:
+    """The full shape the checkpoint must hold, and this rank's rows (one block, or a list of blocks stored
+    one after the other) / columns of it."""
     layer = target.layer
+    if isinstance(layer, GateUpParallelLinear):  # several row blocks (Phi-3's fused gate/up)
+        return (layer.out_features, layer.in_features), layer.row_blocks, None
     if isinstance(layer, ColumnParallelLinear):
         full = (layer.out_features, layer.in_features) if attr == "weight" else (layer.out_features,)
         return full, (layer.start, layer.end), None
@@ -259,12 +266,17 @@ def _load(model: nn.Module, files: SafetensorsDir, device: torch.device) -> None
         if files.shape[key] != full:
             raise ValueError(f"{files.file_of[key]}: {key}: expected shape {full}, got {files.shape[key]}")
         shape = list(full)
+        blocks = rows if isinstance(rows, list) else [rows]
         if rows is not None:
-            shape[0] = rows[1] - rows[0]
+            shape[0] = sum(b - a for a, b in blocks)
         if cols is not None:
             shape[1] = cols[1] - cols[0]
         value = torch.empty(shape, dtype=target.tensor.dtype, device=device)
-        files.read_into(key, value, rows, cols)
+        offset = 0
+        for block in blocks:
+            n = shape[0] if block is None else block[1] - block[0]
+            files.read_into(key, value[offset : offset + n], block, cols)
+            offset += n
         if target.is_param:
             value = nn.Parameter(value, requires_grad=target.tensor.requires_grad)
         for module, name in target.owners:
@@ -288,7 +300,9 @@ def _init_missing(model: nn.Module, group: GroupLike, device: torch.device, root
     if not missing:
         return
     owners = {n: model.get_submodule(n.rpartition(".")[0]) for n in missing}
-    sharded = [n for n, m in owners.items() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    sharded = [
+        n for n, m in owners.items() if isinstance(m, (ColumnParallelLinear, RowParallelLinear, GateUpParallelLinear))
+    ]
     if sharded:
         raise ValueError(f"{root}: the checkpoint lacks {len(sharded)} MLP weights of the model: {sharded[:10]}")
     tp = resolve_group(group)
@@ -317,13 +331,14 @@ def from_pretrained(
     path: str | Path,
     group: GroupLike = None,
     *,
+    strict: bool = True,
     fuse_gate_up: bool = False,
     overlap_comm: bool = True,
     comm_chunks: int = 1,
     **kwargs: Any,
 ) -> nn.Module:
     """``model_class.from_pretrained(path, **kwargs)`` followed by :func:`parallelize_mlp` over ``group``,
-    without ever holding the dense MLPs.
+    without ever holding the dense MLPs (``strict`` and the execution modes as there).
 
     The model is built with its parameters on the meta device (buffers such as the rotary frequencies are
     computed as usual), its MLPs replaced by tensor-parallel blocks, then each rank reads from the
@@ -348,7 +363,9 @@ def from_pretrained(
     files = SafetensorsDir(root)
     dtype = _resolve_dtype(opts.dtype, config, files)
     model = _build_on_meta(model_class, config, dtype, opts.attn_implementation)
-    parallelize_mlp(model, group, fuse_gate_up=fuse_gate_up, overlap_comm=overlap_comm, comm_chunks=comm_chunks)
+    parallelize_mlp(
+        model, group, strict=strict, fuse_gate_up=fuse_gate_up, overlap_comm=overlap_comm, comm_chunks=comm_chunks
+    )
     _load(model, files, opts.device)
     model.tie_weights()
     _init_missing(model, group, opts.device, root)
