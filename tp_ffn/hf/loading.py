@@ -3,6 +3,7 @@ files only what this rank keeps (its slices of every MLP, the other tensors whol
 
 from __future__ import annotations
 
+import importlib
 import re
 import warnings
 from collections.abc import Mapping
@@ -113,7 +114,19 @@ def _parse_device(value: Any) -> torch.device:
     raise ValueError(f"device_map: expected one device for the whole model (e.g. 'cuda:0', 0, 'cpu'), got {value!r}")
 
 
-def _transformers_major() -> int:
+def require_hf_extra(caller: str) -> None:
+    """``ImportError`` naming the ``hf`` extra when a package it brings is missing."""
+    missing = []
+    for name in ("transformers", "safetensors", "accelerate"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ImportError(f"{caller} needs {', '.join(missing)} (not installed): pip install 'tp-ffn[hf]'")
+
+
+def transformers_major() -> int:
     import transformers
 
     return int(transformers.__version__.split(".")[0])
@@ -161,9 +174,9 @@ def _resolve_dtype(dtype: torch.dtype | str | None, config: Any, files: Safetens
     """As ``from_pretrained``: unset means the default dtype (transformers 4) or ``"auto"`` (5); ``"auto"``
     is the config's dtype, else that of the checkpoint's first floating-point tensor."""
     if dtype is None:
-        dtype = "auto" if _transformers_major() >= 5 else torch.get_default_dtype()
+        dtype = "auto" if transformers_major() >= 5 else torch.get_default_dtype()
     if dtype == "auto":
-        saved = getattr(config, "dtype", None) if _transformers_major() >= 5 else None
+        saved = getattr(config, "dtype", None) if transformers_major() >= 5 else None
         saved = saved if saved is not None else getattr(config, "torch_dtype", None)
         if isinstance(saved, str):
             saved = getattr(torch, saved, None)
@@ -184,7 +197,7 @@ def _build_on_meta(model_class: type, config: Any, dtype: torch.dtype, attn_impl
     except ImportError:
         from transformers.modeling_utils import no_init_weights  # transformers 4
 
-    kwargs: dict[str, Any] = {"dtype" if _transformers_major() >= 5 else "torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype" if transformers_major() >= 5 else "torch_dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with init_empty_weights(include_buffers=False), no_init_weights():
@@ -355,6 +368,7 @@ def from_pretrained(
     classification head), the same on every rank; a missing MLP weight is a ``ValueError``. Checkpoint tensors
     the model has no place for are a warning. Every rank of ``group`` must call it.
     """
+    require_hf_extra("tp_ffn.hf.from_pretrained")
     opts = _LoadOptions.from_kwargs(kwargs)
     root = Path(path)
     if not root.is_dir():

@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..ffn import ParallelFeedForward
 from ..groups import TPGroup
 from .clip import sharded_over
+from .loading import transformers_major
 from .mlp import LAYOUTS, full_state_dict
 
 __all__ = ["prepare_trainer"]
@@ -172,10 +173,17 @@ def prepare_trainer(trainer: Any) -> None:
     once, before ``trainer.train()``, under torchrun; see the module docstring for what it changes.
 
     ``ValueError`` (one line) for a model without tensor-parallel blocks, groups not laid out as accelerate's
-    mesh, an already wrapped model, DeepSpeed or FSDP; ``ImportError`` naming the ``hf`` extra without
-    accelerate. Without this call, the first forward under the Trainer's ``DistributedDataParallel`` stops
+    mesh, an already wrapped model, DeepSpeed or FSDP; ``ImportError`` with transformers < 5 or an
+    accelerate without ``ParallelismConfig``. Without this call, the first forward under the Trainer's ``DistributedDataParallel`` stops
     with a ``RuntimeError`` saying to make it.
     """
+    import transformers
+
+    if transformers_major() < 5:
+        raise ImportError(
+            f"tp_ffn.hf.prepare_trainer: needs transformers >= 5 (whose Trainer and accelerate know a "
+            f"tensor-parallel size), got {transformers.__version__}: pip install -U 'tp-ffn[hf]' 'transformers>=5'"
+        )
     model = trainer.model
     tp = _tp_group(model)
     if not dist.is_initialized():
