@@ -1,17 +1,19 @@
 """One transformers.Trainer run of a tiny Llama, dense in one process or tensor-parallel under torchrun.
 
-    python tests/hf_trainer_job.py dense OUT                     # the reference, one process
-    torchrun --nproc-per-node 2 tests/hf_trainer_job.py tp OUT   # TP=2
-    torchrun --nproc-per-node 4 tests/hf_trainer_job.py tp OUT   # TP=2 x DP=2
-    torchrun --nproc-per-node 2 tests/hf_trainer_job.py unprepared OUT
+    python tests/hf_trainer_job.py dense OUT 37 36                  # the references, one process
+    torchrun --nproc-per-node 2 tests/hf_trainer_job.py tp OUT 37   # TP=2
+    torchrun --nproc-per-node 4 tests/hf_trainer_job.py tp OUT 37   # TP=2 x DP=2
+    torchrun --nproc-per-node 2 tests/hf_trainer_job.py unprepared OUT 36
 
 Every run trains the same model (same seed) on the same data with the same global batch (GLOBAL_BATCH
 sequences per step: per_device_train_batch_size is GLOBAL_BATCH over the data-parallel replicas), AdamW with
 weight decay and clipping at MAX_GRAD_NORM (below the gradient norms, so it clips), then evaluates and saves.
-Rank 0 writes OUT/result.json (per-step losses and gradient norms from the Trainer's log, the eval loss) and
-the saved model in OUT/model. ``unprepared`` runs a plain Trainer twice: without the blocks' guard (what
-happened before it: DDP's broadcast overwrites rank 1's shards and training goes on, wrong), then as users
-run it (the first forward stops with one line). TP_FFN_INTERMEDIATE sets the MLP size (default 37: uneven).
+The last argument is the MLP's intermediate size (37: uneven at TP=2; the dense case takes several). Each
+rank writes OUT/<size>/result<rank>.json (per-step losses and gradient norms from the Trainer's log, the eval
+loss) and rank 0 the saved model in OUT/<size>/model. ``unprepared`` runs a plain Trainer twice: without the
+blocks' guard (what happened before it: DDP's broadcast overwrites rank 1's shards and training goes on,
+wrong; the size must split evenly, or DDP's own shape check stops it first), then as users run it (the first
+forward stops with one line).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ MAX_GRAD_NORM = 0.5
 TP = 2
 
 
-def _model() -> torch.nn.Module:
+def _model(intermediate: int) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=int(os.environ.get("TP_FFN_INTERMEDIATE", "37")),
+        vocab_size=64, hidden_size=32, intermediate_size=intermediate,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         tie_word_embeddings=False,
     )  # fmt: skip
@@ -70,15 +72,15 @@ def _log(trainer) -> dict[str, list[float]]:
     return {"loss": [e["loss"] for e in steps], "grad_norm": [e["grad_norm"] for e in steps]}
 
 
-def dense(out: Path) -> dict:
-    trainer = _trainer(_model(), out, 1)
+def dense(out: Path, intermediate: int) -> dict:
+    trainer = _trainer(_model(intermediate), out, 1)
     trainer.train()
     result = {**_log(trainer), "eval_loss": trainer.evaluate()["eval_loss"]}
     trainer.save_model(str(out / "model"))
     return result
 
 
-def tp(out: Path) -> dict:
+def tp(out: Path, intermediate: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -87,7 +89,7 @@ def tp(out: Path) -> dict:
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world // TP, TP), mesh_dim_names=("dp", "tp"))
-    model = _model()
+    model = _model(intermediate)
     tphf.parallelize_mlp(model, mesh["tp"])
     trainer = _trainer(model, out, world // TP)
     tphf.prepare_trainer(trainer)
@@ -97,7 +99,7 @@ def tp(out: Path) -> dict:
     return result
 
 
-def unprepared(out: Path) -> dict:
+def unprepared(out: Path, intermediate: int) -> dict:
     import torch.distributed as dist
     from transformers import TrainerCallback
 
@@ -114,7 +116,7 @@ def unprepared(out: Path) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     result: dict = {}
     # Before: no guard. DDP's constructor broadcasts rank 0's shards; training runs to the end.
-    model = _model()
+    model = _model(intermediate)
     tphf.parallelize_mlp(model)
     for module in model.modules():
         for key, hook in list(module._forward_pre_hooks.items()):
@@ -136,7 +138,7 @@ def unprepared(out: Path) -> dict:
     if rank == 0:
         model.save_pretrained(str(out / "unguarded"), state_dict=sd)
     # After: the same Trainer on a freshly parallelized model stops at its first forward.
-    model = _model()
+    model = _model(intermediate)
     tphf.parallelize_mlp(model)
     trainer = _trainer(model, out, world)
     try:
@@ -149,12 +151,14 @@ def unprepared(out: Path) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    case, out = argv[0], Path(argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"dense": dense, "tp": tp, "unprepared": unprepared}[case](out)
-    result["transformers"] = __import__("transformers").__version__
+    case, root, sizes = argv[0], Path(argv[1]), [int(a) for a in argv[2:]]
     rank = int(os.environ.get("RANK", "0"))
-    (out / f"result{rank}.json").write_text(json.dumps(result))
+    for size in sizes:
+        out = root / str(size)
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"dense": dense, "tp": tp, "unprepared": unprepared}[case](out, size)
+        result["transformers"] = __import__("transformers").__version__
+        (out / f"result{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
