@@ -126,3 +126,25 @@ def test_prepare_trainer_refuses_a_dense_model(tmp_path):
     trainer = Trainer(model=build("llama", dtype=torch.float32), args=args)
     with pytest.raises(ValueError, match=r"^trainer.model: LlamaForCausalLM has no tensor-parallel block; "):
         tphf.prepare_trainer(trainer)
+
+
+@needs_5
+@pytest.mark.timeout(400)
+def test_bench_script_smoke(tmp_path):
+    """scripts/bench_hf_trainer.py at a tiny size: both roles run and the JSON holds their step times (the
+    figures themselves are taken on a quiet machine, never here)."""
+    out = tmp_path / "hf_trainer.json"
+    cmd = [
+        sys.executable, "scripts/bench_hf_trainer.py", "--hidden", "32", "--intermediate", "37", "--layers", "1",
+        "--heads", "4", "--vocab", "64", "--seq", "8", "--global-batch", "2", "--steps", "2", "--warmup", "1",
+        "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=380)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert len(result["dense"]["step_s"]) == len(result["tp"]["step_s"]) == 2
+    assert result["tp_over_dense"] > 0 and result["machine"]["transformers"] == transformers.__version__
+    bad = subprocess.run([*cmd[:2], "--hidden", "30"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "--hidden: expected a multiple of --heads (16), got 30"
+    ), bad.stderr

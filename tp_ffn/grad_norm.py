@@ -37,10 +37,11 @@ def _combine(norms: list[Tensor | None], p: float, group: ProcessGroup) -> list[
         op, neutral = dist.ReduceOp.SUM, 0.0
     powered = p not in (0.0, math.inf, -math.inf)
     device = next((n.device for n in norms if n is not None), torch.device("cpu"))
-    values = [neutral if n is None else (n.double() ** p if powered else n.double()) for n in norms]
+    f64 = {"dtype": torch.float64, "device": device}
+    values = [torch.tensor(neutral, **f64) if n is None else n.to(**f64) ** (p if powered else 1.0) for n in norms]
     # Whether a rank had a gradient, signed so that every op answers "any rank": max(1, 0), min(-1, 0), sum > 0.
-    here = [0.0 if n is None else (-1.0 if op == dist.ReduceOp.MIN else 1.0) for n in norms]
-    packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values + here])
+    here = torch.tensor([0.0 if n is None else (-1.0 if op == dist.ReduceOp.MIN else 1.0) for n in norms], **f64)
+    packed = torch.cat([torch.stack(values), here])
     dist.all_reduce(packed, op=op, group=group)
     full, anywhere = packed[: len(norms)], packed[len(norms) :] != 0
     if powered:
@@ -102,7 +103,7 @@ def grad_norm(
         return torch.tensor(0.0)
     first = norms[0].device
     total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), p)
-    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+    if error_if_nonfinite and not total.isfinite():
         raise RuntimeError(
             f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be clipped. "
             "To disable this error and scale the gradients by the non-finite norm anyway, set "
