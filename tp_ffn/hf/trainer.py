@@ -48,8 +48,6 @@ from .mlp import LAYOUTS, full_state_dict
 
 __all__ = ["prepare_trainer"]
 
-_EXTRA = "pip install 'tp-ffn[hf]'"
-
 
 def _tp_group(model: nn.Module) -> TPGroup:
     """The one tensor-parallel group of every block of ``model``; ``ValueError`` when there is none or several."""
@@ -114,7 +112,8 @@ def _parallelism_config(accelerator: Any, tp: int, dp: int) -> Any:
         from accelerate import ParallelismConfig
     except ImportError:
         raise ImportError(
-            f"tp_ffn.hf.prepare_trainer needs accelerate >= 1.10 (ParallelismConfig): {_EXTRA}"
+            "tp_ffn.hf.prepare_trainer needs accelerate >= 1.12 (ParallelismConfig with a tp_size): "
+            "pip install -U 'accelerate>=1.12'"
         ) from None
     state = accelerator.state
     given = state.parallelism_config
