@@ -1,7 +1,7 @@
 """tp_ffn.hf on Hugging Face mixture-of-experts models: Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE.
 
 Runs with the venv's transformers 4.46.3 (experts as modules; Qwen3-MoE is not in it) and, through
-tests/test_moe_hf5.py, with transformers 5 (experts fused in ``gate_up_proj`` / ``down_proj``). Every MoE layer
+tests/test_transformers5.py, with transformers 5 (experts fused in ``gate_up_proj`` / ``down_proj``). Every MoE layer
 becomes one ParallelSparseMoeBlock, held against the unparallelized HF model in float64 at W=2 and 3 with expert
 size 37 and shared-expert size 23 (19+18 / 13+12+12 and 12+11 / 8+8+7 rows per rank). Tolerance 1e-12 relative:
 the routing is the model's own router on the same inputs, so the only differences are the order of the sums

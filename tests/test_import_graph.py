@@ -8,7 +8,8 @@ Every module of the package is parsed with ``ast`` (nothing is imported): every 
 The layers (a module may import its own layer and those it lists)::
 
     core       tp_ffn/__init__, groups, comm, init, layers, ffn, swiglu, fused, emulation, sharding,
-               checkpoint (the FFN state-dict names ffn reads), moe, grouped: torch and the standard library only
+               checkpoint (the FFN state-dict names ffn reads), moe, grouped, lowrank, grad_norm: torch and
+               the standard library only
     support    files, safetensors_dir, diagnostics, machine, shutdown              <- core
     models     tp_ffn.models.*                                                      <- core, support
     hf         tp_ffn.hf.*  (adapter)                                               <- core, support
@@ -29,7 +30,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "tp_ffn"
 
-CORE = {"", "groups", "comm", "init", "layers", "ffn", "swiglu", "fused", "emulation", "sharding", "checkpoint", "moe", "grouped", "lowrank"}
+CORE = {"", "groups", "comm", "init", "layers", "ffn", "swiglu", "fused", "emulation", "sharding", "checkpoint", "moe", "grouped", "lowrank", "grad_norm"}
 SUPPORT = {"files", "safetensors_dir", "diagnostics", "machine", "shutdown"}
 SUBPACKAGES = {"models", "hf", "peft", "fairscale", "train"}
 ALLOWED = {

@@ -3,6 +3,7 @@ files only what this rank keeps (its slices of every MLP, the other tensors whol
 
 from __future__ import annotations
 
+import importlib
 import re
 import warnings
 from collections.abc import Mapping
@@ -113,7 +114,19 @@ def _parse_device(value: Any) -> torch.device:
     raise ValueError(f"device_map: expected one device for the whole model (e.g. 'cuda:0', 0, 'cpu'), got {value!r}")
 
 
-def _transformers_major() -> int:
+def require_hf_extra(caller: str) -> None:
+    """``ImportError`` naming the ``hf`` extra when a package it brings is missing."""
+    missing = []
+    for name in ("transformers", "safetensors", "accelerate"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ImportError(f"{caller} needs {', '.join(missing)} (not installed): pip install 'tp-ffn[hf]'")
+
+
+def transformers_major() -> int:
     import transformers
 
     return int(transformers.__version__.split(".")[0])
@@ -161,9 +174,9 @@ def _resolve_dtype(dtype: torch.dtype | str | None, config: Any, files: Safetens
     """As ``from_pretrained``: unset means the default dtype (transformers 4) or ``"auto"`` (5); ``"auto"``
     is the config's dtype, else that of the checkpoint's first floating-point tensor."""
     if dtype is None:
-        dtype = "auto" if _transformers_major() >= 5 else torch.get_default_dtype()
+        dtype = "auto" if transformers_major() >= 5 else torch.get_default_dtype()
     if dtype == "auto":
-        saved = getattr(config, "dtype", None) if _transformers_major() >= 5 else None
+        saved = getattr(config, "dtype", None) if transformers_major() >= 5 else None
         saved = saved if saved is not None else getattr(config, "torch_dtype", None)
         if isinstance(saved, str):
             saved = getattr(torch, saved, None)
@@ -184,7 +197,7 @@ def _build_on_meta(model_class: type, config: Any, dtype: torch.dtype, attn_impl
     except ImportError:
         from transformers.modeling_utils import no_init_weights  # transformers 4
 
-    kwargs: dict[str, Any] = {"dtype" if _transformers_major() >= 5 else "torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype" if transformers_major() >= 5 else "torch_dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with init_empty_weights(include_buffers=False), no_init_weights():
@@ -316,13 +329,14 @@ def from_pretrained(
     path: str | Path,
     group: GroupLike = None,
     *,
+    strict: bool = True,
     fuse_gate_up: bool = False,
     overlap_comm: bool = True,
     comm_chunks: int = 1,
     **kwargs: Any,
 ) -> nn.Module:
     """``model_class.from_pretrained(path, **kwargs)`` followed by :func:`parallelize_mlp` over ``group``,
-    without ever holding the dense MLPs.
+    without ever holding the dense MLPs (``strict`` and the execution modes as there).
 
     The model is built with its parameters on the meta device (buffers such as the rotary frequencies are
     computed as usual), its MLPs replaced by tensor-parallel blocks, then each rank reads from the
@@ -342,6 +356,7 @@ def from_pretrained(
     are read from per-expert keys (as checkpoints store them) or fused ones, each rank its slices only. Every
     rank of ``group`` must call it.
     """
+    require_hf_extra("tp_ffn.hf.from_pretrained")
     opts = _LoadOptions.from_kwargs(kwargs)
     root = Path(path)
     if not root.is_dir():
@@ -350,7 +365,9 @@ def from_pretrained(
     files = SafetensorsDir(root)
     dtype = _resolve_dtype(opts.dtype, config, files)
     model = _build_on_meta(model_class, config, dtype, opts.attn_implementation)
-    parallelize_mlp(model, group, fuse_gate_up=fuse_gate_up, overlap_comm=overlap_comm, comm_chunks=comm_chunks)
+    parallelize_mlp(
+        model, group, strict=strict, fuse_gate_up=fuse_gate_up, overlap_comm=overlap_comm, comm_chunks=comm_chunks
+    )
     _load(model, files, opts.device)
     model.tie_weights()
     _init_missing(model, group, opts.device, root)

@@ -12,6 +12,7 @@ import importlib.util
 import re
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -24,8 +25,9 @@ from ..groups import GroupLike
 from ..layers import ColumnParallelLinear, RowParallelLinear
 from ..moe import ParallelMoEFeedForward
 from ..sharding import shard_spec_of
+from .guard import refuse_data_parallel_over_tp_group
 
-__all__ = ["HF_ACTIVATIONS", "ParallelMLP", "full_state_dict", "parallelize_mlp"]
+__all__ = ["HF_ACTIVATIONS", "LAYOUTS", "MLPLayout", "ParallelMLP", "full_state_dict", "parallelize_mlp"]
 
 # Hugging Face's ACT2FN name -> the tp_ffn activation computing the same function with the same torch call:
 # "gelu" is GELUActivation (erf, F.gelu), "gelu_pytorch_tanh" F.gelu(approximate="tanh"), "silu"/"swish" F.silu.
@@ -89,23 +91,24 @@ class ParallelMLP(ParallelFeedForward):
         return {f"{META_TO_HF[k.split('.')[0]]}.{k.split('.')[1]}": v for k, v in self.dense_state_dict().items()}
 
 
-def _activation_name(mlp: nn.Module, config: Any, path: str) -> str:
+def activation_name(mlp: nn.Module, config: Any, path: str, attr: str = "act_fn") -> str:
     """The tp_ffn activation of ``mlp``, from the config: Gemma's ``hidden_activation`` (transformers 4),
-    else ``hidden_act``. When the module has an ``act_fn``, the first of these it computes is taken, so
-    the block computes what the model did; without a config the ``act_fn`` alone decides."""
+    else ``hidden_act``. When the module has an activation module (``attr``: ``act_fn``, Phi-3's
+    ``activation_fn``), the first of these it computes is taken, so the block computes what the model did;
+    without a config that module alone decides."""
     cfg = getattr(mlp, "config", None)
     cfg = config if cfg is None else cfg
     if cfg is not None and getattr(cfg, "hidden_act", None) is None and hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()  # a composite model (e.g. vision + text): the MLPs are the text model's
     named = [(f"config.{a}", getattr(cfg, a)) for a in ("hidden_activation", "hidden_act") if getattr(cfg, a, None)]
-    act_fn = getattr(mlp, "act_fn", None)
+    act_fn = getattr(mlp, attr, None)
     if not named:
         if act_fn is None:
-            raise ValueError(f"{path}: no activation (no config.hidden_act / hidden_activation and no act_fn)")
+            raise ValueError(f"{path}: no activation (no config.hidden_act / hidden_activation and no {attr})")
         for name in sorted(set(HF_ACTIVATIONS.values())):
             if _computes(act_fn, name):
                 return name
-        raise ValueError(f"{path}.act_fn: expected one of the activations {sorted(HF_ACTIVATIONS)}, got {act_fn!r}")
+        raise ValueError(f"{path}.{attr}: expected one of the activations {sorted(HF_ACTIVATIONS)}, got {act_fn!r}")
     for where, hf_name in named:
         name = HF_ACTIVATIONS.get(hf_name) if isinstance(hf_name, str) else None
         if name is not None and (act_fn is None or _computes(act_fn, name)):
@@ -116,7 +119,7 @@ def _activation_name(mlp: nn.Module, config: Any, path: str) -> str:
             f"{where}: expected an activation tp_ffn computes exactly ({', '.join(sorted(HF_ACTIVATIONS))}), "
             f"got {hf_name!r}"
         )
-    raise ValueError(f"{path}.act_fn: computes something other than {where}={hf_name!r} (got {act_fn!r})")
+    raise ValueError(f"{path}.{attr}: computes something other than {where}={hf_name!r} (got {act_fn!r})")
 
 
 def _computes(act_fn: Any, name: str) -> bool:
@@ -134,21 +137,26 @@ def _is_hf_mlp(module: nn.Module) -> bool:
     return all(type(children.get(n)) is nn.Linear for n in _PROJECTIONS)
 
 
-def _is_dtensor(t: object) -> bool:
+def is_dtensor(t: object) -> bool:
     # Duck-typed: DTensor's public home is torch.distributed.tensor from torch 2.5 on (the package's
     # minimum is 2.4), and what matters here is only that it is sharded and can be made whole.
     return isinstance(t, Tensor) and hasattr(t, "placements") and hasattr(t, "full_tensor")
 
 
-def _check_mlp(mlp: nn.Module, path: str) -> tuple[int, int, bool]:
-    """``(hidden_size, intermediate_size, bias)`` of an HF MLP; ``ValueError`` naming what does not fit."""
-    gate, up, down = (mlp._modules[n] for n in _PROJECTIONS)
-    for n, layer in zip(_PROJECTIONS, (gate, up, down)):
-        if _is_dtensor(layer.weight):
+def check_full_weights(mlp: nn.Module, path: str, names: Iterable[str]) -> None:
+    """``ValueError`` when a projection's weight is a DTensor (already sharded by a ``tp_plan``)."""
+    for n in names:
+        if is_dtensor(mlp._modules[n].weight):
             raise ValueError(
                 f"{path}.{n}.weight: expected a full tensor, got a DTensor (sharded by a tensor-parallel plan such as "
                 "Hugging Face's tp_plan): leave the MLPs out of that plan and let tp_ffn shard them"
             )
+
+
+def _check_mlp(mlp: nn.Module, path: str) -> tuple[int, int, bool]:
+    """``(hidden_size, intermediate_size, bias)`` of an HF MLP; ``ValueError`` naming what does not fit."""
+    gate, up, down = (mlp._modules[n] for n in _PROJECTIONS)
+    check_full_weights(mlp, path, _PROJECTIONS)
     intermediate, hidden = gate.weight.shape
     expected = {
         "gate_proj": (intermediate, hidden),
@@ -166,42 +174,74 @@ def _check_mlp(mlp: nn.Module, path: str) -> tuple[int, int, bool]:
     return hidden, intermediate, biases[0]
 
 
-# --- Blocks that hold MLPs of their own (mixture-of-experts blocks: tp_ffn/hf/moe.py registers itself on import).
-# prepare(module, model_config, path) -> None (not such a block) | str (such a block, refused: why) | a function
-# building its tensor-parallel block from the group. Such a block is replaced whole; nothing inside it is taken
-# as an MLP of its own. A malformed block raises ValueError from prepare.
-BlockBuild = Callable[[GroupLike], nn.Module]
-BlockLayout = Callable[[nn.Module, Any, str], None | str | BlockBuild]
-_BLOCK_LAYOUTS: list[BlockLayout] = []
+@dataclass(frozen=True)
+class BuildOptions:
+    """What every replaced block is built with (the keyword arguments of :func:`parallelize_mlp`)."""
+
+    group: GroupLike
+    fuse_gate_up: bool
+    overlap_comm: bool
+    comm_chunks: int
 
 
-def register_block_layout(prepare: BlockLayout) -> None:
-    if prepare not in _BLOCK_LAYOUTS:
-        _BLOCK_LAYOUTS.append(prepare)
+@dataclass(frozen=True)
+class MLPLayout:
+    """A dense MLP layout :func:`parallelize_mlp` replaces, and the block that replaces it.
+
+    ``matches(module)`` says whether a module has the layout; a matched module is claimed whole (nothing
+    inside it is taken as an MLP of its own, or flagged as an unsupported one: an MoE block's experts).
+    ``prepare(module, config, path)`` checks it (``ValueError`` naming what does not fit, nothing changed
+    yet) and returns a function that builds the tensor-parallel block from it with the
+    :class:`BuildOptions`, or a string saying why this layout refuses it (an error with ``strict=True``,
+    left dense with a warning otherwise). ``projections`` and ``families`` are listed in
+    docs/huggingface-support.md.
+    """
+
+    projections: str
+    families: str
+    parallel_class: type[nn.Module]
+    matches: Callable[[nn.Module], bool]
+    prepare: Callable[[nn.Module, Any, str], Callable[[BuildOptions], nn.Module] | str]
+    what: str = "an MLP"  # in "model: is itself such an MLP"
 
 
-def _find_blocks(model: nn.Module, config: Any) -> tuple[list[tuple[list[str], BlockBuild]], list[str], set[int]]:
-    """``(plans, refusals, ids of every module inside a block found)`` for the registered block layouts."""
-    plans: dict[int, tuple[list[str], BlockBuild]] = {}
-    refused: list[str] = []
-    inside: set[int] = set()
-    for path, module in model.named_modules(remove_duplicate=False):
-        if id(module) in plans:
-            plans[id(module)][0].append(path)
-            continue
-        if id(module) in inside:
-            continue
-        plan = next((p for p in (prepare(module, config, path) for prepare in _BLOCK_LAYOUTS) if p is not None), None)
-        if plan is None:
-            continue
-        if path == "":
-            raise ValueError("model: is itself such a block; pass the model that holds it")
-        inside.update(id(m) for m in module.modules())
-        if isinstance(plan, str):
-            refused.append(f"{path}: {plan}")
-        else:
-            plans[id(module)] = ([path], plan)
-    return list(plans.values()), refused, inside
+def _prepare_gate_up_down(mlp: nn.Module, config: Any, path: str) -> Callable[[BuildOptions], nn.Module]:
+    hidden, intermediate, bias = _check_mlp(mlp, path)
+    activation = activation_name(mlp, config, path)
+    return lambda opts: _build(mlp, hidden, intermediate, bias, activation, opts)
+
+
+# Every layout parallelize_mlp replaces; adapters of other layouts (phi3.py) add theirs on import.
+LAYOUTS: list[MLPLayout] = [
+    MLPLayout(
+        projections="gate_proj, up_proj, down_proj (nn.Linear, biases on all or none)",
+        families="Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, OLMo 1-3, Granite, Cohere, StableLM, and every MLP "
+        "computing down_proj(act(gate_proj(x)) * up_proj(x))",
+        parallel_class=ParallelMLP,
+        matches=_is_hf_mlp,
+        prepare=_prepare_gate_up_down,
+    )
+]
+
+# Children or parameters by which a module shows itself as a gated MLP (gate and up projections): Llama's
+# gate_proj, Phi-3's / GLM's / MoE experts' fused gate_up_proj, Mixtral's and tp_ffn's w1/w3, T5's wi_0/wi_1.
+_GATED_NAMES = ({"gate_proj"}, {"gate_up_proj"}, {"w1", "w3"}, {"wi_0", "wi_1"})
+
+
+def _looks_gated(module: nn.Module) -> bool:
+    names = set(module._modules) | set(module._parameters)
+    return any(group <= names for group in _GATED_NAMES)
+
+
+def _describe(module: nn.Module) -> str:
+    """``ClassName: gate_proj=Linear4bit, up_proj=..., down_proj=...`` (what the module holds)."""
+    parts = [f"{n}={type(m).__name__}" for n, m in module._modules.items() if m is not None][:6]
+    parts += [f"{n}=Parameter{tuple(p.shape)}" for n, p in module._parameters.items() if p is not None][:4]
+    return f"{type(module).__name__} ({', '.join(parts)})"
+
+
+def supported_layouts() -> str:
+    return "; ".join(layout.projections for layout in LAYOUTS)
 
 
 def parallelize_mlp(
@@ -213,15 +253,22 @@ def parallelize_mlp(
     overlap_comm: bool = True,
     comm_chunks: int = 1,
 ) -> int:
-    """Replace, in place, every submodule of ``model`` whose children ``gate_proj``, ``up_proj`` and
-    ``down_proj`` are ``nn.Linear`` by a :class:`ParallelMLP` over ``group`` holding this rank's slices of
-    their weights, and every mixture-of-experts block of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (transformers
-    4.46 and 5.x) by one :class:`~tp_ffn.hf.moe.ParallelSparseMoeBlock` (its experts and shared expert inside
-    it, one all-reduce per layer). Returns the number of blocks replaced.
+    """Replace, in place, every MLP of ``model`` of a supported layout by its tensor-parallel block over
+    ``group`` holding this rank's slices of its weights. Returns the number of blocks replaced.
 
-    An MoE block it cannot take (another family or routing, router jitter, expert biases) is a ``ValueError``
-    naming the module with ``strict=True`` (the default; nothing is changed then); with ``strict=False`` the
-    whole block is left dense, with one warning.
+    Layouts (:data:`LAYOUTS`, docs/huggingface-support.md): a submodule whose children ``gate_proj``,
+    ``up_proj`` and ``down_proj`` are ``nn.Linear`` becomes a :class:`ParallelMLP`; Phi-3's ``Phi3MLP`` (fused
+    ``gate_up_proj``) a :class:`~tp_ffn.hf.phi3.Phi3ParallelMLP`; every mixture-of-experts block of Mixtral,
+    Qwen2-MoE, Qwen3-MoE and OLMoE (transformers 4.46 and 5.x) one :class:`~tp_ffn.hf.moe.ParallelSparseMoeBlock`
+    (its experts and shared expert inside it, one all-reduce per layer).
+
+    Nothing is skipped silently. With ``strict=True`` (the default) a ``ValueError`` names the first module
+    a layout refuses (an MoE block of another family or routing, router jitter, expert biases) or the first
+    gated MLP no layout takes (a ``gate_proj`` that is not a plain ``nn.Linear``, a fused ``gate_up_proj`` of
+    another model) and, when nothing is replaced, the model's class; nothing is changed then. With
+    ``strict=False`` those are left dense (a refused MoE block whole, its experts too) with one warning, and
+    the count is returned.
+    Blocks that are already tensor-parallel are left as they are (a second call returns 0 without error).
 
     Each rank copies only its slices (a model on the ``meta`` device stays there, to be loaded later).
     Parameter names, dtype, device, ``requires_grad`` and train/eval mode are kept, so ``model.state_dict()``
@@ -229,32 +276,72 @@ def parallelize_mlp(
     ``hidden_act``): ``silu``/``swish``, ``gelu`` (erf), ``gelu_pytorch_tanh``, ``relu``; anything else is a
     ``ValueError``. Rules of a Hugging Face ``tp_plan`` that name the replaced layers are dropped from the
     model's plans, so a later ``tp_plan`` pass cannot shard them a second time. Hooks registered on the
-    replaced modules are not carried over. Every rank of ``group`` must call it on the same model. Where PEFT
-    is installed, :mod:`tp_ffn.peft` is imported, so that ``peft.get_peft_model`` can put LoRA on the blocks.
+    replaced modules are not carried over. Each block refuses to run inside a ``DistributedDataParallel``
+    spanning ranks of its tensor-parallel group (see :func:`~tp_ffn.hf.prepare_trainer`). Every rank of
+    ``group`` must call it on the same model. Where PEFT is installed, :mod:`tp_ffn.peft` is imported, so that
+    ``peft.get_peft_model`` can put LoRA on the blocks.
     """
     config = getattr(model, "config", None)
-    blocks, refused, inside = _find_blocks(model, config)
+    parallel = (*(layout.parallel_class for layout in LAYOUTS), ParallelFeedForward, ParallelMoEFeedForward)
+    claimed: set[int] = set()  # modules inside a parallel block or inside a module a layout matched
+    found: dict[int, tuple[nn.Module, list[str], MLPLayout]] = {}
+    unsupported: list[tuple[str, nn.Module]] = []
+    already = 0
+    for path, module in model.named_modules(remove_duplicate=False):
+        if id(module) in found:
+            found[id(module)][1].append(path)
+            continue
+        if id(module) in claimed:
+            continue
+        if isinstance(module, parallel):
+            already += 1
+            claimed.update(id(m) for m in module.modules())
+            continue
+        layout = next((lay for lay in LAYOUTS if lay.matches(module)), None)
+        if layout is not None:
+            found[id(module)] = (module, [path], layout)
+            claimed.update(id(m) for m in module.modules())
+        elif _looks_gated(module) and id(module) not in {id(m) for _, m in unsupported}:
+            unsupported.append((path, module))
+    # Everything is checked before anything is replaced, so a bad model is left as it was.
+    plans: list[tuple[list[str], Callable[[BuildOptions], nn.Module]]] = []
+    refused: list[str] = []
+    for mlp, paths, layout in found.values():
+        if "" in paths:
+            raise ValueError(f"model: is itself such {layout.what}; pass the model that holds it")
+        plan = layout.prepare(mlp, config, paths[0])
+        if isinstance(plan, str):
+            refused.append(f"{paths[0]}: {plan}")
+        else:
+            plans.append((paths, plan))
     if refused and strict:
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
         raise ValueError(f"{refused[0]}{more} (strict=False leaves it dense)")
-    found: dict[int, tuple[nn.Module, list[str]]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        if id(module) not in inside and _is_hf_mlp(module):
-            found.setdefault(id(module), (module, []))[1].append(path)
-    # Everything is checked before anything is replaced, so a bad model is left as it was.
-    plans = []
-    for mlp, paths in found.values():
-        if "" in paths:
-            raise ValueError("model: is itself such an MLP; pass the model that holds it")
-        dims = _check_mlp(mlp, paths[0])
-        plans.append((mlp, paths, dims, _activation_name(mlp, config, paths[0])))
-    if refused:
-        warnings.warn(f"parallelize_mlp (strict=False): left dense: {'; '.join(refused)}", stacklevel=2)
-    built = [(paths, build(group)) for paths, build in blocks]
-    for mlp, paths, (hidden, intermediate, bias), activation in plans:
-        block = _build(mlp, hidden, intermediate, bias, activation, group, fuse_gate_up, overlap_comm, comm_chunks)
-        built.append((paths, block))
+    skipped = list(refused)
+    if unsupported:
+        path, module = unsupported[0]
+        more = f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
+        gated = (
+            f"{path or 'model'}: a gated MLP tp_ffn.hf cannot parallelize, {_describe(module)}{more}; "
+            f"supported layouts: {supported_layouts()}"
+        )
+        if strict:
+            raise ValueError(f"{gated} (strict=False leaves it dense)")
+        skipped.append(gated)
+    if not found and not already:
+        nothing = (
+            f"model: {type(model).__name__} has no MLP tp_ffn.hf can parallelize (supported layouts: "
+            f"{supported_layouts()})"
+        )
+        if strict:
+            raise ValueError(f"{nothing}; strict=False returns 0 instead")
+        skipped = skipped or [nothing]
+    if skipped:
+        warnings.warn(f"parallelize_mlp (strict=False): left dense: {'; '.join(skipped)}", stacklevel=2)
+    opts = BuildOptions(group, fuse_gate_up, overlap_comm, comm_chunks)
+    built = [(paths, build(opts)) for paths, build in plans]
     for paths, block in built:
+        block.register_forward_pre_hook(refuse_data_parallel_over_tp_group)
         for path in paths:
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, block)
@@ -264,25 +351,31 @@ def parallelize_mlp(
 
 
 def _build(
-    mlp: nn.Module, hidden: int, intermediate: int, bias: bool, activation: str, group: GroupLike,
-    fuse_gate_up: bool, overlap_comm: bool, comm_chunks: int,
-) -> ParallelMLP:  # fmt: skip
+    mlp: nn.Module, hidden: int, intermediate: int, bias: bool, activation: str, opts: BuildOptions
+) -> ParallelMLP:
     weight = mlp.gate_proj.weight
     block = ParallelMLP(
-        hidden, intermediate, bias=bias, activation=activation, group=group, fuse_gate_up=fuse_gate_up,
-        overlap_comm=overlap_comm, comm_chunks=comm_chunks, dtype=weight.dtype, device="meta",
+        hidden, intermediate, bias=bias, activation=activation, group=opts.group, fuse_gate_up=opts.fuse_gate_up,
+        overlap_comm=opts.overlap_comm, comm_chunks=opts.comm_chunks, dtype=weight.dtype, device="meta",
     )  # fmt: skip
     if weight.device.type != "meta":
         block.load_dense_state_dict(
             {f"{n}.{k}": v for n in _PROJECTIONS for k, v in mlp._modules[n].state_dict().items()},
             device=weight.device,
         )
-    for n in _PROJECTIONS:
+    copy_module_state(mlp, block, _PROJECTIONS)
+    return block
+
+
+def copy_module_state(mlp: nn.Module, block: nn.Module, projections: Iterable[str]) -> None:
+    """What the replaced MLP carried besides its weights: ``requires_grad`` of each parameter, its ``config``
+    (HF code may read it, as from the dense MLP) and train/eval mode."""
+    for n in projections:
         for k, p in mlp._modules[n].named_parameters():
             getattr(block._modules[n], k).requires_grad_(p.requires_grad)
     if "config" in mlp.__dict__:
-        block.config = mlp.config  # HF code may read it, as from the dense MLP
-    return block.train(mlp.training)
+        block.config = mlp.config
+    block.train(mlp.training)
 
 
 def _plan_rule_matches(rule: str, name: str, *, inside: bool = False) -> bool:
@@ -364,7 +457,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         prefix = _under(key, moe)
         if prefix is None:
             value = full_of.get(key, value)
-            out[key] = value.full_tensor() if _is_dtensor(value) else value
+            out[key] = value.full_tensor() if is_dtensor(value) else value
         elif prefix not in placed:
             placed.add(prefix)
             full = moe_full[id(moe[prefix])]

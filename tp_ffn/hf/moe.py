@@ -31,7 +31,7 @@ from ..checkpoint import META_TO_HF
 from ..groups import GroupLike
 from ..moe import MoEConfig, ParallelMoEFeedForward, Routing
 from ..safetensors_dir import SafetensorsDir
-from .mlp import ParallelMLP, _activation_name, _build, _check_mlp, _is_dtensor, register_block_layout
+from .mlp import LAYOUTS, BuildOptions, MLPLayout, ParallelMLP, _build, _check_mlp, activation_name, is_dtensor
 
 __all__ = ["MOE_BLOCKS", "ParallelSparseMoeBlock", "expert_reads", "load_moe_blocks"]
 
@@ -261,7 +261,7 @@ class ParallelSparseMoeBlock(ParallelMoEFeedForward):
 
 def _build_shared(mlp: nn.Module, layout: _HFLayout, group: GroupLike) -> ParallelMLP:
     hidden, intermediate, _ = _check_mlp(mlp, "shared_expert")
-    return _build(mlp, hidden, intermediate, False, layout.activation, group, False, False, 1)
+    return _build(mlp, hidden, intermediate, False, layout.activation, BuildOptions(group, False, False, 1))
 
 
 # --- finding and checking the blocks -------------------------------------------------------------------------
@@ -301,21 +301,21 @@ def _inspect(block: nn.Module, config: Any, path: str) -> _HFLayout:
         intermediate, act_module = _check_fused_experts(block.experts, num_experts, dim, path)
     else:
         intermediate, act_module = _check_expert_modules(block.experts, family, num_experts, dim, path)
-    activation = _activation_name(act_module, config, f"{path}.experts")
+    activation = activation_name(act_module, config, f"{path}.experts")
     shared = block._modules.get("shared_expert")
     shared_dim = 0
     if shared is not None:
         if any(getattr(shared._modules.get(n), "bias", None) is not None for n in _GATE_UP_DOWN):
             raise _Refused("shared_expert: biases are not supported")
         _, shared_dim, _ = _check_mlp(shared, f"{path}.shared_expert")
-        if _activation_name(shared, config, f"{path}.shared_expert") != activation:
+        if activation_name(shared, config, f"{path}.shared_expert") != activation:
             raise _Refused("shared_expert: its activation differs from the experts'")
     shared_gate = block._modules.get("shared_expert_gate")
     if shared_gate is not None and (
         type(shared_gate) is not nn.Linear or shared_gate.bias is not None or shared_gate.out_features != 1
     ):
         raise _Refused(f"shared_expert_gate: expected nn.Linear(H, 1, bias=False), got {shared_gate!r}")
-    if _is_dtensor(weight):
+    if is_dtensor(weight):
         raise ValueError(
             f"{path}.gate.weight: expected a full tensor, got a DTensor (leave the MoE blocks out of tp_plan)"
         )
@@ -345,7 +345,7 @@ def _check_fused_experts(experts: nn.Module, num_experts: int, dim: int, path: s
     if gate_up is None or down is None or gate_up.dim() != 3:
         raise _Refused(f"experts: expected parameters gate_up_proj and down_proj, got {sorted(experts._parameters)}")
     for p, n in ((gate_up, "gate_up_proj"), (down, "down_proj")):
-        if _is_dtensor(p):
+        if is_dtensor(p):
             raise ValueError(f"{path}.experts.{n}: expected a full tensor, got a DTensor")
     intermediate = gate_up.shape[1] // 2
     want = {"gate_up_proj": (num_experts, 2 * intermediate, dim), "down_proj": (num_experts, dim, intermediate)}
@@ -375,7 +375,7 @@ def _check_expert_modules(
                 raise _Refused(f"experts.{e}.{n}: expected nn.Linear, got {type(layer).__name__}")
             if layer.bias is not None:
                 raise _Refused(f"experts.{e}.{n}: expert biases are not supported")
-            if _is_dtensor(layer.weight):
+            if is_dtensor(layer.weight):
                 raise ValueError(f"{path}.experts.{e}.{n}.weight: expected a full tensor, got a DTensor")
             if tuple(layer.weight.shape) != shape:
                 raise ValueError(
@@ -384,19 +384,28 @@ def _check_expert_modules(
     return intermediate, first
 
 
-def _prepare_moe(module: nn.Module, config: Any, path: str) -> None | str | Callable[[GroupLike], nn.Module]:
-    """For :func:`~tp_ffn.hf.parallelize_mlp`: ``None`` for a module that is not an MoE block; the reason,
-    for one it refuses; else the function building its :class:`ParallelSparseMoeBlock`."""
-    if isinstance(module, ParallelMoEFeedForward) or not _looks_like_moe(module):
-        return None
+def _prepare_moe(module: nn.Module, config: Any, path: str) -> str | Callable[[BuildOptions], nn.Module]:
+    """For :func:`~tp_ffn.hf.parallelize_mlp`: the reason, for an MoE block it refuses; else the function
+    building its :class:`ParallelSparseMoeBlock`."""
     try:
         layout = _inspect(module, config, path)
     except _Refused as why:
         return f"{type(module).__name__}: {why}"
-    return lambda group: ParallelSparseMoeBlock(module, layout, group)
+    return lambda opts: ParallelSparseMoeBlock(module, layout, opts.group)
 
 
-register_block_layout(_prepare_moe)
+# Claimed before anything inside it is looked at, so its experts are neither MLPs nor unsupported gated MLPs.
+LAYOUTS.append(
+    MLPLayout(
+        projections="mixture-of-experts block: router gate, experts (per-expert MLPs or fused expert parameters), "
+        "shared expert",
+        families="Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE",
+        parallel_class=ParallelSparseMoeBlock,
+        matches=lambda m: not isinstance(m, ParallelMoEFeedForward) and _looks_like_moe(m),
+        prepare=_prepare_moe,
+        what="a block",
+    )
+)
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
