@@ -13,7 +13,8 @@ import pytest
 import torch
 from rankpool import run_fresh
 
-pytest.importorskip("transformers")
+
+_TRANSFORMERS_MAJOR = int(pytest.importorskip("transformers").__version__.split(".")[0])
 
 MiB = 2**20
 CHUNK = 4 * MiB  # the reader's chunk, made small here so that a small model shows the difference
@@ -77,4 +78,8 @@ def test_peak_memory_is_what_the_rank_keeps(tmp_path):
         assert r["held"] < 0.7 * r["dense"], r  # half of every MLP
         # What the rank keeps plus one chunk of the file and a few MiB of scratch: never the dense model.
         assert r["grown"] < r["held"] + CHUNK / MiB + 6, r
-        assert r["control"] > 0.9 * r["dense"], r
+        # The negative control, under transformers 4.x (the suite's main run): its own load holds the dense
+        # model at its peak, so the measurement sees a dense load. transformers 5 loads lazily (25-37 MiB
+        # against 45 dense, varying run to run), so there it shows nothing and is not asserted.
+        if _TRANSFORMERS_MAJOR < 5:
+            assert r["control"] > 0.9 * r["dense"], r
