@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import UsageError
+from ...config import UsageError
 
 __all__ = [
     "TOKENIZER_KINDS",
@@ -205,7 +205,7 @@ def load_tokenizer(files: Mapping[str, Path], *, what: str) -> Tokenizer:
     ``what`` names the source in errors (e.g. ``"--tokenizer runs/tok"``). Raises
     :class:`UsageError` for a missing library or a file that is not a tokenizer.
     """
-    from . import tokenizer_formats as fmt
+    from . import formats as fmt
 
     try:
         if HF_TOKENIZER in files:
@@ -267,7 +267,7 @@ def resolve_tokenizer(spec: str, *, init_from: str | os.PathLike | None = None) 
 def tokenizer_from_checkpoint(path: str | os.PathLike) -> Tokenizer:
     """The tokenizer a training checkpoint was trained with (``path``: a ``--ckpt-dir`` or a
     ``step_N`` directory). Checkpoints from before tokenizers were recorded are byte-level."""
-    from .checkpoint import open_checkpoint
+    from ...checkpoint.store import open_checkpoint
 
     info = open_checkpoint(path)
     rec = info.meta.get("tokenizer")

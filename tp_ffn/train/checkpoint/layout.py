@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
-from ..layers import ColumnParallelLinear, RowParallelLinear
+from ...layers import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["Block", "chunk_bounds", "local_tensor", "param_blocks"]
 

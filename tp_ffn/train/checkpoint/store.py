@@ -76,11 +76,11 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from ..models.config_bounds import check_config_fits
-from ..models.llama import LlamaConfig
-from ..models.weight_names import weight_layout
-from .config import UsageError
-from .consensus import agree
+from ...models.config_bounds import check_config_fits
+from ...models.llama import LlamaConfig
+from ...models.weight_names import weight_layout
+from ..config import UsageError
+from ..consensus import agree
 from .digests import ALGORITHM, file_digest, is_digest
 from .layout import Block, local_tensor, param_blocks
 from .safe_dcp import (
