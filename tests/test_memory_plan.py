@@ -1,4 +1,4 @@
-"""The memory plan (tp_ffn/train/memory.py): what it counts is what the model keeps and holds, the
+"""The memory plan (tp_ffn/train/budget/memory.py): what it counts is what the model keeps and holds, the
 refusal is one line before anything is allocated, and the suggestions fit."""
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def test_refusal_under_torchrun_is_one_line_from_rank_0():
 
 _HOLES = """
 import sys, torch
-from tp_ffn.train.memory_use import release_freed_memory
+from tp_ffn.train.budget.memory_use import release_freed_memory
 if sys.argv[1] == "release":
     assert release_freed_memory()
 def rss():

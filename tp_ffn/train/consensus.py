@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from .config import UsageError
+from .errors import UsageError
 
 # Seconds a rank that prints nothing waits before exiting under torchrun (see report_error).
 QUIET_RANK_GRACE_S = 2.0

@@ -1,168 +1,37 @@
-"""Tokenizers for training and sampling: bytes, or the tokenizer a pretrained checkpoint came with.
+"""Which tokenizer a command means: ``--tokenizer`` (``auto``, ``bytes`` or a path), a pretrained
+directory's own, or the copy a training checkpoint carries.
 
-An adapter over three libraries, imported only when their format is used (``import tp_ffn`` and
-``import tp_ffn.train`` load none of them)::
-
-    kind            files                                   library         BOS / EOS of a document
-    bytes           none (token = UTF-8 byte, vocab 256)    none            none: documents are concatenated
-    hf              tokenizer.json (+ tokenizer_config.json,  tokenizers    bos_token / eos_token of the config;
-                    special_tokens_map.json)                                BOS when the tokenizer adds it
-    tiktoken        tokenizer.model: "base64 rank" lines    tiktoken        <|begin_of_text|> ... <|end_of_text|>
-                    (Meta Llama 3) + Meta's 256 specials
-    sentencepiece   tokenizer.model: a SentencePiece model  sentencepiece   <s> ... </s> (Meta Llama 2)
-
-Reading a tokenizer runs no code from its files: tokenizer.json and the configs are JSON, a
-tiktoken file is parsed here as base64 and integers, a SentencePiece model is a protobuf message.
-
-``resolve_tokenizer("auto" | "bytes" | PATH, init_from=...)`` picks one for ``scripts/train.py``;
+``resolve_tokenizer("auto" | "bytes" | PATH, init_from=...)`` picks one for the training job;
 ``tokenizer_from_checkpoint`` reads the copy a training checkpoint carries (its files sit in the
-step directory, listed in ``meta.json``, and its fingerprint is checked).
+step directory, listed in ``meta.json``, and its fingerprint is checked). Which format a set of
+files is, each format says itself (:meth:`~.base.Tokenizer.detect`), tried in :data:`FORMATS` order.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from ...config import UsageError
+from ...errors import UsageError
+from .base import HF_SPECIAL_TOKENS, HF_TOKENIZER, HF_TOKENIZER_CONFIG, MODEL_FILE, Tokenizer
+from .byte_level import ByteTokenizer
+from .hf_json import HFTokenizer
+from .llama2_sentencepiece import SentencePieceTokenizer
+from .llama3_tiktoken import TiktokenTokenizer
 
 __all__ = [
+    "FORMATS",
     "TOKENIZER_KINDS",
-    "ByteTokenizer",
-    "Tokenizer",
     "find_tokenizer",
     "load_tokenizer",
     "resolve_tokenizer",
     "tokenizer_from_checkpoint",
 ]
 
-TOKENIZER_KINDS = ("bytes", "hf", "tiktoken", "sentencepiece")
-HF_TOKENIZER = "tokenizer.json"
-HF_TOKENIZER_CONFIG = "tokenizer_config.json"
-HF_SPECIAL_TOKENS = "special_tokens_map.json"
-MODEL_FILE = "tokenizer.model"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def encode_threads() -> int:
-    """Threads for batch encoding: the CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-class Tokenizer(ABC):
-    """Text <-> token ids, and how documents are delimited.
-
-    ``vocab_size`` is one more than the largest id the tokenizer can produce: the model's
-    embedding needs at least that many rows. ``files`` maps each file's role (its name in a
-    checkpoint: ``tokenizer.json``, ``tokenizer.model``, ...) to where it is read from; the
-    ``fingerprint`` covers the kind, the files' contents under those names, and the BOS/EOS
-    policy, so a copy of the files elsewhere has the same fingerprint.
-    """
-
-    kind: str
-    vocab_size: int
-    bos_id: int | None = None
-    eos_id: int | None = None
-    add_bos: bool = False
-    files: Mapping[str, Path] = {}
-
-    @abstractmethod
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids of each text, without BOS/EOS; in parallel threads where the library allows."""
-
-    @abstractmethod
-    def _decode(self, ids: list[int]) -> str:
-        """Text of ids that are all in ``[0, vocab_size)``."""
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``; invalid UTF-8, and ids past the vocabulary (a model's embedding may have
-        more rows than its tokenizer has tokens), become U+FFFD."""
-        out, run = [], []
-        for i in ids:
-            if 0 <= i < self.vocab_size:
-                run.append(int(i))
-                continue
-            if run:
-                out.append(self._decode(run))
-                run = []
-            out.append("\ufffd")
-        if run:
-            out.append(self._decode(run))
-        return "".join(out)
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
-
-    def document(self, ids: list[int]) -> list[int]:
-        """A document's ids as they go into the training stream: BOS first (where the family puts
-        one), EOS last (where the tokenizer has one)."""
-        head = [self.bos_id] if self.add_bos and self.bos_id is not None else []
-        tail = [self.eos_id] if self.eos_id is not None else []
-        return head + ids + tail
-
-    def prompt(self, text: str) -> list[int]:
-        """Ids of a prompt for sampling: BOS (where the family puts one), then the text."""
-        head = [self.bos_id] if self.add_bos and self.bos_id is not None else []
-        return head + self.encode(text)
-
-    @property
-    def fingerprint(self) -> str:
-        cached = self.__dict__.get("_fingerprint")
-        if cached is None:
-            files = {role: _sha256_file(path) for role, path in sorted(self.files.items())}
-            policy = {
-                "kind": self.kind,
-                "files": files,
-                "bos": self.bos_id,
-                "eos": self.eos_id,
-                "add_bos": self.add_bos,
-            }
-            cached = self.__dict__["_fingerprint"] = hashlib.sha256(
-                json.dumps(policy, sort_keys=True).encode()
-            ).hexdigest()[:16]
-        return cached
-
-    def describe(self) -> str:
-        where = ", ".join(str(p) for p in self.files.values()) or "built in"
-        return (
-            f"{self.kind} tokenizer ({where}): vocabulary {self.vocab_size}, BOS {self.bos_id if self.add_bos else None}, "
-            f"EOS {self.eos_id}, fingerprint {self.fingerprint}"
-        )
-
-    def record(self) -> dict[str, Any]:
-        """What a training checkpoint's ``meta.json`` says about its tokenizer."""
-        return {
-            "kind": self.kind, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
-            "eos_id": self.eos_id, "add_bos": self.add_bos, "files": sorted(self.files),
-        }  # fmt: skip
-
-
-class ByteTokenizer(Tokenizer):
-    """Token = UTF-8 byte (vocabulary 256), no special tokens: the stream is the text's bytes."""
-
-    kind = "bytes"
-    vocab_size = 256
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [list(t.encode("utf-8")) for t in texts]
-
-    def _decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
+# Detection order: a tokenizer.json wins over a tokenizer.model beside it; no file is bytes.
+FORMATS: tuple[type[Tokenizer], ...] = (HFTokenizer, TiktokenTokenizer, SentencePieceTokenizer, ByteTokenizer)
+TOKENIZER_KINDS = tuple(f.kind for f in FORMATS)  # what a checkpoint's meta.json may record
 
 
 def find_tokenizer(directory: Path) -> dict[str, Path] | None:
@@ -182,38 +51,17 @@ def find_tokenizer(directory: Path) -> dict[str, Path] | None:
     return None
 
 
-def model_file_kind(path: Path) -> str:
-    """``"tiktoken"`` for a text file of ``base64 rank`` lines, else ``"sentencepiece"``."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    first = head.split(b"\n", 1)[0]
-    parts = first.split()
-    if len(parts) == 2 and parts[1].isdigit():
-        try:
-            import base64
-
-            base64.b64decode(parts[0], validate=True)
-            return "tiktoken"
-        except ValueError:
-            pass
-    return "sentencepiece"
-
-
 def load_tokenizer(files: Mapping[str, Path], *, what: str) -> Tokenizer:
     """The tokenizer made of ``files`` (roles as :func:`find_tokenizer` returns them).
 
     ``what`` names the source in errors (e.g. ``"--tokenizer runs/tok"``). Raises
     :class:`UsageError` for a missing library or a file that is not a tokenizer.
     """
-    from . import formats as fmt
-
     try:
-        if HF_TOKENIZER in files:
-            return fmt.HFTokenizer(files)
-        path = files[MODEL_FILE]
-        if model_file_kind(path) == "tiktoken":
-            return fmt.TiktokenTokenizer(path)
-        return fmt.SentencePieceTokenizer(path)
+        for fmt in FORMATS:
+            if fmt.detect(files):
+                return fmt.load(files)
+        raise ValueError(f"expected {HF_TOKENIZER} or {MODEL_FILE}, got {sorted(files)}")
     except ImportError as e:
         raise UsageError(
             f"{what}: reading this tokenizer needs the Python package {e.name!r}: pip install 'tp-ffn[train]'"
@@ -275,7 +123,7 @@ def tokenizer_from_checkpoint(path: str | os.PathLike) -> Tokenizer:
         return ByteTokenizer()
     if not isinstance(rec, dict) or rec.get("kind") not in TOKENIZER_KINDS or not isinstance(rec.get("files"), list):
         raise UsageError(f"checkpoint {info.path} is damaged: meta.json has no readable tokenizer record ({rec!r})")
-    if rec["kind"] == "bytes":
+    if rec["kind"] == ByteTokenizer.kind:
         tok: Tokenizer = ByteTokenizer()
     else:
         files = {}
