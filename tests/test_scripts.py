@@ -70,7 +70,7 @@ def test_readme_parity_example_runs_at_three_ranks_with_the_defaults():
     """The README's parity output (3 ranks, --bias --sequence-parallel, default --seq) is what that
     command prints: the default sequence length splits over 3 ranks."""
     readme = (ROOT / "README.md").read_text().splitlines()
-    cmd = "torchrun --standalone --nproc_per_node 3 benchmarks/parity.py --bias --sequence-parallel"
+    cmd = "torchrun --standalone --nproc_per_node 3 scripts/parity.py --bias --sequence-parallel"  # the README's path
     assert any(cmd in ln for ln in readme), cmd
     header = next(ln for ln in readme if ln.startswith("tp_ffn parity: world size 3"))
     shards = [ln for ln in readme if ln.startswith("  rank ") and ": w1.weight" in ln]
