@@ -1,4 +1,4 @@
-"""State-dict names for the feed-forward block (Meta / Hugging Face) and their validation; HF's expert layouts.
+"""State-dict names for the feed-forward block (Meta / Hugging Face) and their validation.
 
 Meta's Llama code and this package name the projections ``w1`` (gate), ``w3`` (up) and ``w2``
 (down); Hugging Face's ``LlamaMLP`` names them ``gate_proj``, ``up_proj`` and ``down_proj``.
@@ -7,22 +7,16 @@ Meta's Llama code and this package name the projections ``w1`` (gate), ``w3`` (u
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 __all__ = [
-    "ExpertRead",
     "HF_TO_META",
     "META_TO_HF",
     "canonical_ffn_state_dict",
     "check_ffn_state_dict",
-    "expert_reads",
     "ffn_shapes",
     "infer_ffn_dims",
-    "stored_shapes",
-    "stored_tensors",
 ]
 
 HF_TO_META = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
@@ -108,77 +102,3 @@ def check_ffn_state_dict(
         got = tuple(canonical[key].shape)
         if got != shape:
             raise ValueError(f"{name}[{original[key]!r}]: expected shape {shape}, got {got}")
-
-
-# Hugging Face's mixture-of-experts layouts (tp_ffn.hf.moe and tp_ffn.models read and write them).
-
-
-class ExpertRead(NamedTuple):
-    """Where one expert's shard comes from: ``stored[key][index]`` (a block-relative key of the HF layout) is
-    this rank's part of ``experts.<param>[expert]`` (``param``: ``w1`` gate, ``w3`` up, ``w2`` down)."""
-
-    key: str
-    param: str
-    expert: int
-    index: tuple[slice, ...]
-
-
-def expert_reads(
-    fused: bool, projections: tuple[str, str, str], num_experts: int, hidden_dim: int, start: int, end: int
-) -> list[ExpertRead]:
-    """This rank's part of every stored expert tensor: rows ``[start, end)`` of each expert's intermediate
-    dimension ``I = hidden_dim`` (what ``ParallelExperts.shard_spec`` says) in w1/w3, the same columns of w2.
-
-    Per-expert layout (``fused=False``): ``experts.{e}.{gate}.weight [I, H]`` rows, ``{up}`` rows,
-    ``{down} [H, I]`` columns. Fused (transformers 5): ``experts.gate_up_proj [E, 2I, H]`` rows ``start:end``
-    (gate) and ``I+start:I+end`` (up) of expert e, ``experts.down_proj [E, H, I]`` columns. The adapter's only
-    slice arithmetic; :func:`stored_shapes` and :func:`stored_tensors` describe the same layouts whole.
-    """
-    rows, whole = slice(start, end), slice(None)
-    reads = []
-    for e in range(num_experts):
-        if fused:
-            one = slice(e, e + 1)
-            up = slice(hidden_dim + start, hidden_dim + end)
-            reads += [
-                ExpertRead("experts.gate_up_proj", "w1", e, (one, rows, whole)),
-                ExpertRead("experts.gate_up_proj", "w3", e, (one, up, whole)),
-                ExpertRead("experts.down_proj", "w2", e, (one, whole, rows)),
-            ]
-        else:
-            gate, up, down = (f"experts.{e}.{name}.weight" for name in projections)
-            reads += [
-                ExpertRead(gate, "w1", e, (rows, whole)),
-                ExpertRead(up, "w3", e, (rows, whole)),
-                ExpertRead(down, "w2", e, (whole, rows)),
-            ]
-    return reads
-
-
-def stored_shapes(
-    fused: bool, projections: tuple[str, str, str], num_experts: int, hidden_dim: int, dim: int
-) -> dict[str, tuple[int, ...]]:
-    """The full shape of every stored expert tensor of the layout, by block-relative key."""
-    e, i = num_experts, hidden_dim
-    if fused:
-        return {"experts.gate_up_proj": (e, 2 * i, dim), "experts.down_proj": (e, dim, i)}
-    gate, up, down = projections
-    shapes = {}
-    for k in range(e):
-        shapes.update({f"experts.{k}.{gate}.weight": (i, dim), f"experts.{k}.{up}.weight": (i, dim)})
-        shapes[f"experts.{k}.{down}.weight"] = (dim, i)
-    return shapes
-
-
-def stored_tensors(
-    fused: bool, projections: tuple[str, str, str], w1: Tensor, w3: Tensor, w2: Tensor
-) -> dict[str, Tensor]:
-    """The full stacked experts (``w1, w3 [E, I, H]``, ``w2 [E, H, I]``) in the layout, each tensor its own."""
-    if fused:
-        return {"experts.gate_up_proj": torch.cat((w1, w3), dim=1), "experts.down_proj": w2.clone()}
-    gate, up, down = projections
-    out = {}
-    for e in range(w1.shape[0]):
-        out.update({f"experts.{e}.{gate}.weight": w1[e].clone(), f"experts.{e}.{up}.weight": w3[e].clone()})
-        out[f"experts.{e}.{down}.weight"] = w2[e].clone()
-    return out
