@@ -23,6 +23,7 @@ from .hf_files import HFReader
 from .loading import model_config, shard_targets
 from .meta_files import MetaReader
 from .pretrained_config import config_from_pretrained, detect_format
+from .moe_config import hf_moe_config
 from .weight_names import HF_CONFIG, HF_SINGLE, META_EMBEDDING_SPLITS, META_PARAMS, meta_to_hf_rows, weight_layout
 from .weights_types import PathLike, Progress
 
@@ -67,6 +68,8 @@ def _atomic_dir(path: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def _hf_config_dict(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
+    if cfg.moe is not None:
+        return hf_moe_config(cfg, dtype)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -138,6 +141,9 @@ def _write_hf(
     tensors = {}
     for e in items:
         x = full[e.name]
+        if e.experts:  # one tensor per expert
+            tensors.update({key: x[k].contiguous() for k, key in enumerate(e.hf_tensors())})
+            continue
         tensors[e.hf] = (meta_to_hf_rows(x, cfg.head_dim) if e.heads is not None else x).contiguous()
     save_file(tensors, str(out / HF_SINGLE), metadata={"format": "pt"})
     config = _hf_config_dict(cfg, next(iter(full.values())).dtype)
@@ -145,6 +151,11 @@ def _write_hf(
 
 
 def _check_num_shards(cfg: LlamaConfig, num_shards: int) -> None:
+    if cfg.moe is not None:
+        raise ValueError(
+            f"to='meta': Meta's Llama checkpoint format has no experts (this model has {cfg.n_experts} per layer); "
+            "export it as a Hugging Face checkpoint"
+        )
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards: expected a positive int, got {num_shards!r}")
     smallest = min(e.shape[e.meta_dim] for e in weight_layout(cfg) if e.meta_dim is not None)

@@ -299,6 +299,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         rt.shutdown(synchronize=ok)
 
 
+def _ffn_shape(mcfg: LlamaConfig) -> str:
+    moe = mcfg.moe
+    if moe is None:
+        return f"hidden {mcfg.hidden_dim}"
+    shared = f" + shared {moe.shared_hidden_dim}" if moe.shared_hidden_dim else ""
+    return f"{moe.num_experts} experts of {moe.hidden_dim}, top {moe.top_k}{shared}"
+
+
 def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
 
@@ -475,7 +483,7 @@ def _train_locked(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     baseline = reset_peak(rt.device)
     t.log(
         f"tp_ffn train: world {rt.world} = dp {plan.dp} x tp {plan.tp} ({'nccl' if rt.device.type == 'cuda' else 'gloo'} on {rt.device.type}), "
-        f"model {cfg.preset if cfg.init_from is None else cfg.init_from} ({mcfg.num_params() / 1e6:.2f} M params, hidden {mcfg.hidden_dim}), "
+        f"model {cfg.preset if cfg.init_from is None else cfg.init_from} ({mcfg.num_params() / 1e6:.2f} M params, {_ffn_shape(mcfg)}), "
         f"batch {plan.batch_size} x {cfg.seq_len} = {plan.batch_size * cfg.seq_len} tokens "
         f"(micro {plan.micro_batch} x grad accum {plan.grad_accum} x dp {plan.dp}), sequence parallel {cfg.sequence_parallel}, "
         f"dtype {cfg.dtype}, ffn fuse_gate_up={cfg.ffn_fuse_gate_up} overlap_comm={cfg.ffn_overlap_comm} "
