@@ -24,6 +24,8 @@ _EXPERT_FIELDS = (
 class LlamaConfig:
     """Shapes of a Llama model; validated here, once. ``hidden_dim`` follows Meta's rule.
 
+    ``qkv_bias``: wq, wk and wv carry biases (Qwen2-MoE's attention; wo has none).
+
     ``n_experts > 0`` makes every feed-forward block a mixture of experts (:attr:`moe`, a
     :class:`~tp_ffn.MoEConfig`): ``n_experts`` SwiGLU experts of ``expert_hidden_dim`` (0: ``hidden_dim``),
     ``n_experts_per_token`` of them per token, chosen by ``routing`` (``norm_topk_prob``: renormalise the
@@ -43,6 +45,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
+    qkv_bias: bool = False
     n_experts: int = 0
     n_experts_per_token: int = 2
     expert_hidden_dim: int = 0
@@ -65,6 +68,8 @@ class LlamaConfig:
             )
         if self.n_heads % self.kv_heads:
             raise ValueError(f"LlamaConfig: n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"LlamaConfig.qkv_bias: expected a bool, got {self.qkv_bias!r}")
         self._check_experts()
 
     def _check_experts(self) -> None:
@@ -145,7 +150,8 @@ class LlamaConfig:
     def num_params(self) -> int:
         """Every parameter (all experts of every MoE block)."""
         d, v = self.dim, self.vocab_size
-        attn = d * d * 2 + 2 * d * self.kv_heads * self.head_dim
+        kv = self.kv_heads * self.head_dim
+        attn = d * d * 2 + 2 * d * kv + (d + 2 * kv) * self.qkv_bias
         return v * d * 2 + self.n_layers * (attn + self.ffn_params() + 2 * d) + d
 
     def updated(self, **changes: object) -> LlamaConfig:

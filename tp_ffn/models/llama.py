@@ -81,12 +81,12 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, group: GroupLike, sequence_parallel: bool, dtype=None, device=None) -> None:  # noqa: ANN001
         super().__init__()
-        kw = {"bias": False, "group": group, "sequence_parallel": sequence_parallel, "dtype": dtype, "device": device}
-        hd = cfg.head_dim
-        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, gather_output=False, **kw)
-        self.wk = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, gather_output=False, **kw)
-        self.wv = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, gather_output=False, **kw)
-        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, input_is_parallel=True, **kw)
+        kw = {"group": group, "sequence_parallel": sequence_parallel, "dtype": dtype, "device": device}
+        hd, qkv = cfg.head_dim, {"bias": cfg.qkv_bias, "gather_output": False, **kw}
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, **qkv)
+        self.wk = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, **qkv)
+        self.wv = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, **qkv)
+        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, bias=False, input_is_parallel=True, **kw)
         self.tp = self.wq.tp
         self.sequence_parallel = sequence_parallel
         self.head_dim = hd
@@ -105,9 +105,9 @@ class Attention(nn.Module):
         # of the three GEMMs would copy it and keep its own copy for backward.
         x = gather_from_sequence(x, group).contiguous() if self.sequence_parallel else copy_to_parallel(x, group)
         b, s, _ = x.shape
-        q = F.linear(x, self.wq.weight).view(b, s, self.n_local_heads, self.head_dim)
-        k = F.linear(x, self.wk.weight).view(b, s, self.n_local_kv_heads, self.head_dim)
-        v = F.linear(x, self.wv.weight).view(b, s, self.n_local_kv_heads, self.head_dim)
+        q = F.linear(x, self.wq.weight, self.wq.bias).view(b, s, self.n_local_heads, self.head_dim)
+        k = F.linear(x, self.wk.weight, self.wk.bias).view(b, s, self.n_local_kv_heads, self.head_dim)
+        v = F.linear(x, self.wv.weight, self.wv.bias).view(b, s, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, head_dim]
         if kv is not None:

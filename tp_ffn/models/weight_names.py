@@ -126,6 +126,18 @@ def _moe_entries(cfg: LlamaConfig, i: int) -> list[WeightEntry]:
     return out
 
 
+def _layer_names(cfg: LlamaConfig) -> dict[str, str]:
+    """:data:`LAYER_NAMES`, with the q / k / v biases after their weights when the config has them."""
+    if not cfg.qkv_bias:
+        return LAYER_NAMES
+    out = {}
+    for m, hf in LAYER_NAMES.items():
+        out[m] = hf
+        if m in ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"):
+            out[m.replace(".weight", ".bias")] = hf.replace(".weight", ".bias")
+    return out
+
+
 def weight_layout(cfg: LlamaConfig) -> list[WeightEntry]:
     """Every weight of ``Transformer(cfg)``, in the model's parameter order."""
     d, h, v = cfg.dim, cfg.hidden_dim, cfg.vocab_size
@@ -147,9 +159,12 @@ def weight_layout(cfg: LlamaConfig) -> list[WeightEntry]:
         "norm.weight": ((d,), None, None),
         "output.weight": ((v, d), 0, None),
     }
+    if cfg.qkv_bias:  # HF permutes the q / k bias rows as their weight rows
+        layer.update({"attention.wq.bias": ((q,), 0, cfg.n_heads), "attention.wk.bias": ((kv,), 0, cfg.kv_heads),
+                      "attention.wv.bias": ((kv,), 0, None)})  # fmt: skip
     out = [WeightEntry("tok_embeddings.weight", MODEL_NAMES["tok_embeddings.weight"], *model["tok_embeddings.weight"])]
     for i in range(cfg.n_layers):
-        for m, hf in LAYER_NAMES.items():
+        for m, hf in _layer_names(cfg).items():
             if cfg.moe is not None and m.startswith("feed_forward."):
                 if m == "feed_forward.w1.weight":
                     out += _moe_entries(cfg, i)
