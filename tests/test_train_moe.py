@@ -6,7 +6,8 @@ as the dense presets); a resumed run equals the uninterrupted one, also resharde
 TP=2 -> TP=1 x DP=2 (FSDP2 cutting the stacked experts along E); the auxiliary loss is nonzero and
 changes the steps; the FLOP count of a hand-computed case; a tiny Mixtral written by transformers
 loads with the logits and auxiliary loss transformers computes, trains from ``--init-from``, and
-exports back bit for bit (one process and TP=2).
+exports back bit for bit (one process and TP=2); so does a tiny Qwen2-MoE (q/k/v biases, a gated
+shared expert), and the preset itself is written as a Qwen2-MoE transformers runs.
 """
 
 from __future__ import annotations
@@ -250,6 +251,62 @@ def test_mixtral_logits_and_aux_loss_match_transformers(mixtral_dir, tmp_path):
     again = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float64).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(tokens).logits, want.logits, rtol=0, atol=0)
+
+
+def _tiny_qwen2_moe(dtype: torch.dtype, **overrides) -> torch.nn.Module:
+    """Two layers, hidden 32, 4 experts of 37, top 2, a gated shared expert of 23, q/k/v biases drawn."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2MoeConfig(**{
+        "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "num_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 37, "shared_expert_intermediate_size": 23,
+        "router_aux_loss_coef": 0.1, "norm_topk_prob": False, **overrides,
+    })  # fmt: skip
+    torch.manual_seed(8)
+    model = transformers.Qwen2MoeForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "proj.bias")):  # routers (zero in transformers 5) and biases (zeros)
+                p.normal_(0, 0.5)
+    return model
+
+
+def test_qwen2_moe_logits_and_round_trip(tmp_path):
+    from tp_ffn.models.llama import load_pretrained
+    from tp_ffn.models.weights import export_hf
+
+    hf = _tiny_qwen2_moe(torch.float64)
+    hf.save_pretrained(tmp_path / "src", safe_serialization=True)
+    ours = load_pretrained(tmp_path / "src", dtype=torch.float64)
+    assert ours.cfg.qkv_bias and ours.cfg.moe.shared_hidden_dim == 23 and not ours.cfg.moe.norm_topk_prob
+    tokens = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = hf(tokens, output_router_logits=True)
+        logits, aux = ours(tokens, return_aux_loss=True)
+    torch.testing.assert_close(logits, want.logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aux, want.aux_loss.to(aux.dtype), rtol=1e-10, atol=1e-12)
+    export_hf(ours, tmp_path / "out")
+    src, out = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
+    assert src.keys() == out.keys() and all(torch.equal(src[k], out[k]) for k in src)
+    with pytest.raises(ValueError, match=r"mlp_only_layers: not supported \(every layer a mixture of experts\)"):
+        _tiny_qwen2_moe(torch.float64, mlp_only_layers=[1]).save_pretrained(tmp_path / "dense1")
+        load_pretrained(tmp_path / "dense1")
+
+
+def test_tiny_moe_exports_as_qwen2_moe(tmp_path):
+    """The preset (a gated shared expert, no q/k/v biases) is written as Qwen2-MoE with zero biases:
+    transformers computes its logits."""
+    from tp_ffn.models.weights import export_hf
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = Transformer(PRESETS["tiny-moe"]).double()
+    export_hf(ours, tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float64).eval()
+    assert type(hf).__name__ == "Qwen2MoeForCausalLM"
+    tokens = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-10, atol=1e-10)
 
 
 def _export_at_tp(rank: int, world: int, src: str, dst: str) -> None:

@@ -185,7 +185,7 @@ def _shapes(cfg: LlamaConfig, tp: int) -> tuple[list[tuple[int, int]], list[tupl
         ffn = [(moe.num_experts, d)] + [(moe.num_experts, n * d)] * 3
         ffn += [(s, d), (d, s), (s, d)] if s else []
         ffn += [(1, d)] if moe.shared_expert_gate else []
-    block = [(q, d), (kv, d), (kv, d), (d, q), *ffn, (d, 1), (d, 1)]
+    block = [(q, d), (kv, d), (kv, d), (d, q), *ffn, (d, 1), (d, 1)] + [(q, 1), (kv, 1), (kv, 1)] * cfg.qkv_bias
     root = [(cfg.vocab_size, d), (_rows(cfg.vocab_size, tp), d), (d, 1)]
     return block, root
 
