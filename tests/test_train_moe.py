@@ -107,6 +107,41 @@ def test_memory_plan_counts_every_expert():
     assert one == 4 * cfg.num_params() and four < one / 3
 
 
+def _kept_by_moe_model(rank: int, world: int, tp: int, sp: bool) -> tuple[int, int, int]:
+    """(bytes autograd keeps for one forward + loss of the FSDP2-wrapped tiny-moe model, the plan's
+    count, the plan's count for the dense model of the same expert size)."""
+    import torch.nn.functional as F
+
+    from tp_ffn.train.memory import FFNSaved, Layout, Workload, saved_activation_bytes
+    from tp_ffn.train.memory_use import saved_bytes
+    from tp_ffn.train.parallelize import build_mesh, parallelize
+
+    cfg = PRESETS["tiny-moe"]
+    mesh = build_mesh(torch.device("cpu"), world // tp, tp)
+    torch.manual_seed(0)
+    model = Transformer(cfg, group=mesh["tp"], sequence_parallel=sp)
+    buffers = list(model.buffers())
+    model = parallelize(model, mesh)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+    with saved_bytes(exclude=buffers) as kept:  # as the trainer's loss_and_aux() does it
+        logits, aux = model(tokens[:, :-1], return_aux_loss=True)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()) + 0.01 * aux
+    loss.backward()
+    work = Workload(16, "float32", sp and tp > 1, FFNSaved(4, 16))
+    layout = Layout(tp, world // tp, 2, False)
+    dense = cfg.updated(n_experts=0, n_experts_per_token=2, expert_hidden_dim=0, shared_expert_hidden_dim=0,
+                        shared_expert_gate=False)  # fmt: skip
+    return sum(kept.values()), saved_activation_bytes(cfg, layout, work), saved_activation_bytes(dense, layout, work)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world, tp, sp", [(1, 1, False), (2, 2, False), (2, 2, True)])
+def test_memory_plan_counts_what_an_moe_model_keeps(world, tp, sp):
+    for measured, predicted, dense in run_ranks(world, _kept_by_moe_model, tp, sp, timeout=90):
+        assert abs(predicted - measured) <= 0.1 * measured, (predicted, measured)
+        assert abs(dense - measured) > 0.1 * measured  # negative control: the dense count is off
+
+
 def test_aux_loss_is_transformers_definition_over_all_layers():
     from tp_ffn.moe import load_balancing_loss
 
