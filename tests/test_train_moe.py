@@ -258,6 +258,12 @@ def mixtral_dir(tmp_path_factory) -> Path:
     return d
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of ``a`` against ``b``. Our rotary embedding runs in float32 (as the dense model's,
+    tests/test_weights.py), so float64 models agree to float32 rounding: 1e-5, as the dense bar."""
+    return ((a - b.to(a.dtype)).norm() / b.norm()).item()
+
+
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -276,8 +282,8 @@ def test_mixtral_logits_and_aux_loss_match_transformers(mixtral_dir, tmp_path):
     with torch.no_grad():
         want = hf(tokens, output_router_logits=True)
         logits, aux = ours(tokens, return_aux_loss=True)
-    torch.testing.assert_close(logits, want.logits, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(aux, want.aux_loss.to(aux.dtype), rtol=1e-10, atol=1e-12)
+    assert _rel(logits, want.logits) < 1e-5
+    assert _rel(aux, want.aux_loss) < 1e-6 and aux.item() > 0
     export_hf(ours, tmp_path / "out")
     src, out = _tensors(mixtral_dir), _tensors(tmp_path / "out")
     assert src.keys() == out.keys() and all(torch.equal(src[k], out[k]) for k in src)
@@ -318,8 +324,8 @@ def test_qwen2_moe_logits_and_round_trip(tmp_path):
     with torch.no_grad():
         want = hf(tokens, output_router_logits=True)
         logits, aux = ours(tokens, return_aux_loss=True)
-    torch.testing.assert_close(logits, want.logits, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(aux, want.aux_loss.to(aux.dtype), rtol=1e-10, atol=1e-12)
+    assert _rel(logits, want.logits) < 1e-5
+    assert _rel(aux, want.aux_loss) < 1e-6 and aux.item() > 0
     export_hf(ours, tmp_path / "out")
     src, out = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
     assert src.keys() == out.keys() and all(torch.equal(src[k], out[k]) for k in src)
@@ -341,7 +347,7 @@ def test_tiny_moe_exports_as_qwen2_moe(tmp_path):
     assert type(hf).__name__ == "Qwen2MoeForCausalLM"
     tokens = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-10, atol=1e-10)
+        assert _rel(hf(tokens).logits, ours(tokens)) < 1e-5
 
 
 def _export_at_tp(rank: int, world: int, src: str, dst: str) -> None:
