@@ -351,11 +351,10 @@ def test_tiny_moe_exports_as_qwen2_moe(tmp_path):
 
 
 def _export_at_tp(rank: int, world: int, src: str, dst: str) -> None:
-    from tp_ffn.groups import resolve_group
     from tp_ffn.models.llama import load_pretrained
     from tp_ffn.models.weights import export_hf
 
-    model = load_pretrained(src, group=resolve_group(None), dtype=torch.float64)
+    model = load_pretrained(src, group=None, dtype=torch.float64)  # the default group: both ranks
     assert model.layers[0].feed_forward.experts.w1.shape == (4, 19 - rank, 32)
     export_hf(model, dst)
 
