@@ -138,8 +138,8 @@ def _kept_by_moe_model(rank: int, world: int, tp: int, sp: bool) -> tuple[int, i
 @pytest.mark.parametrize("world, tp, sp", [(1, 1, False), (2, 2, False), (2, 2, True)])
 def test_memory_plan_counts_what_an_moe_model_keeps(world, tp, sp):
     for measured, predicted, dense in run_ranks(world, _kept_by_moe_model, tp, sp, timeout=90):
-        assert abs(predicted - measured) <= 0.1 * measured, (predicted, measured)
-        assert abs(dense - measured) > 0.1 * measured  # negative control: the dense count is off
+        assert abs(predicted - measured) <= 0.03 * measured, (predicted, measured)  # 0.6-1.9% today
+        assert abs(dense - measured) > 0.2 * measured  # negative control: the dense count is 23-42% off
 
 
 def test_aux_loss_is_transformers_definition_over_all_layers():
