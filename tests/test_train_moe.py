@@ -190,15 +190,18 @@ def test_aux_loss_is_in_the_training_loss(tp1):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[dict, Path]:
+    """TP=2, micro-batches of 4 sequences. The aux loss is one per micro-batch (as transformers' per
+    forward): a layout with the same micro-batches (TP=1 x DP=2, one each) optimises the same objective,
+    other micro-batch sizes a slightly different one (3e-4 apart in the weights after 10 steps)."""
     d = tmp_path_factory.mktemp("moe_ref_tp2")
-    return _run(2, tp=2, ckpt_dir=str(d), ckpt_every=10), d
+    return _run(2, tp=2, ckpt_dir=str(d), ckpt_every=10, micro_batch_size=4), d
 
 
 def _resume(ref_dir: Path, tmp_path: Path, world: int, **layout) -> tuple[dict, Path]:
     d = tmp_path / "resume"
     d.mkdir()
     shutil.copytree(ref_dir / "step_00000010", d / "step_00000010")
-    return _run(world, ckpt_dir=str(d), resume=True, ckpt_every=10, **layout), d
+    return _run(world, ckpt_dir=str(d), resume=True, ckpt_every=10, micro_batch_size=4, **layout), d
 
 
 def _weights_rel(a: Path, b: Path) -> float:
