@@ -89,7 +89,8 @@ def test_flops_count_active_parameters_only():
     # shared expert 3*8*3 = 72, gate 8: 352; output head 8*16 = 128.
     assert matmul_params(HAND) == 192 + 352 + 128
     assert model_flops_per_token(HAND, 10) == 6 * 672 + 12 * 1 * 8 * 10
-    # Every parameter: embedding and head 2*128, attention 192, router 32 + four experts 480 + 72 + 8, norms 16, final norm 8.
+    # Every parameter: embedding and head 2*128, attention 192, router 32 + four experts 480 + 72 + 8, norms 16,
+    # final norm 8.
     assert HAND.num_params() == 256 + 192 + 592 + 16 + 8
     assert HAND.num_params() == sum(p.numel() for p in Transformer(HAND).parameters())
 

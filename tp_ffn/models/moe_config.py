@@ -106,7 +106,8 @@ def hf_moe_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
         }  # fmt: skip
     else:  # Qwen2-MoE; its dense intermediate_size is unused (every layer sparse)
         specific = {
-            "intermediate_size": moe.hidden_dim, "moe_intermediate_size": moe.hidden_dim, "num_experts": moe.num_experts,
+            "intermediate_size": moe.hidden_dim, "moe_intermediate_size": moe.hidden_dim,
+            "num_experts": moe.num_experts,
             "shared_expert_intermediate_size": moe.shared_hidden_dim, "norm_topk_prob": moe.norm_topk_prob,
             "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False,
         }  # fmt: skip
