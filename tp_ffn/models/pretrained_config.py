@@ -104,7 +104,8 @@ def config_from_hf(path: PathLike, *, max_seq_len: int | None = None) -> LlamaCo
         raise ValueError(f"{source}: missing fields {missing}")
     model_type = data.get("model_type", "llama")
     if model_type != "llama" and model_type not in HF_MOE_TYPES:
-        raise ValueError(f"{source}: model_type: expected one of {['llama', *HF_MOE_TYPES]}, got {model_type!r}")
+        known = ", ".join(repr(t) for t in HF_MOE_TYPES)
+        raise ValueError(f"{source}: model_type: expected 'llama' (or an MoE family: {known}), got {model_type!r}")
     if data.get("rope_scaling") is not None:
         raise ValueError(
             f"{source}: rope_scaling: not supported (only plain rotary embeddings), got {data['rope_scaling']!r}"
