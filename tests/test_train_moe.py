@@ -181,6 +181,14 @@ def test_tiny_moe_tp2_and_sequence_parallel_match_tp1(tp1):
 
 
 @pytest.mark.timeout(300)
+def test_activation_checkpointing_recomputes_the_same_steps():
+    """The blocks return their router logits as outputs: recomputation in backward changes nothing."""
+    plain = _run(2, tp=2, sequence_parallel=True, steps=5, val_every=0)
+    recomputed = _run(2, tp=2, sequence_parallel=True, steps=5, val_every=0, activation_checkpointing=True)
+    assert recomputed["losses"] == plain["losses"] and recomputed["aux"] == plain["aux"]
+
+
+@pytest.mark.timeout(300)
 def test_aux_loss_is_in_the_training_loss(tp1):
     """The step minimises cross-entropy + coef x aux: the same first step (same weights, same batch),
     different later steps when the coefficient changes."""
