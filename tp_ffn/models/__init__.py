@@ -8,6 +8,7 @@ Imports point one way (each module imports only those above it in this list)::
     kv_cache.py           KVCache: this rank's keys and values of earlier positions, for generation
     weight_names.py       the one HF <-> Meta names table (files, tensors), HF's q/k row order
     hf_files.py           an HF Llama checkpoint on the one safetensors reader (tp_ffn.safetensors_dir)
+    moe_config.py         the expert fields of a Mixtral config.json, read and written
     meta_files.py         consolidated.XX.pth, memory-mapped and weights_only
     pretrained_config.py  the LlamaConfig of a checkpoint directory; which layout it is
     loading.py            this rank's blocks (its layers' ShardSpecs) of a checkpoint into a Transformer: load_weights

@@ -5,16 +5,35 @@ Imports nothing of :mod:`tp_ffn.models`: the model, the checkpoint names and the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 from ..ffn import llama_ffn_hidden_dim
+from ..moe import ROUTINGS, MoEConfig
 
 __all__ = ["PRESETS", "LlamaConfig"]
+
+# The fields that describe experts: a dense model (n_experts = 0) keeps their defaults.
+_EXPERT_FIELDS = (
+    "n_experts_per_token", "expert_hidden_dim", "shared_expert_hidden_dim", "shared_expert_gate", "routing",
+    "norm_topk_prob",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Shapes of a Llama model; validated here, once. ``hidden_dim`` follows Meta's rule."""
+    """Shapes of a Llama model; validated here, once. ``hidden_dim`` follows Meta's rule.
+
+    ``qkv_bias``: wq, wk and wv carry biases (Qwen2-MoE's attention; wo has none).
+
+    ``n_experts > 0`` makes every feed-forward block a mixture of experts (:attr:`moe`, a
+    :class:`~tp_ffn.MoEConfig`): ``n_experts`` SwiGLU experts of ``expert_hidden_dim`` (0: ``hidden_dim``),
+    ``n_experts_per_token`` of them per token, chosen by ``routing`` (``norm_topk_prob``: renormalise the
+    chosen weights; ``None``: the routing's default), plus an optional shared expert of
+    ``shared_expert_hidden_dim`` with an optional sigmoid gate (Qwen2-MoE). Training adds
+    ``router_aux_loss_coef`` x the load-balancing loss. ``n_experts = 0`` (the default) is the dense model,
+    and the expert fields must then keep their defaults.
+    """
 
     dim: int = 4096
     n_layers: int = 32
@@ -26,6 +45,15 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
+    qkv_bias: bool = False
+    n_experts: int = 0
+    n_experts_per_token: int = 2
+    expert_hidden_dim: int = 0
+    shared_expert_hidden_dim: int = 0
+    shared_expert_gate: bool = False
+    routing: str = "softmax"
+    norm_topk_prob: bool | None = None
+    router_aux_loss_coef: float = 0.01
 
     def __post_init__(self) -> None:
         for f in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
@@ -40,6 +68,48 @@ class LlamaConfig:
             )
         if self.n_heads % self.kv_heads:
             raise ValueError(f"LlamaConfig: n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"LlamaConfig.qkv_bias: expected a bool, got {self.qkv_bias!r}")
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        if isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int) or self.n_experts < 0:
+            raise ValueError(f"LlamaConfig.n_experts: expected an int >= 0, got {self.n_experts!r}")
+        coef = self.router_aux_loss_coef
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
+            raise ValueError(f"LlamaConfig.router_aux_loss_coef: expected a finite number >= 0, got {coef!r}")
+        if not self.n_experts:
+            changed = [
+                f.name for f in fields(self) if f.name in _EXPERT_FIELDS and getattr(self, f.name) != f.default
+            ]
+            if changed:
+                raise ValueError(f"LlamaConfig: {', '.join(changed)} set, but n_experts is 0 (a dense model)")
+            return
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"LlamaConfig.routing: expected one of {list(ROUTINGS)}, got {self.routing!r}")
+        if self.routing == "sigmoid":
+            # DeepSeek-V3's selection bias is a buffer no gradient trains (and no training checkpoint keeps).
+            raise ValueError("LlamaConfig.routing: 'sigmoid' (DeepSeek-V3) is not trained by this model; use "
+                             "'softmax' or 'topk_sigmoid'")  # fmt: skip
+        try:
+            self.moe  # noqa: B018 - MoEConfig validates the rest
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"LlamaConfig (experts): {e}") from None
+
+    @property
+    def moe(self) -> MoEConfig | None:
+        """The feed-forward blocks' :class:`~tp_ffn.MoEConfig`, or ``None`` for a dense model."""
+        if not self.n_experts:
+            return None
+        return MoEConfig(
+            num_experts=self.n_experts,
+            top_k=self.n_experts_per_token,
+            hidden_dim=self.expert_hidden_dim or self.hidden_dim,
+            shared_hidden_dim=self.shared_expert_hidden_dim,
+            shared_expert_gate=self.shared_expert_gate,
+            routing=self.routing,
+            norm_topk_prob=self.norm_topk_prob,
+        )
 
     @property
     def kv_heads(self) -> int:
@@ -66,10 +136,23 @@ class LlamaConfig:
                 f"tensor-parallel size, got tp={tp} (sizes that split them: {', '.join(map(str, self.tp_sizes()))})"
             )
 
+    def ffn_params(self, *, active: bool = False) -> int:
+        """Weights of one feed-forward block; ``active``: only those one token multiplies (top-k routed
+        experts, the shared expert, the router and its gate), as the FLOP count takes them."""
+        d, moe = self.dim, self.moe
+        if moe is None:
+            return 3 * d * self.hidden_dim
+        experts = moe.top_k if active else moe.num_experts
+        return d * moe.num_experts + experts * 3 * d * moe.hidden_dim + 3 * d * moe.shared_hidden_dim + d * int(
+            moe.shared_expert_gate
+        )
+
     def num_params(self) -> int:
-        d, h, v = self.dim, self.hidden_dim, self.vocab_size
-        attn = d * d * 2 + 2 * d * self.kv_heads * self.head_dim
-        return v * d * 2 + self.n_layers * (attn + 3 * d * h + 2 * d) + d
+        """Every parameter (all experts of every MoE block)."""
+        d, v = self.dim, self.vocab_size
+        kv = self.kv_heads * self.head_dim
+        attn = d * d * 2 + 2 * d * kv + (d + 2 * kv) * self.qkv_bias
+        return v * d * 2 + self.n_layers * (attn + self.ffn_params() + 2 * d) + d
 
     def updated(self, **changes: object) -> LlamaConfig:
         known = {f.name for f in fields(self)}
@@ -97,5 +180,11 @@ PRESETS: dict[str, LlamaConfig] = {
         ffn_dim_multiplier=1.3,
         rope_theta=500000.0,
         max_seq_len=8192,
+    ),  # fmt: skip
+    # The tiny shape with 4 experts (top 2) of 43 rows (22 + 21 over TP 2) and a gated shared expert of 37
+    # (19 + 18): trains on CPU in seconds (docs/moe.md, "The training job").
+    "tiny-moe": LlamaConfig(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=256,
+        n_experts=4, n_experts_per_token=2, expert_hidden_dim=43, shared_expert_hidden_dim=37, shared_expert_gate=True,
     ),  # fmt: skip
 }

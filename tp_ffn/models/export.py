@@ -22,6 +22,7 @@ from .config import LlamaConfig
 from .hf_files import HFReader
 from .loading import model_config, shard_targets
 from .meta_files import MetaReader
+from .moe_config import hf_moe_config, qwen2_moe_zero_biases
 from .pretrained_config import config_from_pretrained, detect_format
 from .weight_names import HF_CONFIG, HF_SINGLE, META_EMBEDDING_SPLITS, META_PARAMS, meta_to_hf_rows, weight_layout
 from .weights_types import PathLike, Progress
@@ -67,6 +68,11 @@ def _atomic_dir(path: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def _hf_config_dict(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
+    if cfg.moe is not None:
+        return hf_moe_config(cfg, dtype)
+    if cfg.qkv_bias:
+        raise ValueError("Hugging Face export: LlamaForCausalLM has no q/k/v-only biases (its attention_bias also "
+                         "biases o_proj); this model has qkv_bias=True")  # fmt: skip
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -133,18 +139,32 @@ def _write_hf(
 ) -> None:
     from safetensors.torch import save_file
 
+    dtype = next(iter(full.values())).dtype
+    config = _hf_config_dict(cfg, dtype)  # refuses what no HF family holds, before any work
     layout = weight_layout(cfg)
     items = progress(layout, desc="hf tensors") if progress else layout
     tensors = {}
     for e in items:
         x = full[e.name]
+        if e.experts:  # one tensor per expert
+            tensors.update({key: x[k].contiguous() for k, key in enumerate(e.hf_tensors())})
+            continue
         tensors[e.hf] = (meta_to_hf_rows(x, cfg.head_dim) if e.heads is not None else x).contiguous()
+    if config["model_type"] == "qwen2_moe" and not cfg.qkv_bias:
+        # Qwen2-MoE's q/k/v always carry biases: zeros compute what this model computes.
+        tensors.update(qwen2_moe_zero_biases(cfg, dtype))
     save_file(tensors, str(out / HF_SINGLE), metadata={"format": "pt"})
-    config = _hf_config_dict(cfg, next(iter(full.values())).dtype)
     _write_json({**config, **(config_extra or {})}, out / HF_CONFIG)
 
 
 def _check_num_shards(cfg: LlamaConfig, num_shards: int) -> None:
+    if cfg.qkv_bias:
+        raise ValueError("to='meta': Meta's Llama checkpoint format has no attention biases (this model has qkv_bias)")
+    if cfg.moe is not None:
+        raise ValueError(
+            f"to='meta': Meta's Llama checkpoint format has no experts (this model has {cfg.n_experts} per layer); "
+            "export it as a Hugging Face checkpoint"
+        )
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards: expected a positive int, got {num_shards!r}")
     smallest = min(e.shape[e.meta_dim] for e in weight_layout(cfg) if e.meta_dim is not None)
@@ -227,6 +247,7 @@ def export_hf(model: nn.Module, path: PathLike, *, overwrite: bool = False) -> N
     """
     dest = Path(path)
     cfg = model_config(model)
+    _hf_config_dict(cfg, torch.float32)  # a model no HF family holds is refused before any collective
     _on_rank0(model.tp, lambda: _check_destination(dest, overwrite))
     full = _gather(model)
 

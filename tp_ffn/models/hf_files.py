@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ..safetensors_dir import SafetensorsDir
@@ -27,23 +28,34 @@ class HFReader:
         return self.files.stored_elements()
 
     def validate(self, layout: list[WeightEntry]) -> None:
-        expected = {e.hf: e for e in layout}
+        expected = {key: shape for e in layout for key, shape in e.hf_tensors().items()}
         present = {k for k in self.files.shape if not k.endswith(HF_IGNORED_SUFFIX)}
         missing = [k for k in expected if k not in present]
         extra = sorted(present - set(expected))
         if missing or extra:
             raise ValueError(f"{self.root}: missing keys {missing}, unexpected keys {extra}")
         bad = []
-        for key, e in expected.items():
+        for key, expected_shape in expected.items():
             shape, dtype = self.files.shape[key], self.files.dtype[key]
-            if shape != e.shape:
-                bad.append(f"{key}: expected shape {e.shape}, got {shape}")
+            if shape != expected_shape:
+                bad.append(f"{key}: expected shape {expected_shape}, got {shape}")
             elif dtype not in HF_FLOAT_DTYPES:
                 bad.append(f"{key}: expected a floating-point dtype, got {dtype}")
         if bad:
             raise ValueError(f"{self.root}: " + "; ".join(bad))
 
     def read(self, e: WeightEntry, spec: ShardSpec, head_dim: int) -> Tensor:
-        """This rank's blocks of ``e`` (``spec``), a new tensor in the stored dtype that maps nothing of the file."""
+        """This rank's blocks of ``e`` (``spec``), a new tensor in the stored dtype that maps nothing of the file.
+
+        Stacked experts are read expert by expert, each with ``spec`` less its expert dimension."""
+        if e.experts:
+            if spec.dim == 0:
+                raise ValueError(f"{e.name}: expected a split of each expert, not of the experts, got {spec}")
+            one = (
+                ShardSpec.replicated(spec.shape[1:])
+                if spec.dim is None
+                else ShardSpec.split(spec.shape[1:], spec.dim - 1, spec.rank, spec.world, spec.parts)
+            )
+            return torch.stack([self.files.read(e.hf.format(e=k), one) for k in range(e.experts)])
         x = self.files.read(e.hf, spec)
         return hf_to_meta_rows(x, head_dim) if e.heads is not None else x

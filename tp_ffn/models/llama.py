@@ -33,6 +33,7 @@ from ..comm import copy_to_parallel, gather_from_sequence, split_sequence
 from ..ffn import ParallelFeedForward
 from ..groups import GroupLike, TPGroup, resolve_group
 from ..layers import ColumnParallelLinear, RowParallelLinear
+from ..moe import ParallelMoEFeedForward, load_balancing_loss
 from .config import PRESETS, LlamaConfig  # re-exported: their home was here
 from .kv_cache import KVCache, LayerKV
 from .loading import load_weights
@@ -80,12 +81,12 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, group: GroupLike, sequence_parallel: bool, dtype=None, device=None) -> None:  # noqa: ANN001
         super().__init__()
-        kw = {"bias": False, "group": group, "sequence_parallel": sequence_parallel, "dtype": dtype, "device": device}
-        hd = cfg.head_dim
-        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, gather_output=False, **kw)
-        self.wk = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, gather_output=False, **kw)
-        self.wv = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, gather_output=False, **kw)
-        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, input_is_parallel=True, **kw)
+        kw = {"group": group, "sequence_parallel": sequence_parallel, "dtype": dtype, "device": device}
+        hd, qkv = cfg.head_dim, {"bias": cfg.qkv_bias, "gather_output": False, **kw}
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, **qkv)
+        self.wk = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, **qkv)
+        self.wv = ColumnParallelLinear(cfg.dim, cfg.kv_heads * hd, **qkv)
+        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, bias=False, input_is_parallel=True, **kw)
         self.tp = self.wq.tp
         self.sequence_parallel = sequence_parallel
         self.head_dim = hd
@@ -104,9 +105,9 @@ class Attention(nn.Module):
         # of the three GEMMs would copy it and keep its own copy for backward.
         x = gather_from_sequence(x, group).contiguous() if self.sequence_parallel else copy_to_parallel(x, group)
         b, s, _ = x.shape
-        q = F.linear(x, self.wq.weight).view(b, s, self.n_local_heads, self.head_dim)
-        k = F.linear(x, self.wk.weight).view(b, s, self.n_local_kv_heads, self.head_dim)
-        v = F.linear(x, self.wv.weight).view(b, s, self.n_local_kv_heads, self.head_dim)
+        q = F.linear(x, self.wq.weight, self.wq.bias).view(b, s, self.n_local_heads, self.head_dim)
+        k = F.linear(x, self.wk.weight, self.wk.bias).view(b, s, self.n_local_kv_heads, self.head_dim)
+        v = F.linear(x, self.wv.weight, self.wv.bias).view(b, s, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, head_dim]
         if kv is not None:
@@ -152,15 +153,28 @@ class TransformerBlock(nn.Module):
         super().__init__()
         tp = resolve_group(group)
         self.attention = Attention(cfg, group, sequence_parallel, dtype, device)
-        self.feed_forward = ParallelFeedForward(
-            cfg.dim, cfg.hidden_dim, group=group, sequence_parallel=sequence_parallel, dtype=dtype, device=device,
-            **(ffn_modes or {}),
-        )  # fmt: skip
+        self.feed_forward: ParallelFeedForward | ParallelMoEFeedForward
+        if cfg.moe is not None:
+            self.feed_forward = ParallelMoEFeedForward(
+                cfg.dim, cfg.moe, group=group, sequence_parallel=sequence_parallel, dtype=dtype, device=device
+            )
+        else:
+            self.feed_forward = ParallelFeedForward(
+                cfg.dim, cfg.hidden_dim, group=group, sequence_parallel=sequence_parallel, dtype=dtype, device=device,
+                **(ffn_modes or {}),
+            )  # fmt: skip
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp, sequence_parallel, dtype, device)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp, sequence_parallel, dtype, device)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: LayerKV | None = None, start_pos: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, kv: LayerKV | None = None, start_pos: int = 0
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``x [b, s(/W), dim]`` -> the block's output; an MoE block also returns its router logits
+        ``[b s, E]`` (of the whole gathered sequence under sequence parallelism), for the auxiliary loss."""
         h = x + self.attention(self.attention_norm(x), cos, sin, kv, start_pos)
+        if isinstance(self.feed_forward, ParallelMoEFeedForward):
+            y, router_logits = self.feed_forward(self.ffn_norm(h), return_router_logits=True)
+            return h + y, router_logits
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -199,6 +213,11 @@ class Transformer(nn.Module):
         # The feed-forward blocks' execution modes (ParallelFeedForward validates them); the
         # parameters and checkpoints are the same in every mode.
         ffn_modes = {"fuse_gate_up": fuse_gate_up, "overlap_comm": overlap_comm, "comm_chunks": comm_chunks}
+        if cfg.moe is not None and (fuse_gate_up or comm_chunks != 1):
+            raise ValueError(
+                f"fuse_gate_up={fuse_gate_up}, comm_chunks={comm_chunks}: the dense feed-forward block's modes; "
+                f"this model's feed-forward blocks are mixtures of experts (n_experts={cfg.n_experts}), which have none"
+            )
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, **kw)
         self.layers = nn.ModuleList(
             TransformerBlock(cfg, group, self.sequence_parallel, **kw, ffn_modes=ffn_modes) for _ in range(cfg.n_layers)
@@ -261,12 +280,17 @@ class Transformer(nn.Module):
             raise ValueError(f"max_len: expected at most max_seq_len={self.cfg.max_seq_len}, got {max_len}")
         return KVCache(len(self.layers), batch, max_len)
 
-    def forward(self, tokens: Tensor, *, start_pos: int = 0, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, *, start_pos: int = 0, cache: KVCache | None = None, return_aux_loss: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """``tokens [b, s]`` at positions ``[start_pos, start_pos + s)`` -> ``logits [b, s, vocab]``.
 
         Without ``cache`` the tokens attend causally among themselves (the positions only turn the
         rotary tables). With ``cache`` their keys and values are stored at their positions and they
-        attend to every cached position before them as well.
+        attend to every cached position before them as well. ``return_aux_loss``: ``(logits, aux)``,
+        ``aux`` the load-balancing loss of every MoE layer's router logits together
+        (:func:`~tp_ffn.load_balancing_loss`, transformers' definition, not yet multiplied by
+        ``cfg.router_aux_loss_coef``; the same on every TP rank); a dense model's is 0.
         """
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
@@ -290,10 +314,20 @@ class Transformer(nn.Module):
         if self.sequence_parallel:
             h = split_sequence(h, self.tp.group)
         cos, sin = self.rope(start_pos, s)
+        router_logits = []
         for i, layer in enumerate(self.layers):
             # Training calls the blocks exactly as before (activation checkpointing, compile, FSDP2 wrap them).
             h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache.layers[i], start_pos)
-        return self.output(self.norm(h))
+            if isinstance(h, tuple):  # an MoE block: its router logits travel out as an output (not a side
+                h, logits = h  # effect, which activation checkpointing's recomputation would repeat)
+                router_logits.append(logits)
+        logits = self.output(self.norm(h))
+        if not return_aux_loss:
+            return logits
+        moe = self.cfg.moe
+        if moe is None:
+            return logits, logits.new_zeros((), dtype=torch.float32)
+        return logits, load_balancing_loss(router_logits, moe.num_experts, moe.top_k)
 
     def _check_cache(self, cache: KVCache, batch: int, end: int) -> None:
         if not isinstance(cache, KVCache):

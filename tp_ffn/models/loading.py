@@ -81,7 +81,9 @@ def shard_targets(model: nn.Module) -> list[ShardTarget]:
 def check_same_model(model: nn.Module, file_cfg: LlamaConfig, source: Path) -> None:
     """The checkpoint must describe the model's shapes and numerics (``max_seq_len`` may differ)."""
     model_cfg = model_config(model)
-    fields = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta")
+    fields = (
+        "dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta", "moe", "qkv_bias",
+    )  # fmt: skip
     diff = [
         f"{f}: model {getattr(model_cfg, f)}, checkpoint {getattr(file_cfg, f)}"
         for f in fields

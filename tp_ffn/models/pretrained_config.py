@@ -13,6 +13,7 @@ from ..safetensors_dir import SafetensorsDir
 from .config import LlamaConfig
 from .config_bounds import check_config_fits
 from .meta_files import load_torch_file, meta_shard_files
+from .moe_config import HF_MOE_TYPES, moe_fields_from_hf
 from .weight_names import HF_CONFIG, HF_INDEX, HF_SINGLE, META_PARAMS, META_SHARD
 from .weights_types import PathLike
 
@@ -85,7 +86,8 @@ def _config(source: Path, **fields: Any) -> LlamaConfig:
 
 
 def config_from_hf(path: PathLike, *, max_seq_len: int | None = None) -> LlamaConfig:
-    """The :class:`LlamaConfig` of a Hugging Face ``LlamaForCausalLM`` directory (its ``config.json``).
+    """The :class:`LlamaConfig` of a Hugging Face ``LlamaForCausalLM`` or ``MixtralForCausalLM`` directory
+    (its ``config.json``; Mixtral's expert fields: :mod:`tp_ffn.models.moe_config`).
 
     ``intermediate_size`` becomes the ``multiple_of`` / ``ffn_dim_multiplier`` pair of
     :func:`ffn_rule_for`; ``max_position_embeddings`` becomes ``max_seq_len`` unless given. Missing
@@ -100,8 +102,10 @@ def config_from_hf(path: PathLike, *, max_seq_len: int | None = None) -> LlamaCo
     missing = [k for k in required if k not in data]
     if missing:
         raise ValueError(f"{source}: missing fields {missing}")
-    if data.get("model_type", "llama") != "llama":
-        raise ValueError(f"{source}: model_type: expected 'llama', got {data['model_type']!r}")
+    model_type = data.get("model_type", "llama")
+    if model_type != "llama" and model_type not in HF_MOE_TYPES:
+        known = ", ".join(repr(t) for t in HF_MOE_TYPES)
+        raise ValueError(f"{source}: model_type: expected 'llama' (or an MoE family: {known}), got {model_type!r}")
     if data.get("rope_scaling") is not None:
         raise ValueError(
             f"{source}: rope_scaling: not supported (only plain rotary embeddings), got {data['rope_scaling']!r}"
@@ -119,10 +123,14 @@ def config_from_hf(path: PathLike, *, max_seq_len: int | None = None) -> LlamaCo
         raise ValueError(
             f"{source}: head_dim: expected hidden_size / num_attention_heads = {dim} / {n_heads}, got {head_dim}"
         )
-    try:
-        multiple_of, mult = ffn_rule_for(dim, _int_field(data, "intermediate_size", source))
-    except ValueError as e:
-        raise ValueError(f"{source}: intermediate_size: {e}") from None
+    if model_type in HF_MOE_TYPES:  # intermediate_size is each expert's; the dense rule goes unused
+        experts, multiple_of, mult = moe_fields_from_hf(data, source), LlamaConfig.multiple_of, None
+    else:
+        experts = {}
+        try:
+            multiple_of, mult = ffn_rule_for(dim, _int_field(data, "intermediate_size", source))
+        except ValueError as e:
+            raise ValueError(f"{source}: intermediate_size: {e}") from None
     n_kv = data.get("num_key_value_heads")
     return _config(
         source,
@@ -137,6 +145,7 @@ def config_from_hf(path: PathLike, *, max_seq_len: int | None = None) -> LlamaCo
         rope_theta=_float_field(data, "rope_theta", 10000.0, source),
         max_seq_len=max_seq_len
         or _int_field({"max_position_embeddings": 2048, **data}, "max_position_embeddings", source),
+        **experts,
     )
 
 

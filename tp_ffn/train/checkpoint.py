@@ -268,11 +268,11 @@ def _check_model(info: CheckpointInfo, md: Metadata) -> None:
         check_config_fits(cfg, sum(math.prod(s) for s in stored.values()), f"{META}'s model config")
     except ValueError as e:
         raise damaged(info.path, str(e)) from None
-    if 9 * cfg.n_layers + 3 != len(stored):
+    expected = {e.name: e.shape for e in weight_layout(cfg)}  # tensors per layer: 9 dense, more with experts
+    if len(expected) != len(stored):
         raise damaged(
             info.path, f"{META}'s model config has {cfg.n_layers} layers; {INDEX} holds {len(stored)} model tensors"
         )
-    expected = {e.name: e.shape for e in weight_layout(cfg)}
     names = sorted(set(expected) | set(stored))
     diff = [f"{k}: config {expected.get(k)}, stored {stored.get(k)}" for k in names if expected.get(k) != stored.get(k)]
     if diff:

@@ -213,6 +213,11 @@ class TrainConfig:
             raise UsageError(str(e).replace("tp:", "--tp:", 1)) from None
         if self.sequence_parallel and self.seq_len % self.tp:
             raise UsageError(f"--sequence-parallel: --seq-len ({self.seq_len}) must be divisible by --tp ({self.tp})")
+        if cfg.moe is not None and (self.ffn_fuse_gate_up or self.ffn_comm_chunks != 1):
+            raise UsageError(
+                "--ffn-fuse-gate-up / --ffn-comm-chunks: modes of the dense feed-forward block; this model's are "
+                f"mixtures of experts (n_experts={cfg.n_experts})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -240,12 +245,18 @@ def parse_model_args(text: str) -> dict[str, Any]:
         try:
             if value.strip().lower() == "none":
                 out[key] = None
+            elif kind is str:
+                out[key] = value.strip()
+            elif kind in (bool, bool | None):
+                out[key] = {"true": True, "false": False}[value.strip().lower()]
             elif kind in (int, int | None):
                 out[key] = int(value)
             else:
                 out[key] = float(value)
         except ValueError:
             raise UsageError(f"--model-args: {key} expects a number, got {value!r}") from None
+        except KeyError:
+            raise UsageError(f"--model-args: {key} expects true or false, got {value!r}") from None
     return out
 
 

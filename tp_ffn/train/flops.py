@@ -11,6 +11,16 @@ The model FLOPs of one token of a training step (forward + backward) of the Llam
                     + 3 * dim * hidden_dim)        w1, w2, w3
         + dim * vocab_size                         the output head
 
+With experts (``n_experts > 0``) the feed-forward term counts the weights one token multiplies, its
+*active* parameters (``LlamaConfig.ffn_params(active=True)``), not all of them::
+
+    dim * n_experts                                the router
+    + n_experts_per_token * 3 * dim * expert_hidden_dim    the top-k routed experts
+    + 3 * dim * shared_expert_hidden_dim           the shared expert
+    + dim                                          its gate (if any)
+
+(the routing itself, softmax and top-k, and the weighting of the outputs are element-wise and left out).
+
 ``N`` counts the weights that multiply every token: each is 2 FLOPs (multiply, add) per token in
 the forward and 4 in the backward (input and weight gradients). The token embedding is a lookup
 and the norms are element-wise, so neither is in ``N``. The second term is attention's two
@@ -49,7 +59,7 @@ __all__ = ["Peak", "matmul_params", "measure_peak", "mfu", "model_flops_per_toke
 def matmul_params(cfg: LlamaConfig) -> int:
     """Weights that multiply every token: every block's projections and the output head."""
     d, kv = cfg.dim, cfg.kv_heads * cfg.head_dim
-    return cfg.n_layers * (2 * d * d + 2 * d * kv + 3 * d * cfg.hidden_dim) + d * cfg.vocab_size
+    return cfg.n_layers * (2 * d * d + 2 * d * kv + cfg.ffn_params(active=True)) + d * cfg.vocab_size
 
 
 def model_flops_per_token(cfg: LlamaConfig, seq_len: int) -> int:

@@ -41,6 +41,14 @@ parallelism else ``T``; ``a`` = 2 bytes in bf16, 4 in fp32; ``h_r = n_heads / tp
   block that recomputes its activation keeps less): tiny blocks on the real TP group, with the
   run's dtype, modes and sequence parallelism, fitted to ``T (c_d dim + c_n n_r + c_t) + c_w dim n_r + c``.
 
+* a mixture-of-experts block (``n_experts > 0``; :class:`~tp_ffn.ParallelMoEFeedForward`), counted
+  from what it documents it keeps (docs/moe.md, "Compute and memory"), per token of ``T``: ``x``
+  (``a`` dim), per routed slot its ``g, u`` (``2 a n_r``), weight (``a``) and two int64 row indices,
+  the shared expert's ``g, u`` (``2 a n_s``) and gate (``a``), the router's fp32 softmax and top-k
+  indices (``4 E + 8 k``), and the router logits kept for the auxiliary loss with its softmax
+  (``2 a E + 4 E``). Parameters count every expert (FSDP2 cuts the stacked ``[E, ...]`` experts
+  along E).
+
 With activation checkpointing a layer keeps only its input (``a`` dim on ``T_l`` tokens, plus the
 rotary copies in bf16). Outside the layers: the final norm, the output head's input (``a`` dim on
 ``T`` tokens) and the token ids.
@@ -170,7 +178,14 @@ def _shapes(cfg: LlamaConfig, tp: int) -> tuple[list[tuple[int, int]], list[tupl
     """``[rows, cols]`` of this rank's TP block of every weight: (one transformer block's, the root's)."""
     d, hd = cfg.dim, cfg.head_dim
     q, kv, h = cfg.n_heads * hd // tp, cfg.kv_heads * hd // tp, _rows(cfg.hidden_dim, tp)
-    block = [(q, d), (kv, d), (kv, d), (d, q), (h, d), (d, h), (h, d), (d, 1), (d, 1)]
+    ffn = [(h, d), (d, h), (h, d)]
+    moe = cfg.moe
+    if moe is not None:  # stacked experts [E, n_r, d] / [E, d, n_r]: FSDP2 shards their first dim
+        n, s = _rows(moe.hidden_dim, tp), _rows(moe.shared_hidden_dim, tp)
+        ffn = [(moe.num_experts, d)] + [(moe.num_experts, n * d)] * 3
+        ffn += [(s, d), (d, s), (s, d)] if s else []
+        ffn += [(1, d)] if moe.shared_expert_gate else []
+    block = [(q, d), (kv, d), (kv, d), (d, q), *ffn, (d, 1), (d, 1)] + [(q, 1), (kv, 1), (kv, 1)] * cfg.qkv_bias
     root = [(cfg.vocab_size, d), (_rows(cfg.vocab_size, tp), d), (d, 1)]
     return block, root
 
@@ -181,7 +196,18 @@ def layer_saved_bytes(cfg: LlamaConfig, tokens: int, tp: int, work: Workload) ->
     local = tokens // tp if work.sequence_parallel and tp > 1 else tokens
     norms = 2 * local * (4 * d + 4 + a * d)
     attention = tokens * (a * d + 4 * a * h_r * cfg.head_dim + 4 * h_r)
-    return norms + attention + work.rope_bytes(cfg) + math.ceil(work.ffn.bytes(tokens, d, _rows(cfg.hidden_dim, tp)))
+    return norms + attention + work.rope_bytes(cfg) + _ffn_saved_bytes(cfg, tokens, tp, work)
+
+
+def _ffn_saved_bytes(cfg: LlamaConfig, tokens: int, tp: int, work: Workload) -> int:
+    """What the feed-forward block keeps: measured for the dense block, counted for an MoE block."""
+    moe = cfg.moe
+    if moe is None:
+        return math.ceil(work.ffn.bytes(tokens, cfg.dim, _rows(cfg.hidden_dim, tp)))
+    a, k, e = work.act_bytes, moe.top_k, moe.num_experts
+    n_r, n_s = _rows(moe.hidden_dim, tp), _rows(moe.shared_hidden_dim, tp)
+    shared = (2 * a * n_s + a * moe.shared_expert_gate) if n_s else 0
+    return tokens * (a * cfg.dim + k * (2 * a * n_r + a + 16) + shared + 4 * e + 8 * k + 2 * a * e + 4 * e)
 
 
 def saved_activation_bytes(cfg: LlamaConfig, layout: Layout, work: Workload) -> int:

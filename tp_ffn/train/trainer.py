@@ -49,7 +49,8 @@ class TrainResult:
     """What a run did: per-step train losses (index 0 = step ``start_step + 1``), validation losses
     (mean cross-entropy per token; ``--eval-only`` gives one, at ``start_step``). ``stopped_by``: the
     signal (``"SIGTERM"``, ``"SIGUSR1"``) that ended the run early, after a checkpoint of
-    ``final_step`` (``checkpoints[-1]``; none without ``--ckpt-dir``)."""
+    ``final_step`` (``checkpoints[-1]``; none without ``--ckpt-dir``). ``aux_losses``: an MoE model's
+    per-step load-balancing loss (unweighted; the step minimises ``loss + router_aux_loss_coef * aux``)."""
 
     start_step: int
     losses: list[float] = field(default_factory=list)
@@ -59,6 +60,7 @@ class TrainResult:
     checkpoints: list[str] = field(default_factory=list)
     plot: str | None = None
     stopped_by: str | None = None
+    aux_losses: list[float] = field(default_factory=list)
 
 
 def _model_config(cfg: TrainConfig) -> LlamaConfig:
@@ -199,26 +201,38 @@ class _Trainer:
         self.state = ckpt.TrainingState(self.model, self.opt, self.sched)
 
     def loss(self, tokens: Tensor, reduction: str = "mean") -> Tensor:
+        return self.loss_and_aux(tokens, reduction)[0]
+
+    def loss_and_aux(self, tokens: Tensor, reduction: str = "mean") -> tuple[Tensor, Tensor | None]:
+        """The cross-entropy and, for an MoE model, its load-balancing loss (else ``None``)."""
         tokens = tokens.to(self.rt.device, non_blocking=True)
-        logits = self.model(tokens[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction=reduction)
+        aux = None
+        if self.mcfg.moe is None:
+            logits = self.model(tokens[:, :-1])
+        else:
+            logits, aux = self.model(tokens[:, :-1], return_aux_loss=True)
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction=reduction), aux
 
     def train_step(self, position: int) -> tuple[float, float]:
         plan = self.plan
         self.model.train()
-        total = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)  # cross-entropy, aux loss
         for a in range(plan.grad_accum):
             first = position + (a * plan.dp + self.dp_rank) * plan.micro_batch
             self.model.set_requires_gradient_sync(a == plan.grad_accum - 1)
-            loss = self.loss(self.windows.batch(first, plan.micro_batch))
-            (loss / plan.grad_accum).backward()
-            total += loss.detach().double()
+            loss, aux = self.loss_and_aux(self.windows.batch(first, plan.micro_batch))
+            objective = loss if aux is None else loss + self.mcfg.router_aux_loss_coef * aux
+            (objective / plan.grad_accum).backward()
+            total[0] += loss.detach().double()
+            if aux is not None:
+                total[1] += aux.detach().double()
         norm = clip_grad_norm_(self.model, self.cfg.grad_clip, tp_rank=self.tp_rank, blocks=self.blocks)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         dist.all_reduce(total, group=self.dp_group)
-        return (total / (plan.grad_accum * plan.dp)).item(), norm.item()
+        loss, self.aux_loss = (total / (plan.grad_accum * plan.dp)).tolist()
+        return loss, norm.item()
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -283,6 +297,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise
     finally:
         rt.shutdown(synchronize=ok)
+
+
+def _ffn_shape(mcfg: LlamaConfig) -> str:
+    moe = mcfg.moe
+    if moe is None:
+        return f"hidden {mcfg.hidden_dim}"
+    shared = f" + shared {moe.shared_hidden_dim}" if moe.shared_hidden_dim else ""
+    return f"{moe.num_experts} experts of {moe.hidden_dim}, top {moe.top_k}{shared}"
 
 
 def _perplexity(loss: float) -> float:
@@ -461,7 +483,7 @@ def _train_locked(cfg: TrainConfig, rt: Runtime) -> TrainResult:
     baseline = reset_peak(rt.device)
     t.log(
         f"tp_ffn train: world {rt.world} = dp {plan.dp} x tp {plan.tp} ({'nccl' if rt.device.type == 'cuda' else 'gloo'} on {rt.device.type}), "
-        f"model {cfg.preset if cfg.init_from is None else cfg.init_from} ({mcfg.num_params() / 1e6:.2f} M params, hidden {mcfg.hidden_dim}), "
+        f"model {cfg.preset if cfg.init_from is None else cfg.init_from} ({mcfg.num_params() / 1e6:.2f} M params, {_ffn_shape(mcfg)}), "
         f"batch {plan.batch_size} x {cfg.seq_len} = {plan.batch_size * cfg.seq_len} tokens "
         f"(micro {plan.micro_batch} x grad accum {plan.grad_accum} x dp {plan.dp}), sequence parallel {cfg.sequence_parallel}, "
         f"dtype {cfg.dtype}, ffn fuse_gate_up={cfg.ffn_fuse_gate_up} overlap_comm={cfg.ffn_overlap_comm} "
@@ -522,10 +544,14 @@ def _train_locked(cfg: TrainConfig, rt: Runtime) -> TrainResult:
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or enable --grad-clip")
                 result.losses.append(loss)
+                moe_record = {} if mcfg.moe is None else {"aux_loss": t.aux_loss}
+                if moe_record:
+                    result.aux_losses.append(t.aux_loss)
                 log.write(
                     {
                         "step": step,
                         "loss": loss,
+                        **moe_record,
                         "lr": lr,
                         "tokens": position * cfg.seq_len,
                         "tokens_per_s": tokens_per_step / dt,
