@@ -43,17 +43,20 @@ def _transformers_5() -> tuple[str, ...]:
 def test_lora_walkthrough(tmp_path):
     """Tolerance 1e-4 on logits of size ~1: float32, the sums across ranks in another order (seen: ~1e-6). The
     adapter must have moved the dense logits by far more (an adapter saved untrained, or not loaded, gives the
-    base model's logits and fails the first check), and the Trainer's loss must have fallen."""
+    base model's logits and fails the first check), and the Trainer's loss must have fallen. The block clips
+    (max_grad_norm below the gradient norms): clipping by each rank's own norm, as before sharded LoRA factors
+    were counted over the group, leaves the ranks' whole factors apart and the logits 5e-3 off."""
     walk = tmp_path / "walk"
     out = run_walkthrough(
         ROOT / "docs" / "huggingface-lora.md", {"W": str(walk)}, timeout=580, pythonpath=_transformers_5()
     ).stdout
-    first, last = map(float, re.search(r"^TP=2 Trainer \+ LoRA: loss ([\d.]+) -> ([\d.]+) in 24 steps$", out, re.M).groups())
+    losses = re.search(r"^TP=2 Trainer \+ LoRA: loss ([\d.]+) -> ([\d.]+) in 24 steps$", out, re.M)
+    first, last = float(losses.group(1)), float(losses.group(2))
     diff = float(re.search(r"^dense \+ adapter vs TP=2 logits: max difference (\S+)$", out, re.M).group(1))
     moved = float(re.search(r"^the adapter moved the dense logits by up to (\S+)$", out, re.M).group(1))
     assert diff < 1e-4, out
     assert moved > 0.1, out
-    assert last < first - 0.5, out
+    assert last < first - 0.3, out
     files = {p.name for p in (walk / "out" / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files, files
     assert "model.safetensors" not in files, files  # the adapter, not a full model
