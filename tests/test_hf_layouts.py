@@ -136,7 +136,8 @@ def test_peft_before_parallelize_says_the_order(wrap):
     """get_peft_model called on the dense model, then parallelize_mlp (on the PeftModel, or on the model PEFT
     injected its layers into): the MLP projections are PEFT's LoRA layers. One ValueError line naming the first
     of them and the order to call things in; nothing changed. strict=False leaves those MLPs dense with one
-    warning (LoRA on attention alone does not stand in the way: its MLPs are parallelized)."""
+    warning. LoRA on attention alone does not stand in the way (its MLPs are parallelized), nor does LoRA put
+    on blocks already parallel (a second call after the right order returns 0)."""
     peft = pytest.importorskip("peft")
     import torch.distributed.tensor  # noqa: F401  (peft 0.21 on torch 2.13 reads it without importing it)
 
@@ -163,6 +164,10 @@ def test_peft_before_parallelize_says_the_order(wrap):
     assert str(w.message) == f"parallelize_mlp (strict=False): left dense: {message}"
     attention_only = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     assert tphf.parallelize_mlp(attention_only) == 2
+    # The right order, then a second call: the adapted blocks are already parallel, nothing to do.
+    right = build("llama")
+    tphf.parallelize_mlp(right)
+    assert tphf.parallelize_mlp(peft.get_peft_model(right, config)) == 0
 
 
 def test_already_parallel_is_not_an_error():
