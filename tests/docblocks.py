@@ -19,10 +19,13 @@ def walkthrough_block(page: Path) -> str:
     return block.group(1)
 
 
-def run_walkthrough(page: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """The block under ``bash -euo pipefail`` with ``env`` added; its exit status is asserted to be 0."""
+def run_walkthrough(
+    page: Path, env: dict[str, str], timeout: float, pythonpath: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """The block under ``bash -euo pipefail`` with ``env`` added and ``pythonpath`` (e.g. the directory holding
+    transformers 5) before this checkout on ``PYTHONPATH``; its exit status is asserted to be 0."""
     env = {
-        **os.environ, **env, "PYTHONPATH": str(ROOT),
+        **os.environ, **env, "PYTHONPATH": os.pathsep.join([*pythonpath, str(ROOT)]),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }  # fmt: skip
     r = subprocess.run(

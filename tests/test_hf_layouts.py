@@ -131,6 +131,45 @@ def test_unsupported_gated_mlp_names_the_module():
     assert isinstance(model.model.layers[0].mlp, tphf.ParallelMLP)
 
 
+@pytest.mark.parametrize("wrap", ["PeftModel", "inject_adapter_in_model"])
+def test_peft_before_parallelize_says_the_order(wrap):
+    """get_peft_model called on the dense model, then parallelize_mlp (on the PeftModel, or on the model PEFT
+    injected its layers into): the MLP projections are PEFT's LoRA layers. One ValueError line naming the first
+    of them and the order to call things in; nothing changed. strict=False leaves those MLPs dense with one
+    warning. LoRA on attention alone does not stand in the way (its MLPs are parallelized), nor does LoRA put
+    on blocks already parallel (a second call after the right order returns 0)."""
+    peft = pytest.importorskip("peft")
+    import torch.distributed.tensor  # noqa: F401  (peft 0.21 on torch 2.13 reads it without importing it)
+
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
+    model = build("llama")
+    if wrap == "PeftModel":
+        model, prefix = peft.get_peft_model(model, config), "base_model.model."
+    else:
+        model, prefix = peft.inject_adapter_in_model(config, model), ""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    message = (
+        f"{prefix}model.layers.0.mlp.gate_proj (peft.tuners.lora.layer.Linear): a PEFT adapter layer on a dense MLP "
+        "(and 5 more); call tp_ffn.hf.parallelize_mlp (or tp_ffn.hf.from_pretrained) first, then get_peft_model"
+    )
+    with pytest.raises(ValueError) as raised:
+        tphf.parallelize_mlp(model)
+    assert str(raised.value) == f"{message} (strict=False leaves it dense)"
+    assert not any(isinstance(m, tphf.ParallelMLP) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tphf.parallelize_mlp(model, strict=False) == 0
+    (w,) = caught
+    assert str(w.message) == f"parallelize_mlp (strict=False): left dense: {message}"
+    attention_only = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert tphf.parallelize_mlp(attention_only) == 2
+    # The right order, then a second call: the adapted blocks are already parallel, nothing to do.
+    right = build("llama")
+    tphf.parallelize_mlp(right)
+    assert tphf.parallelize_mlp(peft.get_peft_model(right, config)) == 0
+
+
 def test_already_parallel_is_not_an_error():
     model = build("llama")
     assert tphf.parallelize_mlp(model) == 2

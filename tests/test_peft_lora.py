@@ -202,6 +202,40 @@ def test_block_lora_exact_and_collectives(world, sp):
         assert not bad, f"W={world} rank {rank}: {bad}"
 
 
+def _clip(rank: int, world: int) -> dict[str, float]:
+    """tp_ffn.hf.clip_grad_norm_ on the parallel LoRA model against torch's on the dense PEFT model (the trainable
+    parameters are the LoRA factors alone, a third of them sharded), and torch's own on the parallel model."""
+    config = {"target_modules": "all-linear", "r": 4, "init_lora_weights": False}
+    out: dict[str, float] = {}
+    for name, clip in (("tp_ffn", tphf.clip_grad_norm_), ("control: torch", None)):
+        dense, par = _pair(config, world)
+        x = tokens(seed=4)
+        for m in (dense, par):
+            m(x, labels=x).loss.backward()
+        want = torch.nn.utils.clip_grad_norm_(dense.parameters(), 0.01)
+        got = clip(par, 0.01) if clip else torch.nn.utils.clip_grad_norm_(par.parameters(), 0.01)
+        out[f"{name} norm"] = rel_err(got, want)
+        dense_params = dict(dense.named_parameters())
+        grads = [
+            rel_err(p.grad, _shard(k, dense_params[k].grad, rank, world))
+            for k, p in par.named_parameters()
+            if p.requires_grad
+        ]
+        out[f"{name} grads"] = max(grads)
+    return out
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("world", [2, 3])
+def test_clip_counts_the_sharded_lora_factors(world):
+    """The Trainer's clipping under prepare_trainer on a LoRA model: the norm of the dense PEFT model's LoRA
+    gradients, each sharded factor (B of gate/up, A of down) counted once over the group, and the clipped
+    gradients the dense ones. Control: torch's clipping on the parallel model, off by far more."""
+    for rank, got in enumerate(run_ranks(world, _clip, timeout=180)):
+        assert got["tp_ffn norm"] < TOL and got["tp_ffn grads"] < TOL, (rank, got)
+        assert got["control: torch norm"] > 1e-4 and got["control: torch grads"] > 1e-4, (rank, got)
+
+
 def _whole_factors(rank: int, world: int) -> list[torch.Tensor]:
     par = build("llama")
     tphf.parallelize_mlp(par)

@@ -15,6 +15,9 @@ def sharded_over(model: nn.Module) -> dict[int, ProcessGroup]:
     """``{id(parameter): group}`` for the parameters of ``model`` sharded over a tensor-parallel group."""
     out: dict[int, ProcessGroup] = {}
     for module in model.modules():
+        factors = getattr(module, "sharded_factors", None)
+        if callable(factors):  # a LoRA layer of tp_ffn.peft: its factors' holders are PEFT's plain nn.Linear
+            out.update((id(p), group) for p, spec, group in factors() if spec.is_sharded and spec.world > 1)
         for name, param in module.named_parameters(recurse=False):
             # What the layer holding it says (tp_ffn.sharding): MLP and expert weights, LoRA factors; a
             # row-parallel bias is whole.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -240,6 +241,21 @@ def _describe(module: nn.Module) -> str:
     return f"{type(module).__name__} ({', '.join(parts)})"
 
 
+def _peft_layers(module: nn.Module, path: str) -> list[str]:
+    """``path (class)`` of each child of ``module`` that is a PEFT tuner layer (``get_peft_model`` called on the
+    dense model). PEFT is looked up only where it is already imported: a model holding its layers has imported it.
+    """
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    base = getattr(tuners, "BaseTunerLayer", None)
+    if base is None:
+        return []
+    return [
+        f"{f'{path}.{n}' if path else n} ({type(m).__module__}.{type(m).__name__})"
+        for n, m in module._modules.items()
+        if isinstance(m, base)
+    ]
+
+
 def supported_layouts() -> str:
     return "; ".join(layout.projections for layout in LAYOUTS)
 
@@ -265,7 +281,8 @@ def parallelize_mlp(
     Nothing is skipped silently. With ``strict=True`` (the default) a ``ValueError`` names the first module
     a layout refuses (an MoE block of another family or routing, router jitter, expert biases) or the first
     gated MLP no layout takes (a ``gate_proj`` that is not a plain ``nn.Linear``, a fused ``gate_up_proj`` of
-    another model) and, when nothing is replaced, the model's class; nothing is changed then. With
+    another model, a projection PEFT has already wrapped: ``get_peft_model`` called before this function) and,
+    when nothing is replaced, the model's class; nothing is changed then. With
     ``strict=False`` those are left dense (a refused MoE block whole, its experts too) with one warning, and
     the count is returned.
     Blocks that are already tensor-parallel are left as they are (a second call returns 0 without error).
@@ -286,6 +303,7 @@ def parallelize_mlp(
     claimed: set[int] = set()  # modules inside a parallel block or inside a module a layout matched
     found: dict[int, tuple[nn.Module, list[str], MLPLayout]] = {}
     unsupported: list[tuple[str, nn.Module]] = []
+    adapted: list[str] = []  # projections PEFT wrapped before this call
     already = 0
     for path, module in model.named_modules(remove_duplicate=False):
         if id(module) in found:
@@ -302,7 +320,12 @@ def parallelize_mlp(
             found[id(module)] = (module, [path], layout)
             claimed.update(id(m) for m in module.modules())
         elif _looks_gated(module) and id(module) not in {id(m) for _, m in unsupported}:
-            unsupported.append((path, module))
+            peft_layers = _peft_layers(module, path)
+            if peft_layers:
+                adapted.extend(peft_layers)
+                claimed.update(id(m) for m in module.modules())
+            else:
+                unsupported.append((path, module))
     # Everything is checked before anything is replaced, so a bad model is left as it was.
     plans: list[tuple[list[str], Callable[[BuildOptions], nn.Module]]] = []
     refused: list[str] = []
@@ -318,6 +341,15 @@ def parallelize_mlp(
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
         raise ValueError(f"{refused[0]}{more} (strict=False leaves it dense)")
     skipped = list(refused)
+    if adapted:
+        more = f" (and {len(adapted) - 1} more)" if len(adapted) > 1 else ""
+        wrapped = (
+            f"{adapted[0]}: a PEFT adapter layer on a dense MLP{more}; call tp_ffn.hf.parallelize_mlp (or "
+            "tp_ffn.hf.from_pretrained) first, then get_peft_model"
+        )
+        if strict:
+            raise ValueError(f"{wrapped} (strict=False leaves it dense)")
+        skipped.append(wrapped)
     if unsupported:
         path, module = unsupported[0]
         more = f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""

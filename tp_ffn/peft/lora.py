@@ -141,19 +141,24 @@ class _ParallelLora(_PeftLoraLinear):
         w = layer.shard_spec("weight")
         return ShardSpec.split(full_shape, self._dim, w.rank, w.world, w.parts)
 
-    @torch.no_grad()
-    def gather_shards(self) -> list[tuple[Tensor, Tensor]]:
-        """``(this rank's factor, the full factor)`` per adapter, for :func:`tp_ffn.hf.full_state_dict`.
-        Collective over the layer's group."""
+    def sharded_factors(self) -> list[tuple[nn.Parameter, ShardSpec, dist.ProcessGroup | None]]:
+        """``(factor, its ShardSpec, the group it is split over)`` per adapter, for the sharded factor. It lives in
+        PEFT's plain ``nn.Linear`` holder, which says nothing of its sharding: this layer says it, for
+        :func:`tp_ffn.hf.full_state_dict` (through :meth:`gather_shards`) and :func:`tp_ffn.hf.clip_grad_norm_`."""
         layer = self.get_base_layer()
         out = []
         for holder in getattr(self, self._sharded).values():
             w = holder.weight
             full_shape = list(w.shape)
             full_shape[self._dim] = layer.out_features if self._dim == 0 else layer.in_features
-            spec = self._factor_spec(layer, full_shape)
-            out.append((w, all_gather_shard(w.detach(), spec, layer.tp.group).clone()))
+            out.append((w, self._factor_spec(layer, full_shape), layer.tp.group))
         return out
+
+    @torch.no_grad()
+    def gather_shards(self) -> list[tuple[Tensor, Tensor]]:
+        """``(this rank's factor, the full factor)`` per adapter, for :func:`tp_ffn.hf.full_state_dict`.
+        Collective over the layer's group."""
+        return [(w, all_gather_shard(w.detach(), spec, group).clone()) for w, spec, group in self.sharded_factors()]
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # A dense adapter holds the full factor: keep this rank's slice. (The children load after this.)
