@@ -40,10 +40,10 @@ import torch.nn.functional as F
 
 from tp_ffn.models.llama import PRESETS, Transformer
 from tp_ffn.shutdown import exit_without_teardown
-from tp_ffn.train.checkpoint import TrainingState
+from tp_ffn.train.checkpoint.store import TrainingState
 from tp_ffn.train.consensus import any_rank
-from tp_ffn.train.optim import WarmupCosine, build_optimizer, build_scheduler, init_adamw_state
-from tp_ffn.train.parallelize import build_mesh, init_runtime, parallelize
+from tp_ffn.train.run.optim import WarmupCosine, build_optimizer, build_scheduler, init_adamw_state
+from tp_ffn.train.run.parallelize import build_mesh, init_runtime, parallelize
 from tp_ffn.train.saving import Saver
 
 

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from tp_ffn.models.llama import LlamaConfig, Transformer
-from tp_ffn.train import checkpoint as ck
 from tp_ffn.train import saving
+from tp_ffn.train.checkpoint import store as ck
 
 
 def _hashers() -> dict[str, Callable[[], object]]:

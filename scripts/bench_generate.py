@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from tp_ffn.models.llama import PRESETS, Transformer, load_pretrained
 from tp_ffn.train import UsageError
-from tp_ffn.train.generate import generate, load_checkpoint_model
-from tp_ffn.train.parallelize import init_runtime
+from tp_ffn.train.run.generate import generate, load_checkpoint_model
+from tp_ffn.train.run.parallelize import init_runtime
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tp_ffn.train.documents import DataSource
-    from tp_ffn.train.tokenizer import Tokenizer
+    from tp_ffn.train.data.documents import DataSource
+    from tp_ffn.train.data.tokenizers.resolve import Tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +46,7 @@ def _make_tokenizers(root: Path, texts: list[str], vocab: int) -> dict[str, Path
     import sentencepiece
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from tp_ffn.train.tokenizer_export import byte_level_alphabet
+    from tp_ffn.train.data.tokenizers.export import byte_level_alphabet
 
     hf_dir, tt_dir, sp_dir = root / "hf", root / "tiktoken", root / "sentencepiece"
     for d in (hf_dir, tt_dir, sp_dir):
@@ -82,8 +82,8 @@ def _make_tokenizers(root: Path, texts: list[str], vocab: int) -> dict[str, Path
 
 
 def _bench(name: str, tok: Tokenizer, source: DataSource, repeats: int, scratch: Path) -> dict:
-    from tp_ffn.train.documents import iter_documents
-    from tp_ffn.train.token_cache import write_token_file
+    from tp_ffn.train.data.documents import iter_documents
+    from tp_ffn.train.data.token_cache import write_token_file
 
     texts = [t for t, _ in iter_documents(source) if t]
     best_build = best_encode = float("inf")
@@ -108,9 +108,9 @@ def _bench(name: str, tok: Tokenizer, source: DataSource, repeats: int, scratch:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tp_ffn.train.data import stdlib_source
-    from tp_ffn.train.documents import find_data, iter_documents
-    from tp_ffn.train.tokenizer import encode_threads, resolve_tokenizer
+    from tp_ffn.train.data.corpus import stdlib_source
+    from tp_ffn.train.data.documents import find_data, iter_documents
+    from tp_ffn.train.data.tokenizers.resolve import encode_threads, resolve_tokenizer
 
     source = find_data(args.data) if args.data else stdlib_source(int(args.mb * 1e6))
     with tempfile.TemporaryDirectory(prefix="bench_tokenize_") as tmp:

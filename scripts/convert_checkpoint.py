@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.source_format == "train":
-            from tp_ffn.train.export import export_checkpoint
+            from tp_ffn.train.checkpoint.export import export_checkpoint
 
             step = export_checkpoint(
                 args.src, args.dst, to=args.target_format, num_shards=args.num_shards, overwrite=args.force,

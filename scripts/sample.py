@@ -26,8 +26,8 @@ import torch
 
 from tp_ffn.train import UsageError
 from tp_ffn.train.consensus import agree, report_error
-from tp_ffn.train.generate import check_sampling, generate, load_checkpoint_model
-from tp_ffn.train.parallelize import init_runtime
+from tp_ffn.train.run.generate import check_sampling, generate, load_checkpoint_model
+from tp_ffn.train.run.parallelize import init_runtime
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, typing.Any, str]:
     """The model (this rank's TP shard), its tokenizer, and a header line; every rank found the same."""
-    from tp_ffn.train.tokenizer import resolve_tokenizer, tokenizer_from_checkpoint
+    from tp_ffn.train.data.tokenizers.resolve import resolve_tokenizer, tokenizer_from_checkpoint
 
     def same_tokenizer(find: typing.Callable[[], typing.Any]) -> typing.Any:
         return agree(find, what="the tokenizer", describe=lambda tok: f"{tok.kind}, fingerprint {tok.fingerprint}")

@@ -31,18 +31,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pickle_forms
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-import pickle_forms
 from rankpool import run_ranks
 from scriptmain import ROOT, script_error
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-from tp_ffn.train import TrainConfig, UsageError, safe_dcp, train
-from tp_ffn.train import checkpoint as ck
-from tp_ffn.train.generate import load_checkpoint_model
+from tp_ffn.train import TrainConfig, UsageError, train
+from tp_ffn.train.checkpoint import safe_dcp
+from tp_ffn.train.checkpoint import store as ck
+from tp_ffn.train.run.generate import load_checkpoint_model
 
 TRAIN = dict(
     preset="tiny", model_args={"n_layers": 1}, seq_len=16, batch_size=2, corpus_bytes=20_000, val_every=0,
@@ -811,7 +812,10 @@ FORMS = ROOT / "tests" / "data" / "pickle_forms"
 def _expected_index() -> Metadata:
     """tests/pickle_forms.py's index, built with torch's own classes."""
     from torch.distributed.checkpoint.metadata import (
-        ChunkStorageMetadata, StorageMeta, TensorProperties, TensorStorageMetadata,
+        ChunkStorageMetadata,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
     )  # fmt: skip
 
     entries, records, offset = {}, {}, 0

@@ -17,7 +17,7 @@ from rankpool import run_ranks
 from test_preemption import BASE, _run, _signalled
 from test_train_cli import _env
 
-from tp_ffn.train import checkpoint as ck
+from tp_ffn.train.checkpoint import store as ck
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = {**BASE, "steps": 6, "ckpt_every": 2, "tp": 2, "val_every": 3}

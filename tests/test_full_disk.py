@@ -26,7 +26,7 @@ from rankpool import run_ranks
 from test_preemption import BASE, _run
 from test_train_cli import SMALL, _env
 
-from tp_ffn.train import checkpoint as ck
+from tp_ffn.train.checkpoint import store as ck
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1 << 20

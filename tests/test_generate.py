@@ -26,8 +26,8 @@ from rankpool import run_ranks
 from reference import rel_err
 
 from tp_ffn.models import KVCache, LlamaConfig, Transformer
-from tp_ffn.train import generate as gen_mod
-from tp_ffn.train.generate import check_sampling, generate, sample_next_token
+from tp_ffn.train.run import generate as gen_mod
+from tp_ffn.train.run.generate import check_sampling, generate, sample_next_token
 
 ROOT = Path(__file__).resolve().parents[1]
 # GQA: 4 query heads on 2 kv heads (at TP 2: 2 query heads on 1 kv head per rank). A short window

@@ -22,7 +22,7 @@ from rankpool import run_ranks
 from test_train_cli import SMALL, _launcher, _reap, _spawn, _steps
 
 from tp_ffn.train import TrainConfig, train
-from tp_ffn.train import checkpoint as ck
+from tp_ffn.train.checkpoint import store as ck
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -55,7 +55,7 @@ def _run(rank: int, world: int, overrides: dict) -> dict:
 
 def _signalled(rank: int, world: int, overrides: dict, at_step: int, who: int, signame: str) -> dict:
     """A run in which rank ``who`` sends itself ``signame`` during its ``at_step``-th training step."""
-    from tp_ffn.train import trainer
+    from tp_ffn.train.run import trainer
 
     real = trainer._Trainer.train_step
     calls = {"n": 0}

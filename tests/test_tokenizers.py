@@ -16,8 +16,13 @@ import pytest
 from tokfixtures import SAMPLE, make_hf_tokenizer, make_sentencepiece_model, make_tiktoken_file
 
 from tp_ffn.train import TrainConfig, UsageError
-from tp_ffn.train.tokenizer import ByteTokenizer, model_file_kind, resolve_tokenizer, tokenizer_from_checkpoint
-from tp_ffn.train.tokenizer_export import save_hf_tokenizer, save_meta_tokenizer
+from tp_ffn.train.data.tokenizers.export import save_hf_tokenizer, save_meta_tokenizer
+from tp_ffn.train.data.tokenizers.resolve import (
+    ByteTokenizer,
+    model_file_kind,
+    resolve_tokenizer,
+    tokenizer_from_checkpoint,
+)
 
 TEXTS = [
     SAMPLE.replace("<|end_of_text|>", "").replace("<s>", ""),  # special-token text: see test_special_token_text
@@ -203,7 +208,8 @@ def test_checkpoint_copy_is_checked(toks, tmp_path):
 
 def test_importing_the_package_loads_no_tokenizer_library():
     code = (
-        "import sys, tp_ffn, tp_ffn.train, tp_ffn.train.trainer, tp_ffn.train.data, tp_ffn.train.export\n"
+        "import sys, tp_ffn, tp_ffn.train, tp_ffn.train.run.trainer, tp_ffn.train.data.corpus\n"
+        "import tp_ffn.train.checkpoint.export\n"
         "loaded = [m for m in ('tokenizers', 'tiktoken', 'sentencepiece', 'transformers') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )

@@ -31,6 +31,6 @@ One responsibility per module, dependencies pointing one way (trainer -> the res
 """
 
 from .config import ParallelPlan, TrainConfig, UsageError, build_parser, parse_args
-from .trainer import TrainResult, train
+from .run.trainer import TrainResult, train
 
 __all__ = ["ParallelPlan", "TrainConfig", "TrainResult", "UsageError", "build_parser", "parse_args", "train"]

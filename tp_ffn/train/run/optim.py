@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from .layout import Block, local_tensor, param_blocks
+from ..checkpoint.layout import Block, local_tensor, param_blocks
 
 __all__ = [
     "WarmupCosine",

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .config import UsageError
-from .consensus import agree
+from ..config import UsageError
+from ..consensus import agree
 
 __all__ = ["check_outputs"]
 

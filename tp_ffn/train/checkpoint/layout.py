@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
-from ..sharding import chunk_bounds, shard_spec_of
+from ...sharding import chunk_bounds, shard_spec_of
 
 __all__ = ["Block", "chunk_bounds", "local_tensor", "param_blocks"]
 

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .tokenizer import HF_TOKENIZER, HF_TOKENIZER_CONFIG, MODEL_FILE, Tokenizer
+from .resolve import HF_TOKENIZER, HF_TOKENIZER_CONFIG, MODEL_FILE, Tokenizer
 
 __all__ = ["byte_level_alphabet", "ranked_bpe_to_hf", "save_hf_tokenizer", "save_meta_tokenizer"]
 
@@ -97,7 +97,7 @@ def save_hf_tokenizer(tok: Tokenizer, out: Path, *, model_max_length: int) -> li
         return _copy_files(tok, out)
     config: dict[str, Any] = {"model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
     if tok.kind == "sentencepiece":
-        from .tokenizer_formats import SentencePieceTokenizer
+        from .formats import SentencePieceTokenizer
 
         assert isinstance(tok, SentencePieceTokenizer)
         sp = tok.processor
@@ -111,7 +111,7 @@ def save_hf_tokenizer(tok: Tokenizer, out: Path, *, model_max_length: int) -> li
         _write_json(config, out / HF_TOKENIZER_CONFIG)
         return [HF_TOKENIZER_CONFIG, MODEL_FILE]
     if tok.kind == "tiktoken":
-        from .tokenizer_formats import LLAMA3_PATTERN, TiktokenTokenizer
+        from .formats import LLAMA3_PATTERN, TiktokenTokenizer
 
         assert isinstance(tok, TiktokenTokenizer)
         names = {i: name for name, i in tok.special_tokens.items()}

@@ -66,8 +66,8 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.futures import Future
 
-from ..files import regular_size
-from .config import UsageError
+from ...files import regular_size
+from ..config import UsageError
 from .digests import file_digest
 
 __all__ = [

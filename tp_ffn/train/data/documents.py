@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import regular_size
-from .config import UsageError
+from ...files import regular_size
+from ..config import UsageError
 
 __all__ = ["DataSource", "find_data", "iter_documents", "regular_file"]
 

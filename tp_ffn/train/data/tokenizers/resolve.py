@@ -25,9 +25,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import tokenizer_formats as fmt
-from .config import UsageError
-from .tokenizer_base import (  # re-exported: their home was here
+from ...config import UsageError
+from ...tokenizer_base import (  # re-exported: their home was here
     HF_SPECIAL_TOKENS,
     HF_TOKENIZER,
     HF_TOKENIZER_CONFIG,
@@ -35,6 +34,7 @@ from .tokenizer_base import (  # re-exported: their home was here
     Tokenizer,
     encode_threads,
 )
+from . import formats as fmt
 
 __all__ = [
     "TOKENIZER_KINDS",
@@ -164,7 +164,7 @@ def resolve_tokenizer(spec: str, *, init_from: str | os.PathLike | None = None) 
 def tokenizer_from_checkpoint(path: str | os.PathLike) -> Tokenizer:
     """The tokenizer a training checkpoint was trained with (``path``: a ``--ckpt-dir`` or a
     ``step_N`` directory). Checkpoints from before tokenizers were recorded are byte-level."""
-    from .checkpoint import open_checkpoint
+    from ...checkpoint.store import open_checkpoint
 
     info = open_checkpoint(path)
     rec = info.meta.get("tokenizer")

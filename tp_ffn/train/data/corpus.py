@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import UsageError
+from ..config import UsageError
 from .documents import DataSource, find_data, iter_documents
 from .token_cache import CacheOptions, default_cache_dir, load_tokens, report_failure
-from .tokenizer import Tokenizer
+from .tokenizers.resolve import Tokenizer
 
 __all__ = [
     "Corpus", "Windows", "load_corpus", "stdlib_source", "stdlib_sources", "validation_batch", "validation_count",

@@ -22,24 +22,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..models.llama import LlamaConfig, Transformer
-from . import checkpoint as ckpt
-from .config import ParallelPlan, TrainConfig, UsageError
-from .consensus import agree, any_rank, decided_by_rank_0
-from .data import Corpus, Windows, load_corpus, validation_batch, validation_count
-from .flops import measure_peak, mfu, model_flops_per_token
-from .layout import param_blocks
-from .memory import memory_report, plan_memory
-from .memory_use import peak_bytes, release_freed_memory, reset_peak
+from ...models.llama import LlamaConfig, Transformer
+from ..budget.flops import measure_peak, mfu, model_flops_per_token
+from ..budget.memory import memory_report, plan_memory
+from ..budget.memory_use import peak_bytes, release_freed_memory, reset_peak
+from ..checkpoint import store as ckpt
+from ..checkpoint.layout import param_blocks
+from ..config import ParallelPlan, TrainConfig, UsageError
+from ..consensus import agree, any_rank, decided_by_rank_0
+from ..data.corpus import Corpus, Windows, load_corpus, validation_batch, validation_count
+from ..data.token_cache import CacheOptions, default_cache_dir
+from ..data.tokenizers.resolve import ByteTokenizer, Tokenizer, resolve_tokenizer, tokenizer_from_checkpoint
+from ..preempt import StopSignals
+from ..run_lock import RunLock, acquire_run_lock
+from ..saving import SaveError, Saver, checkpoint_bytes
 from .metrics import MetricsLog, Progress, plot_metrics
 from .optim import WarmupCosine, build_optimizer, build_scheduler, clip_grad_norm_, init_adamw_state
 from .outputs import check_outputs
 from .parallelize import Runtime, build_mesh, init_runtime, parallelize
-from .preempt import StopSignals
-from .run_lock import RunLock, acquire_run_lock
-from .saving import SaveError, Saver, checkpoint_bytes
-from .token_cache import CacheOptions, default_cache_dir
-from .tokenizer import ByteTokenizer, Tokenizer, resolve_tokenizer, tokenizer_from_checkpoint
 
 __all__ = ["TrainResult", "lr_schedule_steps", "train"]
 
@@ -64,7 +64,7 @@ class TrainResult:
 def _model_config(cfg: TrainConfig) -> LlamaConfig:
     if cfg.init_from is None:
         return cfg.model_config()
-    from ..models.weights import config_from_pretrained
+    from ...models.weights import config_from_pretrained
 
     try:
         base = config_from_pretrained(cfg.init_from)
@@ -181,7 +181,7 @@ class _Trainer:
             fuse_gate_up=cfg.ffn_fuse_gate_up, overlap_comm=cfg.ffn_overlap_comm, comm_chunks=cfg.ffn_comm_chunks,
         )  # fmt: skip
         if init_from is not None:
-            from ..models.weights import load_weights
+            from ...models.weights import load_weights
 
             agree(lambda: _load_pretrained(load_weights, model, init_from), what=f"--init-from {init_from}")
             self.log(f"initialised from {init_from}")

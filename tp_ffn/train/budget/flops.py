@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.llama import LlamaConfig
+from ...models.llama import LlamaConfig
 
 __all__ = ["Peak", "matmul_params", "measure_peak", "mfu", "model_flops_per_token"]
 
@@ -82,7 +82,7 @@ def measure_peak(
     group probes ``dtype`` GEMMs at once. On a CPU, bf16 is also held against fp32: far below it,
     the warning says so (the run goes on).
     """
-    from ..machine import bf16_is_slow, gemm_rate, slow_bf16_message
+    from ...machine import bf16_is_slow, gemm_rate, slow_bf16_message
 
     warning = None
     needs_check = device.type == "cpu" and dtype == torch.bfloat16

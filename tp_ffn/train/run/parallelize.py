@@ -29,8 +29,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from ..models.llama import Transformer
-from .config import UsageError
+from ...models.llama import Transformer
+from ..config import UsageError
 
 __all__ = ["Runtime", "apply_activation_checkpointing", "init_runtime", "parallelize"]
 

@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..groups import GroupLike, resolve_group
-from ..models.llama import LlamaConfig, Transformer
-from . import checkpoint as ckpt
-from .config import UsageError
-from .consensus import agree
+from ...groups import GroupLike, resolve_group
+from ...models.llama import LlamaConfig, Transformer
+from ..checkpoint import store as ckpt
+from ..config import UsageError
+from ..consensus import agree
 
 __all__ = ["check_sampling", "generate", "load_checkpoint_model", "sample_next_token"]
 

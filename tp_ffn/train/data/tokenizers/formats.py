@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .tokenizer_base import HF_SPECIAL_TOKENS, HF_TOKENIZER, HF_TOKENIZER_CONFIG, MODEL_FILE, Tokenizer, encode_threads
+from ...tokenizer_base import HF_SPECIAL_TOKENS, HF_TOKENIZER, HF_TOKENIZER_CONFIG, MODEL_FILE, Tokenizer, encode_threads
 
 __all__ = [
     "LLAMA3_PATTERN",

@@ -76,11 +76,12 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from ..models.config_bounds import check_config_fits
-from ..models.llama import LlamaConfig
-from ..models.weight_names import weight_layout
-from .config import UsageError
-from .consensus import agree
+from ...models.config_bounds import check_config_fits
+from ...models.llama import LlamaConfig
+from ...models.weight_names import weight_layout
+from ..config import UsageError
+from ..consensus import agree
+from ..saving import FORMAT, META, STEP_RE, TMP_PREFIX, SaveError, save_atomic, step_dir
 from .digests import ALGORITHM, file_digest, is_digest
 from .layout import Block, local_tensor, param_blocks
 from .safe_dcp import (
@@ -94,7 +95,6 @@ from .safe_dcp import (
     regular_file_size,
     unwrap_refusal,
 )
-from .saving import FORMAT, META, STEP_RE, TMP_PREFIX, SaveError, save_atomic, step_dir
 
 __all__ = [
     "FORMAT",

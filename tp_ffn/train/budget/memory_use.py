@@ -69,8 +69,8 @@ def measure_ffn_saved(
     on ``group`` (every rank of it must call this at once: the blocks communicate) with ``modes``
     (``fuse_gate_up``, ``overlap_comm``, ``comm_chunks``), in ``dtype``, their input requiring grad
     as in the model. Microseconds of compute; the model's widths are never allocated."""
-    from ..ffn import ParallelFeedForward
-    from ..groups import resolve_group
+    from ...ffn import ParallelFeedForward
+    from ...groups import resolve_group
 
     tp = resolve_group(group).size
     sp = sequence_parallel and tp > 1

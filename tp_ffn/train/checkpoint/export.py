@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..models.export import write_pretrained
-from ..models.llama import LlamaConfig
-from ..models.weights_types import Progress
-from .checkpoint import load_full_tensors, open_checkpoint, verify_checkpoint
-from .config import UsageError
-from .tokenizer import tokenizer_from_checkpoint
-from .tokenizer_export import save_hf_tokenizer, save_meta_tokenizer
+from ...models.export import write_pretrained
+from ...models.llama import LlamaConfig
+from ...models.weights_types import Progress
+from ..config import UsageError
+from ..data.tokenizers.export import save_hf_tokenizer, save_meta_tokenizer
+from ..data.tokenizers.resolve import tokenizer_from_checkpoint
+from .store import load_full_tensors, open_checkpoint, verify_checkpoint
 
 __all__ = ["export_checkpoint"]
 

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import UsageError
+from ..config import UsageError
 from .documents import DataSource, iter_documents
-from .tokenizer import Tokenizer
+from .tokenizers.resolve import Tokenizer
 
 __all__ = [
     "CacheOptions", "default_cache_dir", "load_tokens", "read_token_file", "report_failure", "token_file_path",

@@ -60,8 +60,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..models.llama import LlamaConfig
-from .config import ParallelPlan, TrainConfig, UsageError
+from ...models.llama import LlamaConfig
+from ..config import ParallelPlan, TrainConfig, UsageError
 from .memory_use import FFNSaved, measure_ffn_saved
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""Memory and FLOP budgeting: the per-rank memory plan, measured memory, model FLOPs and MFU."""

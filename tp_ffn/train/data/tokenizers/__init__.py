@@ -1,0 +1,1 @@
+"""Tokenizers: one class per format, and which one a path or a checkpoint names."""

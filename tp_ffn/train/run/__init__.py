@@ -1,0 +1,1 @@
+"""The training run itself: the loop, parallelism, optimiser, metrics, output checks, sampling."""
