@@ -10,7 +10,7 @@ recomputing the whole context every token (``use_cache=False``), in alternating 
 time is the slowest rank's; tokens/s counts the new tokens of the whole batch. Printed: the median
 tokens/s of each, the median of the per-round ratios (cached / recomputed), and whether both
 produced the same tokens. When prompt + new tokens exceed the model's ``max_seq_len`` the window
-slides (see ``tp_ffn.train.generate``), in both. ``--out`` writes the figures as JSON.
+slides (see ``tp_ffn.train.run.generate``), in both. ``--out`` writes the figures as JSON.
 Errors: one line on rank 0, exit status 2.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
 import sys
 import time
@@ -30,20 +29,16 @@ import torch
 import torch.distributed as dist
 
 from tp_ffn.models.llama import PRESETS, Transformer, load_pretrained
-from tp_ffn.train import UsageError
+from tp_ffn.train.cli import ArgumentParser, run_cli
+from tp_ffn.train.errors import UsageError
 from tp_ffn.train.run.generate import generate, load_checkpoint_model
 from tp_ffn.train.run.parallelize import init_runtime
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="bench_generate.py",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -148,13 +143,10 @@ def run(args: argparse.Namespace) -> dict[str, typing.Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def command(prog: str) -> None:
         run(build_parser().parse_args(argv))
-    except UsageError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"bench_generate.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    return run_cli("bench_generate.py", command)
 
 
 if __name__ == "__main__":

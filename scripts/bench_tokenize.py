@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tp_ffn.train.data.documents import DataSource
-    from tp_ffn.train.data.tokenizers.resolve import Tokenizer
+    from tp_ffn.train.data.tokenizers import Tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +46,7 @@ def _make_tokenizers(root: Path, texts: list[str], vocab: int) -> dict[str, Path
     import sentencepiece
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from tp_ffn.train.data.tokenizers.export import byte_level_alphabet
+    from tp_ffn.train.data.tokenizers.hf_json import byte_level_alphabet
 
     hf_dir, tt_dir, sp_dir = root / "hf", root / "tiktoken", root / "sentencepiece"
     for d in (hf_dir, tt_dir, sp_dir):
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tp_ffn.train.data.corpus import stdlib_source
     from tp_ffn.train.data.documents import find_data, iter_documents
-    from tp_ffn.train.data.tokenizers.resolve import encode_threads, resolve_tokenizer
+    from tp_ffn.train.data.tokenizers import resolve_tokenizer
+    from tp_ffn.train.data.tokenizers.base import encode_threads
 
     source = find_data(args.data) if args.data else stdlib_source(int(args.mb * 1e6))
     with tempfile.TemporaryDirectory(prefix="bench_tokenize_") as tmp:

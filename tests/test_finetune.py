@@ -30,7 +30,7 @@ from tokfixtures import make_sentencepiece_model, make_tiktoken_file
 from tp_ffn.train import TrainConfig, UsageError, train
 from tp_ffn.train.data.corpus import Windows, load_corpus, validation_batch
 from tp_ffn.train.data.token_cache import CacheOptions
-from tp_ffn.train.data.tokenizers.resolve import resolve_tokenizer, tokenizer_from_checkpoint
+from tp_ffn.train.data.tokenizers import resolve_tokenizer, tokenizer_from_checkpoint
 from tp_ffn.train.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The memory plan (tp_ffn/train/memory.py): what it counts is what the model keeps and holds, the
+"""The memory plan (tp_ffn/train/budget/memory.py): what it counts is what the model keeps and holds, the
 refusal is one line before anything is allocated, and the suggestions fit."""
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import pytest
 from test_preemption import _wait_for_step
 from test_train_cli import SMALL, _env, _launcher, _reap, _spawn
 
-from tp_ffn.train.config import UsageError
+from tp_ffn.train.errors import UsageError
 from tp_ffn.train.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

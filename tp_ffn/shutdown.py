@@ -15,7 +15,7 @@ profiler's kineto thread can race libtorch's static destructors in the same way.
 
 ``destroy_process_group()`` does not prevent it when modules still hold the group. The training
 scripts collect their objects and meet at a barrier before destroying the group
-(:meth:`tp_ffn.train.parallelize.Runtime.shutdown`); the short measurement scripts, whose last
+(:meth:`tp_ffn.train.run.parallelize.Runtime.shutdown`); the short measurement scripts, whose last
 collective is close to their exit, end with :func:`exit_without_teardown`.
 """
 

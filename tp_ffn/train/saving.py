@@ -41,8 +41,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 
 from .checkpoint.digests import ALGORITHM, file_digest
-from .config import UsageError
 from .consensus import decided_by_rank_0
+from .errors import UsageError
 
 __all__ = [
     "EXIT_SAVE_FAILED",

@@ -1,1 +1,2 @@
-"""Memory and FLOP budgeting: the per-rank memory plan, measured memory, model FLOPs and MFU."""
+"""Memory and FLOP budgeting: :mod:`.memory` (the per-rank plan and its refusal), :mod:`.memory_use`
+(what is measured) and :mod:`.flops` (model FLOPs per token, MFU)."""

@@ -19,7 +19,7 @@ piece of that over dp, padded as FSDP2 pads it to ``ceil(rows / dp)`` rows)::
                   MiB, measured on tiny runs; CUDA: cuBLAS / NCCL workspaces, 1 GiB, not measured);
                   on CPU glibc keeps freed blocks for reuse, so the resident set can exceed the
                   plan; ``--return-freed-memory`` makes it return them
-                  (:func:`~tp_ffn.train.memory_use.release_freed_memory`), at a cost in speed
+                  (:func:`~tp_ffn.train.budget.memory_use.release_freed_memory`), at a cost in speed
 
 The peak is ``parameters + AdamW + runtime + max(backward start, backward end, optimizer step)``:
 at the start of backward the activations and logits are all alive but no gradient yet (they are
@@ -37,7 +37,7 @@ parallelism else ``T``; ``a`` = 2 bytes in bf16, 4 in fp32; ``h_r = n_heads / tp
   the repeated k and v and the output of the attention kernel (``4 a h_r head_dim``) and its
   log-sum-exp (``4 h_r``); in bf16 also FSDP2's bf16 copies of the rotary tables;
 * the feed-forward block: whatever :class:`~tp_ffn.ParallelFeedForward` keeps, measured at start-up
-  (:func:`~tp_ffn.train.memory_use.measure_ffn_saved`) because that block chooses it (its execution modes differ, and a
+  (:func:`~tp_ffn.train.budget.memory_use.measure_ffn_saved`) because that block chooses it (its execution modes differ, and a
   block that recomputes its activation keeps less): tiny blocks on the real TP group, with the
   run's dtype, modes and sequence parallelism, fitted to ``T (c_d dim + c_n n_r + c_t) + c_w dim n_r + c``.
 
@@ -61,7 +61,8 @@ import torch
 import torch.distributed as dist
 
 from ...models.llama import LlamaConfig
-from ..config import ParallelPlan, TrainConfig, UsageError
+from ..config import ParallelPlan, TrainConfig
+from ..errors import UsageError
 from .memory_use import FFNSaved, measure_ffn_saved
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 :func:`saved_bytes` records the buffers autograd keeps (``saved_tensors_hooks``);
 :func:`measure_ffn_saved` fits what :class:`~tp_ffn.ParallelFeedForward` keeps from tiny blocks, for
-the memory plan (:mod:`tp_ffn.train.memory`); :func:`reset_peak` / :func:`peak_bytes` measure a
+the memory plan (:mod:`tp_ffn.train.budget.memory`); :func:`reset_peak` / :func:`peak_bytes` measure a
 run's peak (CPU: the resident set's high-water mark, VmHWM; CUDA: ``max_memory_allocated``); and
 :func:`release_freed_memory` makes glibc give freed blocks back, so that the resident set follows
 the tensors.

@@ -67,7 +67,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from ...files import regular_size
-from ..config import UsageError
+from ..errors import UsageError
 from .digests import file_digest
 
 __all__ = [
@@ -242,7 +242,7 @@ def read_index(
 
     ``sizes`` (``{file name: bytes}``, e.g. from ``meta.json``) lists the files the checkpoint may
     refer to; ``None``: the regular files in ``root``. ``digest``: the expected
-    :func:`~tp_ffn.train.digests.file_digest` of ``.metadata``, checked before it is unpickled.
+    :func:`~tp_ffn.train.checkpoint.digests.file_digest` of ``.metadata``, checked before it is unpickled.
     """
     root = Path(root)
     if sizes is None:

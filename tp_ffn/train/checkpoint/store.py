@@ -20,7 +20,7 @@ writing into it (``.run.lock``, :mod:`tp_ffn.train.run_lock`).
 
 Reading trusts nothing in the directory: :func:`verify_checkpoint` checks every file's size and
 digest against ``meta.json`` and ``meta.json``'s model config against the tensors, and every DCP
-read goes through :class:`~tp_ffn.train.safe_dcp.SafeFileSystemReader`, which runs no pickled code
+read goes through :class:`~tp_ffn.train.checkpoint.safe_dcp.SafeFileSystemReader`, which runs no pickled code
 (``meta.json`` itself is the root of trust for the digests, so a hostile directory can match them:
 the restricted reader is what keeps it from running anything).
 
@@ -34,7 +34,7 @@ What is saved (flat keys; every tensor with its *global* shape)::
     rng.cpu [world, L], rng.cuda      each rank's RNG state, one row per rank
 
 Each rank hands DCP its own block of every parameter and AdamW moment, with the block's true global
-offsets (:mod:`tp_ffn.train.layout`: ``tensor_split`` over TP, ``torch.chunk`` over FSDP), through
+offsets (:mod:`tp_ffn.train.checkpoint.layout`: ``tensor_split`` over TP, ``torch.chunk`` over FSDP), through
 :class:`BlockSavePlanner` / :class:`BlockLoadPlanner` (DCP's default planners, extended at their
 documented hooks). DCP writes those chunks and, on load, reads whatever overlaps the blocks the
 *loading* ranks hold. So a checkpoint written at tp=2, dp=2 loads at tp=1, dp=4 or at tp=4, and an
@@ -79,8 +79,8 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from ...models.config_bounds import check_config_fits
 from ...models.llama import LlamaConfig
 from ...models.weight_names import weight_layout
-from ..config import UsageError
 from ..consensus import agree
+from ..errors import UsageError
 from ..saving import FORMAT, META, STEP_RE, TMP_PREFIX, SaveError, save_atomic, step_dir
 from .digests import ALGORITHM, file_digest, is_digest
 from .layout import Block, local_tensor, param_blocks
@@ -293,7 +293,7 @@ def verify_checkpoint(
 
     Checked: ``meta.json`` lists every file with its size and digest, and each is a regular file of
     that size; ``.metadata`` matches its digest and is a DCP index of tensors only, read without
-    running code (:class:`~tp_ffn.train.safe_dcp.SafeFileSystemReader`); the model config in
+    running code (:class:`~tp_ffn.train.checkpoint.safe_dcp.SafeFileSystemReader`); the model config in
     ``meta.json`` describes exactly the model tensors in it; and, with ``digests``, every data file
     matches its digest. ``digests=False`` (``--no-verify-checkpoint``) skips only the data files'
     digests (reading the whole checkpoint once), not the rest.

@@ -2,7 +2,7 @@
 
 With the byte tokenizer the corpus is a flat ``uint8`` tensor of the text's bytes (vocabulary
 256). With a real tokenizer it is the memory-mapped ``uint16`` / ``uint32`` token file of
-:mod:`tp_ffn.train.token_cache`: every document tokenized once, framed by BOS / EOS. Either way
+:mod:`tp_ffn.train.data.token_cache`: every document tokenized once, framed by BOS / EOS. Either way
 the tail (``val_fraction``) is held out for validation. Training sequences are windows of
 ``seq_len + 1`` tokens starting at multiples of ``seq_len``, visited in a fresh random order every epoch. Where the stream stands is
 one integer, the *position* (sequences consumed since the start, over all ranks), so a checkpoint
@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config import UsageError
+from ..errors import UsageError
 from .documents import DataSource, find_data, iter_documents
 from .token_cache import CacheOptions, default_cache_dir, load_tokens, report_failure
-from .tokenizers.resolve import Tokenizer
+from .tokenizers.base import Tokenizer
 
 __all__ = [
     "Corpus", "Windows", "load_corpus", "stdlib_source", "stdlib_sources", "validation_batch", "validation_count",
@@ -131,12 +131,12 @@ def load_corpus(
     tokenizer: Tokenizer | None = None,
     cache: CacheOptions | None = None,
 ) -> Corpus:
-    """Read ``data`` (see :mod:`tp_ffn.train.documents`) or the standard library, turn it into
+    """Read ``data`` (see :mod:`tp_ffn.train.data.documents`) or the standard library, turn it into
     tokens, and split off the validation tail.
 
     ``tokenizer`` ``None`` or of kind ``bytes``: the bytes, in memory. Otherwise the token file
-    of :func:`~tp_ffn.train.token_cache.load_tokens` (``cache``: where, and whether this rank builds
-    it; default: build it in :func:`~tp_ffn.train.token_cache.default_cache_dir`). Raises
+    of :func:`~tp_ffn.train.data.token_cache.load_tokens` (``cache``: where, and whether this rank builds
+    it; default: build it in :func:`~tp_ffn.train.data.token_cache.default_cache_dir`). Raises
     :class:`UsageError` for a missing or unreadable file, text that is not UTF-8, or data too short
     to hold one training and one validation sequence.
     """

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...files import regular_size
-from ..config import UsageError
+from ..errors import UsageError
 
 __all__ = ["DataSource", "find_data", "iter_documents", "regular_file"]
 

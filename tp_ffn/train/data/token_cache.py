@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import UsageError
+from ..errors import UsageError
 from .documents import DataSource, iter_documents
-from .tokenizers.resolve import Tokenizer
+from .tokenizers.base import Tokenizer
 
 __all__ = [
     "CacheOptions", "default_cache_dir", "load_tokens", "read_token_file", "report_failure", "token_file_path",

@@ -1,1 +1,3 @@
-"""The training run itself: the loop, parallelism, optimiser, metrics, output checks, sampling."""
+"""The training run itself: :mod:`.trainer` (the loop) on :mod:`.parallelize` (process group, mesh,
+FSDP2), :mod:`.optim`, :mod:`.metrics` and :mod:`.outputs`; and what is done with its checkpoints:
+:mod:`.generate` samples from one, :mod:`.export` writes one as a Hugging Face / Meta directory."""

@@ -30,8 +30,8 @@ from torch import Tensor
 from ...groups import GroupLike, resolve_group
 from ...models.llama import LlamaConfig, Transformer
 from ..checkpoint import store as ckpt
-from ..config import UsageError
 from ..consensus import agree
+from ..errors import UsageError
 
 __all__ = ["check_sampling", "generate", "load_checkpoint_model", "sample_next_token"]
 
@@ -50,7 +50,7 @@ def load_checkpoint_model(
     only the model's tensors, whatever TP / dp layout wrote them. Collective over ``group`` (and only
     over it) when it has several ranks: the ranks agree on the checkpoint they found before reading
     it, and a disagreement is one :class:`UsageError` on every rank. The checkpoint is then checked
-    (:func:`~tp_ffn.train.checkpoint.verify_checkpoint`; ``verify=False`` skips the data files'
+    (:func:`~tp_ffn.train.checkpoint.store.verify_checkpoint`; ``verify=False`` skips the data files'
     digests) and read without running pickled code; a bad one raises :class:`UsageError` before the
     model is built.
     """

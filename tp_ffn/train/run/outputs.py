@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..config import UsageError
 from ..consensus import agree
+from ..errors import UsageError
 
 __all__ = ["check_outputs"]
 

@@ -15,10 +15,12 @@ The model gets ``mesh["tp"]`` as its group (never the world, never ``LOCAL_RANK`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,7 +32,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from ...models.llama import Transformer
-from ..config import UsageError
+from ..errors import UsageError
 
 __all__ = ["Runtime", "apply_activation_checkpointing", "init_runtime", "parallelize"]
 
@@ -60,6 +62,22 @@ class Runtime:
                     dist.barrier()
             finally:
                 dist.destroy_process_group()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Runtime]:
+        """The body of a command on every rank: a :class:`UsageError` this rank saw alone gets its
+        number (it reports it, see :func:`~tp_ffn.train.consensus.report_error`), and the process
+        group is shut down on the way out, in step with the others only after success."""
+        ok = False
+        try:
+            yield self
+            ok = True
+        except UsageError as e:
+            if not e.agreed and self.world > 1:
+                e.rank = self.rank
+            raise
+        finally:
+            self.shutdown(synchronize=ok)
 
 
 def init_runtime(device: str = "auto", timeout_s: float = 600) -> Runtime:

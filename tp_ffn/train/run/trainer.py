@@ -28,11 +28,12 @@ from ..budget.memory import memory_report, plan_memory
 from ..budget.memory_use import peak_bytes, release_freed_memory, reset_peak
 from ..checkpoint import store as ckpt
 from ..checkpoint.layout import param_blocks
-from ..config import ParallelPlan, TrainConfig, UsageError
+from ..config import ParallelPlan, TrainConfig
 from ..consensus import agree, any_rank, decided_by_rank_0
 from ..data.corpus import Corpus, Windows, load_corpus, validation_batch, validation_count
 from ..data.token_cache import CacheOptions, default_cache_dir
-from ..data.tokenizers.resolve import ByteTokenizer, Tokenizer, resolve_tokenizer, tokenizer_from_checkpoint
+from ..data.tokenizers import ByteTokenizer, Tokenizer, resolve_tokenizer, tokenizer_from_checkpoint
+from ..errors import UsageError
 from ..preempt import StopSignals
 from ..run_lock import RunLock, acquire_run_lock
 from ..saving import SaveError, Saver, checkpoint_bytes
@@ -270,19 +271,10 @@ def _load_pretrained(load: Callable[..., None], model: nn.Module, path: str) -> 
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run the job described by ``cfg`` on every rank; see ``scripts/train.py`` for the commands."""
+    """Run the job described by ``cfg`` on every rank; see :mod:`tp_ffn.train.__main__` for the commands."""
     rt = init_runtime(cfg.device, timeout_s=cfg.timeout)
-    ok = False
-    try:
-        result = _train(cfg, rt)
-        ok = True
-        return result
-    except UsageError as e:
-        if not e.agreed and rt.world > 1:
-            e.rank = rt.rank  # seen by this rank alone: it reports it
-        raise
-    finally:
-        rt.shutdown(synchronize=ok)
+    with rt.session():
+        return _train(cfg, rt)
 
 
 def _perplexity(loss: float) -> float:

@@ -1,66 +1,37 @@
-"""Tokenizers for training and sampling: bytes, or the tokenizer a pretrained checkpoint came with.
+"""Which tokenizer a command means: ``--tokenizer`` (``auto``, ``bytes`` or a path), a pretrained
+directory's own, or the copy a training checkpoint carries.
 
-An adapter over three libraries, imported only when their format is used (``import tp_ffn`` and
-``import tp_ffn.train`` load none of them)::
-
-    kind            files                                   library         BOS / EOS of a document
-    bytes           none (token = UTF-8 byte, vocab 256)    none            none: documents are concatenated
-    hf              tokenizer.json (+ tokenizer_config.json,  tokenizers    bos_token / eos_token of the config;
-                    special_tokens_map.json)                                BOS when the tokenizer adds it
-    tiktoken        tokenizer.model: "base64 rank" lines    tiktoken        <|begin_of_text|> ... <|end_of_text|>
-                    (Meta Llama 3) + Meta's 256 specials
-    sentencepiece   tokenizer.model: a SentencePiece model  sentencepiece   <s> ... </s> (Meta Llama 2)
-
-Reading a tokenizer runs no code from its files: tokenizer.json and the configs are JSON, a
-tiktoken file is parsed here as base64 and integers, a SentencePiece model is a protobuf message.
-
-``resolve_tokenizer("auto" | "bytes" | PATH, init_from=...)`` picks one for ``scripts/train.py``;
+``resolve_tokenizer("auto" | "bytes" | PATH, init_from=...)`` picks one for the training job;
 ``tokenizer_from_checkpoint`` reads the copy a training checkpoint carries (its files sit in the
-step directory, listed in ``meta.json``, and its fingerprint is checked).
+step directory, listed in ``meta.json``, and its fingerprint is checked). Which format a set of
+files is, each format says itself (:meth:`~.base.Tokenizer.detect`), tried in :data:`FORMATS` order.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
-from ...config import UsageError
-from ...tokenizer_base import (  # re-exported: their home was here
-    HF_SPECIAL_TOKENS,
-    HF_TOKENIZER,
-    HF_TOKENIZER_CONFIG,
-    MODEL_FILE,
-    Tokenizer,
-    encode_threads,
-)
-from . import formats as fmt
+from ...errors import UsageError
+from .base import HF_SPECIAL_TOKENS, HF_TOKENIZER, HF_TOKENIZER_CONFIG, MODEL_FILE, Tokenizer
+from .byte_level import ByteTokenizer
+from .hf_json import HFTokenizer
+from .llama2_sentencepiece import SentencePieceTokenizer
+from .llama3_tiktoken import TiktokenTokenizer
 
 __all__ = [
+    "FORMATS",
     "TOKENIZER_KINDS",
-    "ByteTokenizer",
-    "Tokenizer",
-    "encode_threads",
     "find_tokenizer",
     "load_tokenizer",
     "resolve_tokenizer",
     "tokenizer_from_checkpoint",
 ]
 
-TOKENIZER_KINDS = ("bytes", "hf", "tiktoken", "sentencepiece")
-
-
-class ByteTokenizer(Tokenizer):
-    """Token = UTF-8 byte (vocabulary 256), no special tokens: the stream is the text's bytes."""
-
-    kind = "bytes"
-    vocab_size = 256
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [list(t.encode("utf-8")) for t in texts]
-
-    def _decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
+# Detection order: a tokenizer.json wins over a tokenizer.model beside it; no file is bytes.
+FORMATS: tuple[type[Tokenizer], ...] = (HFTokenizer, TiktokenTokenizer, SentencePieceTokenizer, ByteTokenizer)
+TOKENIZER_KINDS = tuple(f.kind for f in FORMATS)  # what a checkpoint's meta.json may record
 
 
 def find_tokenizer(directory: Path) -> dict[str, Path] | None:
@@ -80,37 +51,17 @@ def find_tokenizer(directory: Path) -> dict[str, Path] | None:
     return None
 
 
-def model_file_kind(path: Path) -> str:
-    """``"tiktoken"`` for a text file of ``base64 rank`` lines, else ``"sentencepiece"``."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    first = head.split(b"\n", 1)[0]
-    parts = first.split()
-    if len(parts) == 2 and parts[1].isdigit():
-        try:
-            import base64
-
-            base64.b64decode(parts[0], validate=True)
-            return "tiktoken"
-        except ValueError:
-            pass
-    return "sentencepiece"
-
-
 def load_tokenizer(files: Mapping[str, Path], *, what: str) -> Tokenizer:
     """The tokenizer made of ``files`` (roles as :func:`find_tokenizer` returns them).
 
     ``what`` names the source in errors (e.g. ``"--tokenizer runs/tok"``). Raises
     :class:`UsageError` for a missing library or a file that is not a tokenizer.
     """
-
     try:
-        if HF_TOKENIZER in files:
-            return fmt.HFTokenizer(files)
-        path = files[MODEL_FILE]
-        if model_file_kind(path) == "tiktoken":
-            return fmt.TiktokenTokenizer(path)
-        return fmt.SentencePieceTokenizer(path)
+        for fmt in FORMATS:
+            if fmt.detect(files):
+                return fmt.load(files)
+        raise ValueError(f"expected {HF_TOKENIZER} or {MODEL_FILE}, got {sorted(files)}")
     except ImportError as e:
         raise UsageError(
             f"{what}: reading this tokenizer needs the Python package {e.name!r}: pip install 'tp-ffn[train]'"
@@ -172,7 +123,7 @@ def tokenizer_from_checkpoint(path: str | os.PathLike) -> Tokenizer:
         return ByteTokenizer()
     if not isinstance(rec, dict) or rec.get("kind") not in TOKENIZER_KINDS or not isinstance(rec.get("files"), list):
         raise UsageError(f"checkpoint {info.path} is damaged: meta.json has no readable tokenizer record ({rec!r})")
-    if rec["kind"] == "bytes":
+    if rec["kind"] == ByteTokenizer.kind:
         tok: Tokenizer = ByteTokenizer()
     else:
         files = {}

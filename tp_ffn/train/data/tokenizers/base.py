@@ -1,20 +1,39 @@
-"""The :class:`Tokenizer` interface and the tokenizer file names, which every format builds on.
+"""What every tokenizer format is: the :class:`Tokenizer` interface, and the names of the files.
 
-Below both :mod:`tp_ffn.train.tokenizer` (resolution, bytes) and :mod:`tp_ffn.train.tokenizer_formats`
-(the library-backed formats), so that neither imports the other's users.
+A format is one subclass, which says which files are its own (:meth:`Tokenizer.detect`), reads them
+(:meth:`Tokenizer.load`) and writes them as a Hugging Face or Meta checkpoint carries them
+(:meth:`Tokenizer.save`)::
+
+    byte_level.py            ByteTokenizer            bytes          no file
+    hf_json.py               HFTokenizer              hf             tokenizer.json (+ its configs)
+    llama3_tiktoken.py       TiktokenTokenizer        tiktoken       tokenizer.model of "base64 rank" lines
+    llama2_sentencepiece.py  SentencePieceTokenizer   sentencepiece  tokenizer.model, a SentencePiece model
+
+Every format imports this module; this module imports none of them.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HF_SPECIAL_TOKENS", "HF_TOKENIZER", "HF_TOKENIZER_CONFIG", "MODEL_FILE", "Tokenizer", "encode_threads"]
+__all__ = [
+    "HF_SPECIAL_TOKENS",
+    "HF_TOKENIZER",
+    "HF_TOKENIZER_CONFIG",
+    "MODEL_FILE",
+    "ModelFileTokenizer",
+    "Tokenizer",
+    "encode_threads",
+    "model_file_kind",
+]
 
 HF_TOKENIZER = "tokenizer.json"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -124,3 +143,60 @@ class Tokenizer(ABC):
             "kind": self.kind, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
             "eos_id": self.eos_id, "add_bos": self.add_bos, "files": sorted(self.files),
         }  # fmt: skip
+
+    # ---- the format: which files it is, how they are read, how they are written ----------------
+
+    @classmethod
+    @abstractmethod
+    def detect(cls, files: Mapping[str, Path]) -> bool:
+        """Whether ``files`` (role -> path, as :func:`~.resolve.find_tokenizer` returns them) hold
+        this format. May read the files' first bytes (``OSError`` passes through)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, files: Mapping[str, Path]) -> Tokenizer:
+        """The tokenizer ``files`` hold. Raises ``ValueError`` naming a file that is not this format,
+        ``ImportError`` when the format's library is not installed."""
+
+    def save(self, out: Path, *, to: str, model_max_length: int | None = None) -> list[str]:
+        """Write this tokenizer into the directory ``out`` as a Hugging Face (``to="hf"``:
+        ``transformers.AutoTokenizer`` reads it, with ``model_max_length`` in its config) or Meta
+        (``to="meta"``, beside ``consolidated.XX.pth``) checkpoint carries it, encoding every text to
+        the same ids; returns the names written. Here: its own files, copied."""
+        if to not in ("hf", "meta"):
+            raise ValueError(f"to: expected 'hf' or 'meta', got {to!r}")
+        for role, path in self.files.items():
+            shutil.copyfile(path, out / role)
+        return sorted(self.files)
+
+
+class ModelFileTokenizer(Tokenizer):
+    """A format read from one ``tokenizer.model`` (:func:`model_file_kind` tells Meta's two apart);
+    ``__init__`` takes that file's path. A ``tokenizer.json`` beside it wins."""
+
+    @abstractmethod
+    def __init__(self, path: Path) -> None: ...
+
+    @classmethod
+    def detect(cls, files: Mapping[str, Path]) -> bool:
+        return HF_TOKENIZER not in files and MODEL_FILE in files and model_file_kind(files[MODEL_FILE]) == cls.kind
+
+    @classmethod
+    def load(cls, files: Mapping[str, Path]) -> Tokenizer:
+        return cls(files[MODEL_FILE])
+
+
+def model_file_kind(path: Path) -> str:
+    """The format of a ``tokenizer.model`` (both Meta formats use the name): ``"tiktoken"`` for a text
+    file of ``base64 rank`` lines, else ``"sentencepiece"``."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    first = head.split(b"\n", 1)[0]
+    parts = first.split()
+    if len(parts) == 2 and parts[1].isdigit():
+        try:
+            base64.b64decode(parts[0], validate=True)
+            return "tiktoken"
+        except ValueError:
+            pass
+    return "sentencepiece"

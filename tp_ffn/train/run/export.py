@@ -4,9 +4,9 @@
     scripts/convert_checkpoint.py --from train --to meta --num-shards 2 runs/ft out/meta
                                                                             params.json, consolidated.XX.pth, tokenizer.model
 
-The weights are read whole in one process with :func:`tp_ffn.train.checkpoint.load_full_tensors`
+The weights are read whole in one process with :func:`tp_ffn.train.checkpoint.store.load_full_tensors`
 (whatever TP / dp layout wrote them), the tokenizer with
-:func:`~tp_ffn.train.tokenizer.tokenizer_from_checkpoint`; writing is
+:func:`~tp_ffn.train.data.tokenizers.resolve.tokenizer_from_checkpoint`; writing is
 :func:`tp_ffn.models.export.write_pretrained`.
 """
 
@@ -18,10 +18,9 @@ from pathlib import Path
 from ...models.export import write_pretrained
 from ...models.llama import LlamaConfig
 from ...models.weights_types import Progress
-from ..config import UsageError
-from ..data.tokenizers.export import save_hf_tokenizer, save_meta_tokenizer
+from ..checkpoint.store import load_full_tensors, open_checkpoint, verify_checkpoint
 from ..data.tokenizers.resolve import tokenizer_from_checkpoint
-from .store import load_full_tensors, open_checkpoint, verify_checkpoint
+from ..errors import UsageError
 
 __all__ = ["export_checkpoint"]
 
@@ -62,12 +61,12 @@ def export_checkpoint(
         ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
         write_pretrained(
             load_full_tensors(info.path, verify=False), cfg, dst, to="hf", overwrite=overwrite, progress=progress, hf_config=ids,
-            extra=lambda d: save_hf_tokenizer(tok, d, model_max_length=cfg.max_seq_len),
+            extra=lambda d: tok.save(d, to="hf", model_max_length=cfg.max_seq_len),
         )  # fmt: skip
     else:
         split = embedding_split or "vocab"  # today's reference code (Llama 3, llama-models); "dim": Llama 1/2
         write_pretrained(
             load_full_tensors(info.path, verify=False), cfg, dst, to=to, num_shards=num_shards, overwrite=overwrite,
-            progress=progress, extra=lambda d: save_meta_tokenizer(tok, d), embedding_split=split,
+            progress=progress, extra=lambda d: tok.save(d, to="meta"), embedding_split=split,
         )  # fmt: skip
     return info.path
