@@ -642,11 +642,11 @@ def test_fifo_in_place_of_a_checkpoint_file_is_refused_without_blocking(pristine
 
 @pytest.mark.timeout(300)
 def test_bench_digest_smoke(tmp_path):
-    """scripts/bench_digest.py runs end to end on a tiny model and reports what docs/training.md quotes."""
+    """benchmarks/bench_digest.py runs end to end on a tiny model and reports what docs/training.md quotes."""
     out = tmp_path / "digest.json"
     cmd = [
         sys.executable,
-        "scripts/bench_digest.py",
+        "benchmarks/bench_digest.py",
         "--dim",
         "64",
         "--layers",
@@ -698,7 +698,7 @@ def _unsafe_reads(source: str) -> list[str]:
 
 def test_every_checkpoint_read_in_the_code_goes_through_the_safe_reader():
     """A guard for code added later (e.g. a conversion that reads training checkpoints)."""
-    files = [p for d in ("tp_ffn", "scripts") for p in sorted((ROOT / d).rglob("*.py")) if p.name != "safe_dcp.py"]
+    files = [p for d in ("tp_ffn", "scripts", "benchmarks") for p in sorted((ROOT / d).rglob("*.py")) if p.name != "safe_dcp.py"]
     assert len(files) > 20
     found = {str(p.relative_to(ROOT)): calls for p in files if (calls := _unsafe_reads(p.read_text()))}
     assert found == {}

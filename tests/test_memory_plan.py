@@ -300,8 +300,8 @@ def test_return_freed_memory_is_opt_in(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_memory_check_script_tabulates_plan_and_peak(tmp_path):
-    """scripts/memory_check.py (a smoke test: one configuration; the figures are in docs/benchmarks.md)."""
-    cmd = [sys.executable, "scripts/memory_check.py", "--only", "tiny tp1", "--out", str(tmp_path)]
+    """benchmarks/memory_check.py (a smoke test: one configuration; the figures are in docs/benchmarks.md)."""
+    cmd = [sys.executable, "benchmarks/memory_check.py", "--only", "tiny tp1", "--out", str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=280, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (row,) = json.loads((tmp_path / "memory_check.json").read_text())

@@ -82,7 +82,7 @@ __all__ = [
 ]
 
 GiB = 2**30
-# Growth beyond the tensors: CPU measured on the tiny preset (scripts/memory_check.py, 0.02-0.04 GiB
+# Growth beyond the tensors: CPU measured on the tiny preset (benchmarks/memory_check.py, 0.02-0.04 GiB
 # with freed blocks returned to the system); CUDA (cuBLAS / NCCL workspaces, allocator slack) not measured yet.
 RUNTIME_BYTES = {"cpu": 32 * 2**20, "cuda": 1 * GiB}
 

@@ -131,7 +131,7 @@ def release_freed_memory() -> bool:
 
     By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), so
     activations, gathered parameters and gradients of a training step are then served from its
-    heap, whose freed memory it keeps: in ``scripts/memory_check.py`` (100 M parameters, CPU) the
+    heap, whose freed memory it keeps: in ``benchmarks/memory_check.py`` (100 M parameters, CPU) the
     resident set peaked 1.3-2.1x higher than with this setting (FSDP2 over dp 2 the most), while the
     plan counts the tensors. Left alone when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or without glibc.
     """

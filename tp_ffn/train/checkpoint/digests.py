@@ -2,7 +2,7 @@
 
 SHA-256 is in every Python's ``hashlib`` (OpenSSL underneath, with the SHA extensions of x86 and
 ARM CPUs where present), so a checkpoint written on one machine can be checked on any other
-without an extra package. ``scripts/bench_digest.py`` measures what it costs next to a save.
+without an extra package. ``benchmarks/bench_digest.py`` measures what it costs next to a save.
 """
 
 from __future__ import annotations

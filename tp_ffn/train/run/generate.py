@@ -2,7 +2,7 @@
 
 Each step runs one new position against a key/value cache (:class:`~tp_ffn.models.kv_cache.KVCache`,
 each TP rank caching its own kv heads) instead of the whole prefix; ``use_cache=False`` recomputes
-the whole context every step, token for token the same (the test and ``scripts/bench_generate.py``
+the whole context every step, token for token the same (the test and ``benchmarks/bench_generate.py``
 hold the two against each other).
 
 Picking a token, in Hugging Face's order: ``temperature`` divides the logits (0: greedy, the

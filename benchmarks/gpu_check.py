@@ -1,8 +1,8 @@
 """Everything GPU-related about tp_ffn, checked and measured in one call on a machine with CUDA.
 
-    scripts/gpu_check.sh OUT_DIR                  # what to run on the GPU machine (no install)
-    python3 scripts/gpu_check.py OUT_DIR          # the same, with the repository on PYTHONPATH
-    python3 scripts/gpu_check.py OUT_DIR --rehearse-on-cpu   # every part at tiny shapes on the CPU
+    benchmarks/gpu_check.sh OUT_DIR                  # what to run on the GPU machine (no install)
+    python3 benchmarks/gpu_check.py OUT_DIR          # the same, with the repository on PYTHONPATH
+    python3 benchmarks/gpu_check.py OUT_DIR --rehearse-on-cpu   # every part at tiny shapes on the CPU
 
 Writes ``OUT_DIR/gpu_check.json`` (everything), ``OUT_DIR/gpu_check.md`` (the summary, for
 docs/benchmarks.md) and ``OUT_DIR/gpu_check.log`` (each command and its output), rewritten after
@@ -14,9 +14,9 @@ a part that fails or runs out of time is recorded as such and the next one runs:
 tests           ``pytest -m cuda``: the equivalence suite on CUDA (tests/test_cuda.py: dense vs
                 ParallelFeedForward vs emulation in fp32 and bf16, init CPU vs CUDA, autocast, inductor)
                 and the SwiGLU's inductor kernel count (tests/test_swiglu.py)
-parity          scripts/parity.py at world size 1 on NCCL (fp32, bf16), and at world size 2 with both
+parity          benchmarks/parity.py at world size 1 on NCCL (fp32, bf16), and at world size 2 with both
                 ranks on cuda:0 through gloo (plain, sequence parallel): correctness, not speed
-bench           scripts/bench.py in bf16 at the Llama-3-8B (4096, 14336) and Llama-2-70B (8192, 28672)
+bench           benchmarks/bench.py in bf16 at the Llama-3-8B (4096, 14336) and Llama-2-70B (8192, 28672)
                 FFN shapes, 8192 tokens, TP=1: dense and every mode, eager, as a fraction of the bf16
                 GEMM rate measured in the same run; peak and saved memory per candidate
 per-rank        the ``local`` shard and the default mode at TP = 1, 2, 4, 8 of those shapes on PyTorch's
@@ -264,7 +264,7 @@ def parity_runs(cfg: CheckConfig) -> dict[str, list[str]]:
     one = ["--device", "cuda"] if gpu else ["--backend", "gloo", "--device", "cpu"]
     two = ["--backend", "gloo", "--device", "cuda:0" if gpu else "cpu"]
     single, shared = ("NCCL", "cuda:0") if gpu else ("gloo", "cpu")
-    parity = "scripts/parity.py"
+    parity = "benchmarks/parity.py"
     return {
         f"W=1 {single} fp32": [parity, "--bias", *one],
         f"W=1 {single} bf16": [parity, "--bias", "--dtype", "bfloat16", "--activation", "gelu", *one],
@@ -302,7 +302,7 @@ def bench_rows(summary: dict) -> list[dict[str, Any]]:
 
 
 def run_bench(cfg: CheckConfig, run: Runner, label: str, extra: list[str], budget: float | None = None) -> dict:
-    """One scripts/bench.py run (bf16); its summary, or ``{"error": ...}``."""
+    """One benchmarks/bench.py run (bf16); its summary, or ``{"error": ...}``."""
     out = run.scratch / label
     p = run.run(bench_command(cfg, extra, out), budget)
     if not (p.ok and (out / "bench.json").exists()):
@@ -311,7 +311,7 @@ def run_bench(cfg: CheckConfig, run: Runner, label: str, extra: list[str], budge
 
 
 def bench_command(cfg: CheckConfig, extra: list[str], out: Path) -> list[str]:
-    return ["scripts/bench.py", "--dtype", "bfloat16", *cfg.reps, *extra, "--out", str(out)]
+    return ["benchmarks/bench.py", "--dtype", "bfloat16", *cfg.reps, *extra, "--out", str(out)]
 
 
 def bench_summary(path: Path) -> dict:
@@ -547,7 +547,7 @@ def _md_tests(d: dict) -> list[str]:
 
 
 def _md_parity(d: dict) -> list[str]:
-    out = ["## parity (scripts/parity.py)", "", "| run | result | seconds |", "|---|---|---:|"]
+    out = ["## parity (benchmarks/parity.py)", "", "| run | result | seconds |", "|---|---|---:|"]
     for label, c in d["checks"].items():
         out.append(f"| {label} | {'PASS' if c['passed'] else 'FAIL: ' + c['why']} | {c['seconds']} |")
     return out

@@ -1,7 +1,7 @@
 """Generation speed with and without the key/value cache, interleaved, at any TP size.
 
-    OMP_NUM_THREADS=1 python scripts/bench_generate.py --preset small --prompt-len 64 --new-tokens 192
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 scripts/bench_generate.py --preset small
+    OMP_NUM_THREADS=1 python benchmarks/bench_generate.py --preset small --prompt-len 64 --new-tokens 192
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/bench_generate.py --preset small
 
 The model is a preset with random weights (speed does not depend on them), or ``--init-from`` a
 Hugging Face / Meta directory, or ``--ckpt-dir`` a training checkpoint. Each round generates

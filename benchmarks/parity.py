@@ -1,11 +1,11 @@
 """Check a sharded ParallelFeedForward against the dense block on your own cluster.
 
-    torchrun --nproc_per_node 2 scripts/parity.py                      # CPU: gloo
-    torchrun --nproc_per_node 8 scripts/parity.py --dtype bfloat16 \\
+    torchrun --nproc_per_node 2 benchmarks/parity.py                      # CPU: gloo
+    torchrun --nproc_per_node 8 benchmarks/parity.py --dtype bfloat16 \\
         --dim 4096 --hidden-dim 11008 --sequence-parallel              # GPUs: NCCL
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d \\
-        --rdzv-endpoint HOST:29500 scripts/parity.py                   # several nodes
-    torchrun --nproc_per_node 2 scripts/parity.py --backend gloo \\
+        --rdzv-endpoint HOST:29500 benchmarks/parity.py                   # several nodes
+    torchrun --nproc_per_node 2 benchmarks/parity.py --backend gloo \\
         --device cuda:0                                                # 2 ranks on one GPU (gloo)
 
 Builds a dense FeedForward with a fixed seed on every rank, shards it over all ranks (NCCL when
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if "RANK" not in os.environ:  # plain `python scripts/parity.py`: a world of one
+    if "RANK" not in os.environ:  # plain `python benchmarks/parity.py`: a world of one
         os.environ.update(
             RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "0")
         )

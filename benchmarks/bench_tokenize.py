@@ -1,10 +1,10 @@
 """Tokenization throughput of the token cache: documents read, encoded (in parallel threads inside
 each library), framed with BOS/EOS and written, as ``scripts/train.py`` does on a cache miss.
 
-    python scripts/bench_tokenize.py                          # the three formats, 20 MB of stdlib sources
-    python scripts/bench_tokenize.py --mb 100 --vocab 32000 --json out.json
-    python scripts/bench_tokenize.py --tokenizer /models/Meta-Llama-3-8B/tokenizer.model --data corpus.jsonl
-    taskset -c 0-7 python scripts/bench_tokenize.py          # threads = the CPUs the process may use
+    python benchmarks/bench_tokenize.py                          # the three formats, 20 MB of stdlib sources
+    python benchmarks/bench_tokenize.py --mb 100 --vocab 32000 --json out.json
+    python benchmarks/bench_tokenize.py --tokenizer /models/Meta-Llama-3-8B/tokenizer.model --data corpus.jsonl
+    taskset -c 0-7 python benchmarks/bench_tokenize.py          # threads = the CPUs the process may use
 
 Without ``--tokenizer`` it makes one tokenizer of each format from the same text (no download): a
 byte-level BPE trained by ``tokenizers`` (tokenizer.json), the same merges as tiktoken ranks with

@@ -1,6 +1,6 @@
 """Peak memory of building a ParallelFeedForward, per rank, against its shard and the full block.
 
-    torchrun --nproc_per_node 2 scripts/init_memory.py --dim 8192 --hidden-dim 28672
+    torchrun --nproc_per_node 2 benchmarks/init_memory.py --dim 8192 --hidden-dim 28672
 
 Each rank reports how much its peak resident memory (CPU) or peak allocated memory (CUDA) grew
 while the module was built, next to the bytes of its own shard and of the full dense block. The

@@ -1,6 +1,6 @@
 """The parts of a tensor-parallel FFN step, timed one by one: why a mode pays or does not.
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 scripts/bench_parts.py --preset cpu
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/bench_parts.py --preset cpu
 
 Every rank runs each probe at once, after a barrier; a probe's time is the slowest rank's median
 over ``--reps`` runs. Probes, at the block's shard shapes (``T`` tokens, ``D`` dim, ``n`` = hidden / W):

@@ -1,6 +1,6 @@
 """What the checkpoint digests cost: hash throughput, and the digests' share of a save and a resume.
 
-    OMP_NUM_THREADS=1 python scripts/bench_digest.py --repeats 3
+    OMP_NUM_THREADS=1 python benchmarks/bench_digest.py --repeats 3
 
 One process builds a float32 Llama model (default: dim 2048, 3 layers, vocabulary 32000: 1.14 GB of
 weights) and saves it with the training job's own code (``TrainingState.save``: DCP writer, fsync,

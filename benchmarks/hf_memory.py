@@ -1,9 +1,9 @@
 """Peak memory of loading a Hugging Face checkpoint: tp_ffn.hf.from_pretrained per rank against transformers.
 
-    python scripts/hf_memory.py --save /tmp/llama-400m                       # a local LlamaForCausalLM, bf16
-    torchrun --nproc_per_node 2 scripts/hf_memory.py --path /tmp/llama-400m  # tp_ffn.hf.from_pretrained, per rank
-    python scripts/hf_memory.py --path /tmp/llama-400m --dense               # transformers' from_pretrained
-    torchrun --nproc_per_node 2 scripts/hf_memory.py --path /tmp/llama-400m --dense-then-parallelize
+    python benchmarks/hf_memory.py --save /tmp/llama-400m                       # a local LlamaForCausalLM, bf16
+    torchrun --nproc_per_node 2 benchmarks/hf_memory.py --path /tmp/llama-400m  # tp_ffn.hf.from_pretrained, per rank
+    python benchmarks/hf_memory.py --path /tmp/llama-400m --dense               # transformers' from_pretrained
+    torchrun --nproc_per_node 2 benchmarks/hf_memory.py --path /tmp/llama-400m --dense-then-parallelize
                                                  # transformers' from_pretrained, then tp_ffn.hf.parallelize_mlp
 
 Each process reports how much its peak resident set (VmHWM, reset through /proc/self/clear_refs) grew while

@@ -1,15 +1,15 @@
 """Forward+backward step time of the feed-forward block: tp_ffn's modes against the peers.
 
     # the CPU target shape: 2 gloo ranks, 1 thread each, fp32 and bf16 autocast
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 scripts/bench.py --preset cpu --dtype both
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/bench.py --preset cpu --dtype both
     # a GPU node (NCCL), Llama-2-7B / Llama-3-8B FFN shapes, bf16
-    torchrun --standalone --nproc_per_node 8 scripts/bench.py --preset llama2-7b --dtype bfloat16
+    torchrun --standalone --nproc_per_node 8 benchmarks/bench.py --preset llama2-7b --dtype bfloat16
     # one GPU, compiled (inductor), Llama-3-8B FFN shape, TP=1
-    python scripts/bench.py --preset llama3-8b --dtype bfloat16 --compile --candidates dense,tp-overlap
+    python benchmarks/bench.py --preset llama3-8b --dtype bfloat16 --compile --candidates dense,tp-overlap
     # one rank's compute at TP=4 without communication: PyTorch's single-process fake process group
-    python scripts/bench.py --preset llama3-8b --dtype bfloat16 --fake-world 4 --candidates local,tp-overlap
+    python benchmarks/bench.py --preset llama3-8b --dtype bfloat16 --fake-world 4 --candidates local,tp-overlap
     # the same at TP=1, 2, 4 and 8 in one process (into runs/bench/fake-1, fake-2, ...)
-    python scripts/bench.py --preset llama3-8b --dtype bfloat16 --fake-world 1,2,4,8 --candidates local,tp-overlap
+    python benchmarks/bench.py --preset llama3-8b --dtype bfloat16 --fake-world 1,2,4,8 --candidates local,tp-overlap
 
 Candidates, each timed on the same weights and inputs (``--candidates`` picks a subset):
 

@@ -1,6 +1,6 @@
-"""Paired speed ratios pooled over independent runs of ``scripts/bench.py``.
+"""Paired speed ratios pooled over independent runs of ``benchmarks/bench.py``.
 
-    python scripts/bench_pool.py runs/a/bench.json runs/b/bench.json ... \\
+    python benchmarks/bench_pool.py runs/a/bench.json runs/b/bench.json ... \\
         --candidate tp-overlap --reference tp-autograd-act [--dtype bfloat16] [--out pooled.json]
 
 One run of ``bench.py`` gives one paired ratio: the median over its rounds of candidate / reference
@@ -69,7 +69,7 @@ def read_ratios(path: Path, candidate: str, reference: str, dtype: str) -> RunRa
             if isinstance(r["name"], str) and r.get("dtype") == dtype and isinstance(r.get("times_ms"), list)
         }
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-        raise ValueError(f"{path}: expected the JSON that scripts/bench.py writes ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: expected the JSON that benchmarks/bench.py writes ({type(e).__name__}: {e})") from None
     missing = [name for name in (candidate, reference) if name not in rows]
     if missing:
         raise ValueError(f"{path}: expected timed rows of {', '.join(missing)} in {dtype}, found {sorted(rows) or 'none'}")

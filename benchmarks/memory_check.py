@@ -1,6 +1,6 @@
 """The memory plan against measured peaks: short training runs of several shapes and layouts.
 
-    OMP_NUM_THREADS=1 python scripts/memory_check.py --out runs/memory_check
+    OMP_NUM_THREADS=1 python benchmarks/memory_check.py --out runs/memory_check
 
 Each configuration is a 2-step ``scripts/train.py`` run under torchrun (gloo on CPU, NCCL on
 GPUs). train.py prints its plan before building anything and, at the end, the peak it measured on
