@@ -135,6 +135,21 @@ def test_one_argument_parser_class():
     assert found == [f"{own.relative_to(ROOT)}:ArgumentParser"], found
 
 
+MOVED = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.timeout(900)
+def test_old_script_paths_run_the_moved_tools():
+    """``scripts/<tool>.py`` for every tool moved to benchmarks/: the same program, named as before
+    (``--help`` exits 0 with its usage), and the wrapper is all that is left at the old path."""
+    assert len(MOVED) == 11 and "bench.py" in MOVED and "parity.py" in MOVED
+    for name in MOVED:
+        assert len((ROOT / "scripts" / name).read_text().splitlines()) < 8, name
+        r = _run([sys.executable, f"scripts/{name}", "--help"])
+        assert r.returncode == 0 and r.stdout.startswith("usage: "), (name, r.stdout[:300], r.stderr[-2000:])
+        assert r.stdout.split()[1] == name, (name, r.stdout[:100])
+
+
 @pytest.mark.timeout(600)
 def test_torchrun_m_tp_ffn_train_on_two_ranks(tmp_path):
     """``torchrun -m tp_ffn.train``: 2 steps of the tiny model at tp 2 on 2 gloo ranks, a checkpoint

@@ -314,7 +314,8 @@ def _sample_with_fixed_continuation(rank: int, world: int, pre: str, continuatio
     import contextlib
     import io
 
-    sample = _script("sample")
+    from tp_ffn import sample
+
     asked = []
 
     def generate(model, prompt, n, *, stop_tokens=(), **kw):

@@ -23,13 +23,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(120)
-def test_fallback_without_cuda(tmp_path):
+@pytest.mark.parametrize("script", ["benchmarks/gpu_check.sh", "scripts/gpu_check.sh"])  # the old path: a wrapper
+def test_fallback_without_cuda(tmp_path, script):
     """The shell script as is: finds no GPU (none is visible), says so, writes a summary saying so
     and exits 0; a second run into the same directory is refused and overwrites nothing."""
     out = tmp_path / "check"
     env = _env(CUDA_VISIBLE_DEVICES="")
     r = subprocess.run(
-        ["benchmarks/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
+        [script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no CUDA device" in r.stdout and "nothing to run" in r.stdout
@@ -41,7 +42,7 @@ def test_fallback_without_cuda(tmp_path):
     assert "**Nothing was run: no CUDA device" in (out / "gpu_check.md").read_text()
     before = (out / "gpu_check.json").read_bytes()
     r = subprocess.run(
-        ["benchmarks/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
+        [script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
     )
     assert r.returncode == 2 and "already holds a gpu_check.json" in r.stderr
     assert (out / "gpu_check.json").read_bytes() == before

@@ -71,7 +71,7 @@ def test_docs_parity_example_runs_at_three_ranks_with_the_defaults():
     """The parity output docs/testing.md shows (3 ranks, --bias --sequence-parallel, default --seq) is
     what that command prints: the default sequence length splits over 3 ranks."""
     doc = page("docs/testing.md").splitlines()
-    cmd = "torchrun --standalone --nproc_per_node 3 scripts/parity.py --bias --sequence-parallel"
+    cmd = "torchrun --standalone --nproc_per_node 3 scripts/parity.py --bias --sequence-parallel"  # the page's path
     assert any(cmd in ln for ln in doc), cmd
     header = next(ln for ln in doc if ln.startswith("tp_ffn parity: world size 3"))
     shards = [ln for ln in doc if ln.startswith("  rank ") and ": w1.weight" in ln]

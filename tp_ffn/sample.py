@@ -27,8 +27,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .models.llama import Transformer
 from .train.cli import ArgumentParser, run_cli
 from .train.consensus import agree
+from .train.data.tokenizers import resolve_tokenizer, tokenizer_from_checkpoint
 from .train.errors import UsageError
 from .train.run.generate import check_sampling, generate, load_checkpoint_model
 from .train.run.parallelize import init_runtime
@@ -73,7 +75,6 @@ def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, typing.Any, str]:
     """The model (this rank's TP shard), its tokenizer, and a header line; every rank found the same."""
-    from .train.data.tokenizers import resolve_tokenizer, tokenizer_from_checkpoint
 
     def same_tokenizer(find: typing.Callable[[], typing.Any]) -> typing.Any:
         return agree(find, what="the tokenizer", describe=lambda tok: f"{tok.kind}, fingerprint {tok.fingerprint}")
@@ -85,7 +86,6 @@ def _load(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Modu
         else:
             tok = same_tokenizer(lambda: resolve_tokenizer(args.tokenizer))
         return model, tok, f"{info.path} (step {info.step})"
-    from .models.llama import Transformer
 
     def load() -> torch.nn.Module:
         try:
