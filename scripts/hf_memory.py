@@ -1,5 +1,6 @@
-"""Moved to ``benchmarks/hf_memory.py``; this path runs it, with the same arguments."""
+"""Moved to ``benchmarks/hf_memory.py``; this path runs it, with the same arguments and exit status."""
 
-import _moved
+import runpy
+from pathlib import Path
 
-_moved.run(__file__)
+runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / Path(__file__).name), run_name="__main__")

@@ -144,7 +144,7 @@ def test_old_script_paths_run_the_moved_tools():
     (``--help`` exits 0 with its usage), and the wrapper is all that is left at the old path."""
     assert len(MOVED) == 11 and "bench.py" in MOVED and "parity.py" in MOVED
     for name in MOVED:
-        assert len((ROOT / "scripts" / name).read_text().splitlines()) < 8, name
+        assert len((ROOT / "scripts" / name).read_text().splitlines()) < 8, name  # a wrapper, nothing more
         r = _run([sys.executable, f"scripts/{name}", "--help"])
         assert r.returncode == 0 and r.stdout.startswith("usage: "), (name, r.stdout[:300], r.stderr[-2000:])
         assert r.stdout.split()[1] == name, (name, r.stdout[:100])

@@ -228,7 +228,7 @@ def test_sample_at_a_tp_size_that_does_not_split_the_heads(trained):
 
 
 def _parity_hidden_below_ranks(rank: int, world: int) -> str:
-    parity = _load_script("parity")
+    parity = _load_script("parity", "benchmarks")
     try:
         parity.run(parity.ParityConfig(dim=8, hidden_dim=2), torch.device("cpu"))
     except ValueError as e:

@@ -330,8 +330,8 @@ def test_sequence_parallel_model_is_refused():
 # Scripts
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+def _load_script(name: str, folder: str = "scripts"):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses (parity.py's) look their module up there
     spec.loader.exec_module(module)
