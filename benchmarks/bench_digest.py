@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from tp_ffn.models.llama import LlamaConfig, Transformer
-from tp_ffn.train import saving
+from tp_ffn.train.checkpoint import saving
 from tp_ffn.train.checkpoint import store as ck
 
 

@@ -5,7 +5,7 @@
 
 Builds the training job's model, AdamW state and schedule at ``--preset`` (TP x FSDP2 as
 ``scripts/train.py`` does; the world size / ``--tp`` is dp), and in each round saves the whole
-training state twice with the job's own :class:`~tp_ffn.train.saving.Saver` into ``--dir``, once
+training state twice with the job's own :class:`~tp_ffn.train.checkpoint.saving.Saver` into ``--dir``, once
 synchronously and once in the background (``dcp.async_save``), the order alternating between rounds
 so that neither always runs on a warmer page cache. ``--steps-between`` training steps follow each
 save (the background write overlaps them).
@@ -40,11 +40,11 @@ import torch.nn.functional as F
 
 from tp_ffn.models.llama import PRESETS, Transformer
 from tp_ffn.shutdown import exit_without_teardown
+from tp_ffn.train.checkpoint.saving import Saver
 from tp_ffn.train.checkpoint.store import TrainingState
 from tp_ffn.train.consensus import any_rank
 from tp_ffn.train.run.optim import WarmupCosine, build_optimizer, build_scheduler, init_adamw_state
 from tp_ffn.train.run.parallelize import build_mesh, init_runtime, parallelize
-from tp_ffn.train.saving import Saver
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -28,7 +28,7 @@ def _counted(rank: int, world: int, overrides: dict) -> dict:
     another is still being written."""
     import torch.distributed.checkpoint as dcp
 
-    from tp_ffn.train import saving
+    from tp_ffn.train.checkpoint import saving
 
     real_async, real_save = dcp.async_save, dcp.save
     calls = {"async_save": 0, "save": 0, "overlapping": 0}

@@ -72,7 +72,7 @@ def _failing(rank: int, world: int, overrides: dict, mode: str) -> dict:
     """``_run`` with one write failure planted at the second save (step 6)."""
     import torch.distributed.checkpoint.filesystem as dcp_fs
 
-    from tp_ffn.train import saving
+    from tp_ffn.train.checkpoint import saving
 
     real_stream, real_rename, real_usage = dcp_fs.FileSystem.create_stream, os.rename, shutil.disk_usage
 

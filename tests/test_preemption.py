@@ -76,7 +76,7 @@ def _signalled(rank: int, world: int, overrides: dict, at_step: int, who: int, s
 def _signal_inside_save(rank: int, world: int, overrides: dict) -> dict:
     """Every rank sends itself SIGTERM, SIGUSR1 and SIGTERM again while digesting the first file of
     its first save (DCP has written it; the index, meta.json and the rename are still to come)."""
-    from tp_ffn.train import saving
+    from tp_ffn.train.checkpoint import saving
 
     real = saving.file_digest
     sent = {"done": False}

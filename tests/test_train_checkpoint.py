@@ -134,7 +134,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(reference, tmp_path):
     with pytest.raises(AssertionError, match="simulated crash while saving"):
         run_ranks(2, _crash_in_second_save, {"tp": 2, "ckpt_dir": str(d)}, timeout=240)
     names = sorted(p.name for p in d.iterdir())
-    # The failed save removed its partial directory (tp_ffn/train/saving.py); step 10 is the newest.
+    # The failed save removed its partial directory (tp_ffn/train/checkpoint/saving.py); step 10 is the newest.
     assert names == ["metrics.jsonl", "step_00000010"], names
     # A save cut short by the death of a process leaves its directory instead: resume removes it.
     shutil.copytree(d / "step_00000010", d / ".tmp-step_00000020-deadbeef")

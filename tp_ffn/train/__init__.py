@@ -9,13 +9,11 @@ one way, between modules and between these packages: ``__main__`` -> ``run`` -> 
     errors.py       UsageError: bad input, reported as one line
     config.py       TrainConfig (the command line, validated in one place), ParallelPlan
     consensus.py    decisions taken from what each rank sees, agreed by every rank; reporting errors once
-    saving.py       writing checkpoints: free-space check, failed writes agreed and cleaned up, --ckpt-async
-    run_lock.py     one run per --ckpt-dir: flock held by rank 0, a lease file where locks do not work
-    preempt.py      SIGTERM / SIGUSR1 recorded; the loop stops every rank after the same step, saved
 
     run/            the run itself, and what is done with its checkpoints
       trainer.py      the loop, --eval-only
       parallelize.py  process group, ("dp", "tp") mesh, activation checkpointing, compile, FSDP2
+      preempt.py      SIGTERM / SIGUSR1 recorded; the loop stops every rank after the same step, saved
       optim.py        AdamW, warmup + cosine, clipping by the true global gradient norm
       metrics.py      JSONL metrics, progress bar, loss plot
       outputs.py      before step 1: the output paths can be written, and --ckpt-dir is shared by every rank
@@ -23,6 +21,8 @@ one way, between modules and between these packages: ``__main__`` -> ``run`` -> 
       export.py       a training checkpoint as a Hugging Face / Meta directory (python -m tp_ffn.convert --from train)
     checkpoint/     training checkpoints
       store.py        atomic DCP checkpoints that reshard over TP and dp, verified before every read
+      saving.py       writing them: free-space check, failed writes agreed and cleaned up, --ckpt-async
+      run_lock.py     one run per --ckpt-dir: flock held by rank 0, a lease file where locks do not work
       safe_dcp.py     DCP's reader without pickled code: restricted index unpickler, tensor-only records
       digests.py      SHA-256 of checkpoint files, streamed
       layout.py       where each rank's block of every parameter sits in the full model (the layers' ShardSpecs + FSDP2)

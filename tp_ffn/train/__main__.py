@@ -68,7 +68,7 @@ from ..shutdown import exit_without_teardown
 from .cli import process_rank, run_cli
 from .config import parse_args
 from .consensus import QUIET_RANK_GRACE_S
-from .preempt import EXIT_PREEMPTED
+from .run.preempt import EXIT_PREEMPTED
 from .run.trainer import TrainResult, train
 
 __all__ = ["console", "exit_with", "main"]

@@ -11,12 +11,12 @@ Layout of ``--ckpt-dir``::
       .tmp-step_00000300-1a2b3c/  a save in progress (or one that crashed): never read, removed at start
       metrics.jsonl, metrics.png  (default place of the metrics)
 
-A save (:mod:`tp_ffn.train.saving`) writes into ``.tmp-step_N-<random>/``; each rank digests the
+A save (:mod:`tp_ffn.train.checkpoint.saving`) writes into ``.tmp-step_N-<random>/``; each rank digests the
 files it wrote, and rank 0 writes ``meta.json`` (with every file's size and digest), fsyncs, and
 renames the directory to ``step_N`` in one ``rename(2)``. A crash at any moment leaves either no
 ``step_N`` or a complete one, and never touches older checkpoints; a failed write removes its
 directory. An existing ``step_N`` is never overwritten. The directory also holds the lock of the run
-writing into it (``.run.lock``, :mod:`tp_ffn.train.run_lock`).
+writing into it (``.run.lock``, :mod:`tp_ffn.train.checkpoint.run_lock`).
 
 Reading trusts nothing in the directory: :func:`verify_checkpoint` checks every file's size and
 digest against ``meta.json`` and ``meta.json``'s model config against the tensors, and every DCP
@@ -81,7 +81,6 @@ from ...models.llama import LlamaConfig
 from ...models.weight_names import weight_layout
 from ..consensus import agree
 from ..errors import UsageError
-from ..saving import FORMAT, META, STEP_RE, TMP_PREFIX, SaveError, save_atomic, step_dir
 from .digests import ALGORITHM, file_digest, is_digest
 from .layout import Block, local_tensor, param_blocks
 from .safe_dcp import (
@@ -95,6 +94,7 @@ from .safe_dcp import (
     regular_file_size,
     unwrap_refusal,
 )
+from .saving import FORMAT, META, STEP_RE, TMP_PREFIX, SaveError, save_atomic, step_dir
 
 __all__ = [
     "FORMAT",

@@ -28,19 +28,19 @@ from ..budget.memory import memory_report, plan_memory
 from ..budget.memory_use import peak_bytes, release_freed_memory, reset_peak
 from ..checkpoint import store as ckpt
 from ..checkpoint.layout import param_blocks
+from ..checkpoint.run_lock import RunLock, acquire_run_lock
+from ..checkpoint.saving import SaveError, Saver, checkpoint_bytes
 from ..config import ParallelPlan, TrainConfig
 from ..consensus import agree, any_rank, decided_by_rank_0
 from ..data.corpus import Corpus, Windows, load_corpus, validation_batch, validation_count
 from ..data.token_cache import CacheOptions, default_cache_dir
 from ..data.tokenizers import ByteTokenizer, Tokenizer, resolve_tokenizer, tokenizer_from_checkpoint
 from ..errors import UsageError
-from ..preempt import StopSignals
-from ..run_lock import RunLock, acquire_run_lock
-from ..saving import SaveError, Saver, checkpoint_bytes
 from .metrics import MetricsLog, Progress, plot_metrics
 from .optim import WarmupCosine, build_optimizer, build_scheduler, clip_grad_norm_, init_adamw_state
 from .outputs import check_outputs
 from .parallelize import Runtime, build_mesh, init_runtime, parallelize
+from .preempt import StopSignals
 
 __all__ = ["TrainResult", "lr_schedule_steps", "train"]
 

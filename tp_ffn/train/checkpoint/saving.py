@@ -40,9 +40,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 
-from .checkpoint.digests import ALGORITHM, file_digest
-from .consensus import decided_by_rank_0
-from .errors import UsageError
+from ..consensus import decided_by_rank_0
+from ..errors import UsageError
+from .digests import ALGORITHM, file_digest
 
 __all__ = [
     "EXIT_SAVE_FAILED",

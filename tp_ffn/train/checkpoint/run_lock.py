@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = ["HEARTBEAT_S", "LEASE_NAME", "LOCK_NAME", "STALE_S", "RunLock", "acquire_run_lock"]
 
