@@ -2,7 +2,7 @@
 thread), one at a time, and what lands on disk is byte for byte what a synchronous save writes;
 preemption and the end of the run wait for the save in flight. (Before this work there was no
 --ckpt-async: every save stopped training for its whole write.) Its cost is measured by
-scripts/bench_ckpt.py, smoke-run here.
+benchmarks/bench_ckpt.py, smoke-run here.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_a_stop_signal_waits_for_the_save_in_flight_then_saves_its_step(tmp_path
 @pytest.mark.timeout(300)
 def test_bench_ckpt_smoke(tmp_path):
     out = tmp_path / "ckpt.json"
-    cmd = [sys.executable, "scripts/bench_ckpt.py", "--rounds", "1", "--steps-between", "2", "--seq-len", "32"]
+    cmd = [sys.executable, "benchmarks/bench_ckpt.py", "--rounds", "1", "--steps-between", "2", "--seq-len", "32"]
     cmd += ["--check-calls", "20", "--dir", str(tmp_path / "ck"), "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -142,7 +142,7 @@ MOVED = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
 def test_old_script_paths_run_the_moved_tools():
     """``scripts/<tool>.py`` for every tool moved to benchmarks/: the same program, named as before
     (``--help`` exits 0 with its usage), and the wrapper is all that is left at the old path."""
-    assert len(MOVED) == 11 and "bench.py" in MOVED and "parity.py" in MOVED
+    assert len(MOVED) == 15 and "bench.py" in MOVED and "parity.py" in MOVED
     for name in MOVED:
         assert len((ROOT / "scripts" / name).read_text().splitlines()) < 8, name  # a wrapper, nothing more
         r = _run([sys.executable, f"scripts/{name}", "--help"])
