@@ -238,7 +238,7 @@ class ShardSpec:
         ``(global offsets, sizes, local offsets)`` of each rectangle (several when it crosses blocks).
 
         This is how a second cut on top of the TP one is placed, e.g. FSDP2's ``torch.chunk`` of
-        dim 0 of the local tensor (:func:`tp_ffn.train.layout.param_blocks`). A box holding nothing
+        dim 0 of the local tensor (:func:`tp_ffn.train.checkpoint.layout.param_blocks`). A box holding nothing
         is returned as one empty rectangle.
         """
         offsets, sizes = tuple(offsets), tuple(sizes)

@@ -400,7 +400,7 @@ def save_atomic(
     """Save ``state`` as ``ckpt_dir/step_<step>`` now (collective); ``None`` when it already exists.
 
     ``meta`` goes to ``meta.json`` with the format, step, world size and each file's size and
-    SHA-256 added; ``planner`` is DCP's (a :class:`~tp_ffn.train.checkpoint.BlockSavePlanner` for
+    SHA-256 added; ``planner`` is DCP's (a :class:`~tp_ffn.train.checkpoint.store.BlockSavePlanner` for
     sharded state). ``extra_files`` (name -> source, e.g. the tokenizer's files) are copied into the
     checkpoint beside DCP's, and listed and digested in ``meta.json`` like them. ``keep_last > 0``
     then deletes all but the newest ``keep_last`` complete checkpoints. Raises :class:`SaveError`.
