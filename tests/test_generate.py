@@ -350,7 +350,16 @@ def test_sample_script_checks_sampling_flags(tmp_path, capsys):
 @pytest.mark.timeout(200)
 def test_bench_generate_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "benchmarks/bench_generate.py", "--preset", "tiny", "--prompt-len", "8", "--new-tokens", "12"]
+    cmd = [
+        sys.executable,
+        "benchmarks/bench_generate.py",
+        "--preset",
+        "tiny",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "12",
+    ]
     cmd += ["--rounds", "2", "--batch", "2", "--dtype", "float64", "--out", str(tmp_path / "g.json")]
     r = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -29,9 +29,7 @@ def test_fallback_without_cuda(tmp_path, script):
     and exits 0; a second run into the same directory is refused and overwrites nothing."""
     out = tmp_path / "check"
     env = _env(CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run(
-        [script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
-    )
+    r = subprocess.run([script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no CUDA device" in r.stdout and "nothing to run" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
@@ -41,9 +39,7 @@ def test_fallback_without_cuda(tmp_path, script):
     assert all(p["status"] == "skipped" and "no CUDA device" in p["reason"] for p in report["parts"])
     assert "**Nothing was run: no CUDA device" in (out / "gpu_check.md").read_text()
     before = (out / "gpu_check.json").read_bytes()
-    r = subprocess.run(
-        [script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
-    )
+    r = subprocess.run([script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
     assert r.returncode == 2 and "already holds a gpu_check.json" in r.stderr
     assert (out / "gpu_check.json").read_bytes() == before
 

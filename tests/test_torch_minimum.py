@@ -31,7 +31,9 @@ TABLE = load_table()
 # The training job and its commands (python -m tp_ffn.{train,sample,convert}) need the train extra's torch.
 COMMANDS = [ROOT / "tp_ffn" / "sample.py", ROOT / "tp_ffn" / "convert.py"]
 CORE = sorted(
-    p for p in (ROOT / "tp_ffn").rglob("*.py") if "train" not in p.relative_to(ROOT / "tp_ffn").parts and p not in COMMANDS
+    p
+    for p in (ROOT / "tp_ffn").rglob("*.py")
+    if "train" not in p.relative_to(ROOT / "tp_ffn").parts and p not in COMMANDS
 )
 TRAIN = [ROOT / "tp_ffn" / "train", *COMMANDS, ROOT / "scripts", ROOT / "benchmarks"]
 
