@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _texts(args: argparse.Namespace) -> list[str]:
     if args.text:
         return [f.read_text(encoding="utf-8") for f in args.text]
-    from tp_ffn.train.data import stdlib_sources
+    from tp_ffn.train.data.corpus import stdlib_sources
 
     out, size = [], 0
     for f in stdlib_sources():

@@ -1,4 +1,4 @@
-"""scripts/bench.py runs every candidate under torchrun and writes its JSON, Markdown and chart.
+"""benchmarks/bench.py runs every candidate under torchrun and writes its JSON, Markdown and chart.
 (Correctness of the script only: timings are never asserted.)"""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(300)
 def test_bench_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/bench.py"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "benchmarks/bench.py"]
     cmd += ["--dim", "64", "--hidden-dim", "128", "--tokens", "32", "--reps", "2", "--warmup", "1", "--dtype", "both"]
     cmd += ["--force-bf16"]  # both halves even on a CPU whose bf16 is slow: the shape is tiny
     r = subprocess.run(cmd + ["--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
@@ -78,7 +78,7 @@ def test_bench_smoke(tmp_path):
 def test_bench_fake_world_and_compile_smoke(tmp_path):
     """One rank's compute at TP=4 on the fake process group, compiled: no torchrun, per-rank flops."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "scripts/bench.py", "--dim", "32", "--hidden-dim", "64", "--tokens", "16", "--reps", "2"]
+    cmd = [sys.executable, "benchmarks/bench.py", "--dim", "32", "--hidden-dim", "64", "--tokens", "16", "--reps", "2"]
     cmd += ["--warmup", "1", "--fake-world", "4", "--compile", "--candidates", "tp-overlap,fairscale"]
     r = subprocess.run(cmd + ["--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -103,7 +103,7 @@ def test_bench_parts_smoke(tmp_path):
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        "scripts/bench_parts.py",
+        "benchmarks/bench_parts.py",
     ]
     cmd += ["--preset", "tiny", "--reps", "2", "--out", str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
@@ -118,7 +118,7 @@ def test_bench_parts_smoke(tmp_path):
 def test_bench_at_world_size_one_has_the_vs_dense_column(tmp_path):
     """At W = 1 the figure of interest is each mode against the dense block (docs/benchmarks.md: "within 1%")."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": "0"}
-    cmd = [sys.executable, "scripts/bench.py", "--dim", "32", "--hidden-dim", "64", "--tokens", "16"]
+    cmd = [sys.executable, "benchmarks/bench.py", "--dim", "32", "--hidden-dim", "64", "--tokens", "16"]
     cmd += ["--reps", "2", "--warmup", "1", "--candidates", "dense,tp-overlap,local", "--out", str(tmp_path)]
     cmd += ["--peak-tflops", "0.001"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
@@ -138,7 +138,7 @@ def test_bench_at_world_size_one_has_the_vs_dense_column(tmp_path):
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "benchmarks" / "bench.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
@@ -166,8 +166,8 @@ def test_bf16_is_skipped_with_a_note_where_it_is_slow_unless_forced(monkeypatch)
 
 
 def _out_default(script: str) -> str:
-    """The default of ``--out`` in ``scripts/<script>.py`` (read from its argparse call)."""
-    tree = ast.parse((ROOT / "scripts" / f"{script}.py").read_text())
+    """The default of ``--out`` in ``benchmarks/<script>.py`` (read from its argparse call)."""
+    tree = ast.parse((ROOT / "benchmarks" / f"{script}.py").read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and node.args and getattr(node.args[0], "value", None) == "--out":
             return next(k.value.value for k in node.keywords if k.arg == "default")

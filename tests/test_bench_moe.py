@@ -1,4 +1,4 @@
-"""scripts/bench_moe.py runs under torchrun and writes its JSON (correctness of the script only:
+"""benchmarks/bench_moe.py runs under torchrun and writes its JSON (correctness of the script only:
 timings are never asserted)."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_moe_smoke(tmp_path):
     pytest.importorskip("transformers")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/bench_moe.py"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["benchmarks/bench_moe.py"]
     cmd += ["--dim", "16", "--experts", "4", "--top-k", "2", "--hidden", "16", "--shared", "16", "--tokens", "32"]
     cmd += ["--reps", "2", "--warmup", "0", "--out", str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)

@@ -1,4 +1,4 @@
-"""scripts/bench_pool.py: paired ratios of several bench.py runs, pooled (figures from made-up runs)."""
+"""benchmarks/bench_pool.py: paired ratios of several bench.py runs, pooled (figures from made-up runs)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_pool", ROOT / "scripts" / "bench_pool.py")
+_spec = importlib.util.spec_from_file_location("bench_pool", ROOT / "benchmarks" / "bench_pool.py")
 bench_pool = importlib.util.module_from_spec(_spec)
 sys.modules["bench_pool"] = bench_pool  # dataclasses look their module up there
 _spec.loader.exec_module(bench_pool)
@@ -79,8 +79,8 @@ def test_bad_files_are_one_line_naming_the_file(tmp_path, capsys):
     names = tmp_path / "names.json"
     names.write_text(json.dumps({"rows": [{"name": 3, "dtype": "bfloat16", "times_ms": [1.0]}]}))
     cases = [
-        (junk, "expected the JSON that scripts/bench.py writes"),
-        (deep, "expected the JSON that scripts/bench.py writes"),
+        (junk, "expected the JSON that benchmarks/bench.py writes"),
+        (deep, "expected the JSON that benchmarks/bench.py writes"),
         (names, "expected timed rows of tp-overlap, tp-autograd-act in bfloat16, found none"),
         (fp32, "expected timed rows of tp-overlap, tp-autograd-act in bfloat16, found none"),
         (tmp_path / "absent.json", "expected the JSON"),

@@ -1,4 +1,4 @@
-"""scripts/bench_tokenize.py makes its three tokenizers and measures each (correctness of the script
+"""benchmarks/bench_tokenize.py makes its three tokenizers and measures each (correctness of the script
 only: timings are never asserted)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def test_bench_tokenize_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,
-        "scripts/bench_tokenize.py",
+        "benchmarks/bench_tokenize.py",
         "--mb",
         "0.1",
         "--vocab",

@@ -31,18 +31,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pickle_forms
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-import pickle_forms
 from rankpool import run_ranks
 from scriptmain import ROOT, script_error
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-from tp_ffn.train import TrainConfig, UsageError, safe_dcp, train
-from tp_ffn.train import checkpoint as ck
-from tp_ffn.train.generate import load_checkpoint_model
+from tp_ffn.train import TrainConfig, UsageError, train
+from tp_ffn.train.checkpoint import safe_dcp
+from tp_ffn.train.checkpoint import store as ck
+from tp_ffn.train.run.generate import load_checkpoint_model
 
 TRAIN = dict(
     preset="tiny", model_args={"n_layers": 1}, seq_len=16, batch_size=2, corpus_bytes=20_000, val_every=0,
@@ -641,11 +642,11 @@ def test_fifo_in_place_of_a_checkpoint_file_is_refused_without_blocking(pristine
 
 @pytest.mark.timeout(300)
 def test_bench_digest_smoke(tmp_path):
-    """scripts/bench_digest.py runs end to end on a tiny model and reports what docs/training.md quotes."""
+    """benchmarks/bench_digest.py runs end to end on a tiny model and reports what docs/training.md quotes."""
     out = tmp_path / "digest.json"
     cmd = [
         sys.executable,
-        "scripts/bench_digest.py",
+        "benchmarks/bench_digest.py",
         "--dim",
         "64",
         "--layers",
@@ -697,7 +698,7 @@ def _unsafe_reads(source: str) -> list[str]:
 
 def test_every_checkpoint_read_in_the_code_goes_through_the_safe_reader():
     """A guard for code added later (e.g. a conversion that reads training checkpoints)."""
-    files = [p for d in ("tp_ffn", "scripts") for p in sorted((ROOT / d).rglob("*.py")) if p.name != "safe_dcp.py"]
+    files = [p for d in ("tp_ffn", "scripts", "benchmarks") for p in sorted((ROOT / d).rglob("*.py")) if p.name != "safe_dcp.py"]
     assert len(files) > 20
     found = {str(p.relative_to(ROOT)): calls for p in files if (calls := _unsafe_reads(p.read_text()))}
     assert found == {}
@@ -811,7 +812,10 @@ FORMS = ROOT / "tests" / "data" / "pickle_forms"
 def _expected_index() -> Metadata:
     """tests/pickle_forms.py's index, built with torch's own classes."""
     from torch.distributed.checkpoint.metadata import (
-        ChunkStorageMetadata, StorageMeta, TensorProperties, TensorStorageMetadata,
+        ChunkStorageMetadata,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
     )  # fmt: skip
 
     entries, records, offset = {}, {}, 0

@@ -2,7 +2,7 @@
 thread), one at a time, and what lands on disk is byte for byte what a synchronous save writes;
 preemption and the end of the run wait for the save in flight. (Before this work there was no
 --ckpt-async: every save stopped training for its whole write.) Its cost is measured by
-scripts/bench_ckpt.py, smoke-run here.
+benchmarks/bench_ckpt.py, smoke-run here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rankpool import run_ranks
 from test_preemption import BASE, _run, _signalled
 from test_train_cli import _env
 
-from tp_ffn.train import checkpoint as ck
+from tp_ffn.train.checkpoint import store as ck
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = {**BASE, "steps": 6, "ckpt_every": 2, "tp": 2, "val_every": 3}
@@ -28,7 +28,7 @@ def _counted(rank: int, world: int, overrides: dict) -> dict:
     another is still being written."""
     import torch.distributed.checkpoint as dcp
 
-    from tp_ffn.train import saving
+    from tp_ffn.train.checkpoint import saving
 
     real_async, real_save = dcp.async_save, dcp.save
     calls = {"async_save": 0, "save": 0, "overlapping": 0}
@@ -91,7 +91,7 @@ def test_a_stop_signal_waits_for_the_save_in_flight_then_saves_its_step(tmp_path
 @pytest.mark.timeout(300)
 def test_bench_ckpt_smoke(tmp_path):
     out = tmp_path / "ckpt.json"
-    cmd = [sys.executable, "scripts/bench_ckpt.py", "--rounds", "1", "--steps-between", "2", "--seq-len", "32"]
+    cmd = [sys.executable, "benchmarks/bench_ckpt.py", "--rounds", "1", "--steps-between", "2", "--seq-len", "32"]
     cmd += ["--check-calls", "20", "--dir", str(tmp_path / "ck"), "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

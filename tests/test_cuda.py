@@ -1,6 +1,6 @@
 """The equivalence suite on a CUDA device: marker ``cuda``, skipped without one.
 
-``scripts/gpu_check.sh`` runs these (``pytest -m cuda``) on the GPU machine. Checked there:
+``benchmarks/gpu_check.sh`` runs these (``pytest -m cuda``) on the GPU machine. Checked there:
 ParallelFeedForward on CUDA against the float64 dense reference (on the CPU) and against the
 ``pretraining_tp`` emulation on CUDA, in fp32 and bf16, in every mode, at world size 1 in this
 process and at world size 2 with both ranks on ``cuda:0`` through gloo; initialisation on CUDA
@@ -10,7 +10,7 @@ the two-tensor memory target measured under compile.
 Tolerances (relative, Frobenius): fp32 1e-5 against float64, as the CPU suites (cuBLAS sums in
 another order than the CPU, still a few ulps of fp32; TF32 is switched off for these tests, it
 would give ~1e-3); bf16 3e-2 (a few ulps of bf16's 8-bit mantissa over sums of ~100 terms), as
-scripts/parity.py. A wrong weight is seen in both (negative control in
+benchmarks/parity.py. A wrong weight is seen in both (negative control in
 ``test_check_sees_a_wrong_weight``: w2 off by 10% gives an error of 0.1).
 """
 

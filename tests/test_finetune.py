@@ -28,10 +28,10 @@ from rankpool import run_ranks
 from tokfixtures import make_sentencepiece_model, make_tiktoken_file
 
 from tp_ffn.train import TrainConfig, UsageError, train
-from tp_ffn.train.data import Windows, load_corpus, validation_batch
-from tp_ffn.train.metrics import read_metrics
-from tp_ffn.train.token_cache import CacheOptions
-from tp_ffn.train.tokenizer import resolve_tokenizer, tokenizer_from_checkpoint
+from tp_ffn.train.data.corpus import Windows, load_corpus, validation_batch
+from tp_ffn.train.data.token_cache import CacheOptions
+from tp_ffn.train.data.tokenizers import resolve_tokenizer, tokenizer_from_checkpoint
+from tp_ffn.train.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, BATCH, NVAL = 32, 8, 8
@@ -196,7 +196,7 @@ def test_sample_decodes_with_the_runs_tokenizer_at_any_tp(setup, finetuned):
 
 
 def _our_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from tp_ffn.train.generate import load_checkpoint_model
+    from tp_ffn.train.run.generate import load_checkpoint_model
 
     model, _ = load_checkpoint_model(ckpt)
     with torch.no_grad():
@@ -224,7 +224,7 @@ def _check_hf_export(ckpt: Path, dst: Path, text: str) -> None:
 @pytest.mark.timeout(600)
 def test_export_round_trip(setup, finetuned, tmp_path):
     from tp_ffn.models import Transformer, config_from_pretrained, load_pretrained
-    from tp_ffn.train.checkpoint import load_full_tensors
+    from tp_ffn.train.checkpoint.store import load_full_tensors
 
     _check_hf_export(finetuned["ckpt"], tmp_path / "hf", "Fine-tune, then export back.")
     r = _run(sys.executable, "scripts/convert_checkpoint.py", "--from", "train", "--to", "meta", "--num-shards", "2",
@@ -314,7 +314,8 @@ def _sample_with_fixed_continuation(rank: int, world: int, pre: str, continuatio
     import contextlib
     import io
 
-    sample = _script("sample")
+    from tp_ffn import sample
+
     asked = []
 
     def generate(model, prompt, n, *, stop_tokens=(), **kw):

@@ -20,8 +20,8 @@ from test_generate import _load_script
 from test_train_cli import SMALL, _env, _launcher, _reap, _spawn
 
 from tp_ffn.train import UsageError
-from tp_ffn.train.metrics import read_metrics
-from tp_ffn.train.optim import WarmupCosine
+from tp_ffn.train.run.metrics import read_metrics
+from tp_ffn.train.run.optim import WarmupCosine
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, SAMPLE = str(ROOT / "scripts" / "train.py"), str(ROOT / "scripts" / "sample.py")
@@ -210,7 +210,7 @@ def test_sample_flags_are_checked(argv, pattern, capsys):
 
 
 def _sample_at_tp(rank: int, world: int, path: str) -> str:
-    from tp_ffn.train.generate import load_checkpoint_model
+    from tp_ffn.train.run.generate import load_checkpoint_model
 
     try:
         load_checkpoint_model(path)
@@ -228,7 +228,7 @@ def test_sample_at_a_tp_size_that_does_not_split_the_heads(trained):
 
 
 def _parity_hidden_below_ranks(rank: int, world: int) -> str:
-    parity = _load_script("parity")
+    parity = _load_script("parity", "benchmarks")
     try:
         parity.run(parity.ParityConfig(dim=8, hidden_dim=2), torch.device("cpu"))
     except ValueError as e:
@@ -299,7 +299,7 @@ def test_resume_keeps_the_lr_schedule_unless_told(trained, tmp_path):
 
 def test_schedule_length_of_older_checkpoints():
     from tp_ffn.train import TrainConfig
-    from tp_ffn.train.trainer import lr_schedule_steps
+    from tp_ffn.train.run.trainer import lr_schedule_steps
 
     cfg = TrainConfig(steps=120)
     assert lr_schedule_steps(cfg, None) == (120, None)  # a fresh run: --steps

@@ -26,7 +26,7 @@ from rankpool import run_ranks
 from test_preemption import BASE, _run
 from test_train_cli import SMALL, _env
 
-from tp_ffn.train import checkpoint as ck
+from tp_ffn.train.checkpoint import store as ck
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1 << 20
@@ -72,7 +72,7 @@ def _failing(rank: int, world: int, overrides: dict, mode: str) -> dict:
     """``_run`` with one write failure planted at the second save (step 6)."""
     import torch.distributed.checkpoint.filesystem as dcp_fs
 
-    from tp_ffn.train import saving
+    from tp_ffn.train.checkpoint import saving
 
     real_stream, real_rename, real_usage = dcp_fs.FileSystem.create_stream, os.rename, shutil.disk_usage
 

@@ -26,8 +26,8 @@ from rankpool import run_ranks
 from reference import rel_err
 
 from tp_ffn.models import KVCache, LlamaConfig, Transformer
-from tp_ffn.train import generate as gen_mod
-from tp_ffn.train.generate import check_sampling, generate, sample_next_token
+from tp_ffn.train.run import generate as gen_mod
+from tp_ffn.train.run.generate import check_sampling, generate, sample_next_token
 
 ROOT = Path(__file__).resolve().parents[1]
 # GQA: 4 query heads on 2 kv heads (at TP 2: 2 query heads on 1 kv head per rank). A short window
@@ -330,8 +330,8 @@ def test_sequence_parallel_model_is_refused():
 # Scripts
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+def _load_script(name: str, folder: str = "scripts"):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses (parity.py's) look their module up there
     spec.loader.exec_module(module)
@@ -350,7 +350,16 @@ def test_sample_script_checks_sampling_flags(tmp_path, capsys):
 @pytest.mark.timeout(200)
 def test_bench_generate_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "scripts/bench_generate.py", "--preset", "tiny", "--prompt-len", "8", "--new-tokens", "12"]
+    cmd = [
+        sys.executable,
+        "benchmarks/bench_generate.py",
+        "--preset",
+        "tiny",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "12",
+    ]
     cmd += ["--rounds", "2", "--batch", "2", "--dtype", "float64", "--out", str(tmp_path / "g.json")]
     r = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh and gpu_check.py where there is no GPU: the fallback (what CI runs), and the
+"""benchmarks/gpu_check.sh and gpu_check.py where there is no GPU: the fallback (what CI runs), and the
 driver's Python on the CPU: the parts' commands, parsing, time limits and the report."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check as gc
 
@@ -23,14 +23,13 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(120)
-def test_fallback_without_cuda(tmp_path):
+@pytest.mark.parametrize("script", ["benchmarks/gpu_check.sh", "scripts/gpu_check.sh"])  # the old path: a wrapper
+def test_fallback_without_cuda(tmp_path, script):
     """The shell script as is: finds no GPU (none is visible), says so, writes a summary saying so
     and exits 0; a second run into the same directory is refused and overwrites nothing."""
     out = tmp_path / "check"
     env = _env(CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run(
-        ["scripts/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
-    )
+    r = subprocess.run([script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no CUDA device" in r.stdout and "nothing to run" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
@@ -40,9 +39,7 @@ def test_fallback_without_cuda(tmp_path):
     assert all(p["status"] == "skipped" and "no CUDA device" in p["reason"] for p in report["parts"])
     assert "**Nothing was run: no CUDA device" in (out / "gpu_check.md").read_text()
     before = (out / "gpu_check.json").read_bytes()
-    r = subprocess.run(
-        ["scripts/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
-    )
+    r = subprocess.run([script, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
     assert r.returncode == 2 and "already holds a gpu_check.json" in r.stderr
     assert (out / "gpu_check.json").read_bytes() == before
 
@@ -67,7 +64,7 @@ def test_rehearsal_of_tests_and_bench_on_cpu(tmp_path):
     bench, and the per-rank runs (every fake TP size in one bench.py process); the report has the
     bench's rows with the GEMM-rate fraction and memory columns, and each size's efficiency."""
     out = tmp_path / "rehearsal"
-    cmd = [sys.executable, "scripts/gpu_check.py", str(out), "--rehearse-on-cpu", "--parts", "tests,bench,per-rank"]
+    cmd = [sys.executable, "benchmarks/gpu_check.py", str(out), "--rehearse-on-cpu", "--parts", "tests,bench,per-rank"]
     env = _env(CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stdout + r.stderr

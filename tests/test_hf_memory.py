@@ -4,7 +4,7 @@ Measured as in test_init_memory.py: growth of the peak resident set (VmHWM, rese
 /proc/self/clear_refs) in fresh processes, every loaded tensor read once inside the window (a loader may
 leave tensors backed by pages of the file not yet read). The control loads the dense model with
 transformers in the same process afterwards and must raise the peak by about the whole checkpoint,
-showing the measurement can see it. scripts/hf_memory.py takes docs/huggingface.md's figures on a larger model.
+showing the measurement can see it. benchmarks/hf_memory.py takes docs/huggingface.md's figures on a larger model.
 """
 
 from __future__ import annotations

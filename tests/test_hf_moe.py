@@ -301,16 +301,18 @@ def _bitwise_diff(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
 
 
 def _load(rank: int, world: int, checkpoints: dict[str, str]) -> dict[str, object]:
-    import tp_ffn.hf.moe as hfmoe
+    from tp_ffn.safetensors_dir import SafetensorsDir
 
     read = []
-    real_read = hfmoe._read_parts
+    real_read = SafetensorsDir.read_many  # read_into goes through it too
 
-    def counting(files, parts):  # records what this rank asks safetensors for
-        read.extend((key, out.numel()) for key, _, out in parts)
-        return real_read(files, parts)
+    def counting(files, reads):  # records what this rank asks safetensors for
+        reads = list(reads)
+        for key, out, _ in reads:
+            read.append((key, sum(t.numel() for t in ([out] if isinstance(out, torch.Tensor) else out))))
+        return real_read(files, reads)
 
-    hfmoe._read_parts = counting
+    SafetensorsDir.read_many = counting
     out: dict[str, object] = {}
     x = tokens()
     try:
@@ -332,7 +334,7 @@ def _load(rank: int, world: int, checkpoints: dict[str, str]) -> dict[str, objec
             experts = sum(n for key, n in read if ".experts." in key)
             out[f"{name} expert elements read"] = (experts, 2 * E * 3 * (e - s) * 32)
     finally:
-        hfmoe._read_parts = real_read
+        SafetensorsDir.read_many = real_read
     return out
 
 

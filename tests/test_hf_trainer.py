@@ -131,11 +131,11 @@ def test_prepare_trainer_refuses_a_dense_model(tmp_path):
 @needs_5
 @pytest.mark.timeout(400)
 def test_bench_script_smoke(tmp_path):
-    """scripts/bench_hf_trainer.py at a tiny size: both roles run and the JSON holds their step times (the
+    """benchmarks/bench_hf_trainer.py at a tiny size: both roles run and the JSON holds their step times (the
     figures themselves are taken on a quiet machine, never here)."""
     out = tmp_path / "hf_trainer.json"
     cmd = [
-        sys.executable, "scripts/bench_hf_trainer.py", "--hidden", "32", "--intermediate", "37", "--layers", "1",
+        sys.executable, "benchmarks/bench_hf_trainer.py", "--hidden", "32", "--intermediate", "37", "--layers", "1",
         "--heads", "4", "--vocab", "64", "--seq", "8", "--global-batch", "2", "--steps", "2", "--warmup", "1",
         "--out", str(out),
     ]  # fmt: skip

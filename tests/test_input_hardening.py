@@ -22,10 +22,10 @@ from tp_ffn.models import LlamaConfig, Transformer, config_from_pretrained, expo
 from tp_ffn.models.config_bounds import ROPE_FLOOR_ELEMENTS
 from tp_ffn.models.pretrained_config import JSON_MAX_BYTES
 from tp_ffn.train import UsageError
-from tp_ffn.train import checkpoint as ck
-from tp_ffn.train import data as data_mod
-from tp_ffn.train.data import load_corpus
-from tp_ffn.train.metrics import MetricsLog, read_metrics
+from tp_ffn.train.checkpoint import store as ck
+from tp_ffn.train.data import corpus as data_mod
+from tp_ffn.train.data.corpus import load_corpus
+from tp_ffn.train.run.metrics import MetricsLog, read_metrics
 
 CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=64)
 

@@ -1,4 +1,4 @@
-"""The memory plan (tp_ffn/train/memory.py): what it counts is what the model keeps and holds, the
+"""The memory plan (tp_ffn/train/budget/memory.py): what it counts is what the model keeps and holds, the
 refusal is one line before anything is allocated, and the suggestions fit."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rankpool import run_ranks
 
 from tp_ffn.models.llama import LlamaConfig, Transformer
 from tp_ffn.train import UsageError
-from tp_ffn.train.memory import (
+from tp_ffn.train.budget.memory import (
     Budget,
     Layout,
     Workload,
@@ -27,7 +27,7 @@ from tp_ffn.train.memory import (
     memory_report,
     saved_activation_bytes,
 )
-from tp_ffn.train.memory_use import FFNSaved, measure_ffn_saved, saved_bytes
+from tp_ffn.train.budget.memory_use import FFNSaved, measure_ffn_saved, saved_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small, uneven where it can be: hidden 171 splits 86 / 85 over 2 ranks; GQA (4 heads, 2 kv heads).
@@ -43,7 +43,7 @@ FFN_TODAY = FFNSaved(per_token_dim=4, per_token_hidden=16)  # fp32, dim + 4 n_r:
 
 def _kept_by_model(rank: int, world: int, tp: int, dtype: str, sp: bool, mode: str, ac: bool, micro: int, seq: int):
     """(bytes autograd keeps for one forward + loss of the FSDP2-wrapped model, the plan's count)."""
-    from tp_ffn.train.parallelize import build_mesh, parallelize
+    from tp_ffn.train.run.parallelize import build_mesh, parallelize
 
     cpu = torch.device("cpu")
     mesh = build_mesh(cpu, world // tp, tp)
@@ -105,7 +105,7 @@ def test_ffn_fit_recovers_what_the_block_keeps(mode, dtype, a):
 
 
 def _local_parameters(rank: int, world: int, tp: int) -> tuple[int, int]:
-    from tp_ffn.train.parallelize import build_mesh, parallelize
+    from tp_ffn.train.run.parallelize import build_mesh, parallelize
 
     mesh = build_mesh(torch.device("cpu"), world // tp, tp)
     model = parallelize(Transformer(CFG, group=mesh["tp"]), mesh)
@@ -231,7 +231,7 @@ def test_refusal_under_torchrun_is_one_line_from_rank_0():
 
 _HOLES = """
 import sys, torch
-from tp_ffn.train.memory_use import release_freed_memory
+from tp_ffn.train.budget.memory_use import release_freed_memory
 if sys.argv[1] == "release":
     assert release_freed_memory()
 def rss():
@@ -300,8 +300,8 @@ def test_return_freed_memory_is_opt_in(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_memory_check_script_tabulates_plan_and_peak(tmp_path):
-    """scripts/memory_check.py (a smoke test: one configuration; the figures are in docs/benchmarks.md)."""
-    cmd = [sys.executable, "scripts/memory_check.py", "--only", "tiny tp1", "--out", str(tmp_path)]
+    """benchmarks/memory_check.py (a smoke test: one configuration; the figures are in docs/benchmarks.md)."""
+    cmd = [sys.executable, "benchmarks/memory_check.py", "--only", "tiny tp1", "--out", str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=280, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (row,) = json.loads((tmp_path / "memory_check.json").read_text())

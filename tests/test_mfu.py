@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tp_ffn import machine
 from tp_ffn.models.llama import LlamaConfig, Transformer
-from tp_ffn.train.flops import matmul_params, measure_peak, mfu, model_flops_per_token
+from tp_ffn.train.budget.flops import matmul_params, measure_peak, mfu, model_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
 

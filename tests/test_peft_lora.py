@@ -392,7 +392,7 @@ def test_fresh_process_needs_no_extra_import():
 
 @pytest.mark.timeout(300)
 def test_lora_memory_script_smoke():
-    """scripts/lora_memory.py at TP=2 on a tiny model, both modes: LoRA's frozen base keeps no gradients, its
+    """benchmarks/lora_memory.py at TP=2 on a tiny model, both modes: LoRA's frozen base keeps no gradients, its
     gradients and AdamW state are those of the adapters only, and each is a small part of full fine-tuning's."""
     import json
 
@@ -400,7 +400,7 @@ def test_lora_memory_script_smoke():
     for mode in ("lora", "full"):
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(ROOT / "scripts" / "lora_memory.py"), "--mode", mode, "--hidden", "64", "--intermediate", "173",
+            str(ROOT / "benchmarks" / "lora_memory.py"), "--mode", mode, "--hidden", "64", "--intermediate", "173",
             "--layers", "2", "--heads", "4", "--vocab", "256", "--lora-rank", "4", "--tokens", "128", "--seq", "64",
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

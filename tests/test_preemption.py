@@ -22,7 +22,7 @@ from rankpool import run_ranks
 from test_train_cli import SMALL, _launcher, _reap, _spawn, _steps
 
 from tp_ffn.train import TrainConfig, train
-from tp_ffn.train import checkpoint as ck
+from tp_ffn.train.checkpoint import store as ck
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -55,7 +55,7 @@ def _run(rank: int, world: int, overrides: dict) -> dict:
 
 def _signalled(rank: int, world: int, overrides: dict, at_step: int, who: int, signame: str) -> dict:
     """A run in which rank ``who`` sends itself ``signame`` during its ``at_step``-th training step."""
-    from tp_ffn.train import trainer
+    from tp_ffn.train.run import trainer
 
     real = trainer._Trainer.train_step
     calls = {"n": 0}
@@ -76,7 +76,7 @@ def _signalled(rank: int, world: int, overrides: dict, at_step: int, who: int, s
 def _signal_inside_save(rank: int, world: int, overrides: dict) -> dict:
     """Every rank sends itself SIGTERM, SIGUSR1 and SIGTERM again while digesting the first file of
     its first save (DCP has written it; the index, meta.json and the rename are still to come)."""
-    from tp_ffn.train import saving
+    from tp_ffn.train.checkpoint import saving
 
     real = saving.file_digest
     sent = {"done": False}
@@ -148,7 +148,10 @@ def test_signals_during_a_save_let_it_complete_and_corrupt_nothing(uninterrupted
 # --------------------------------------------------------------------------------------------------
 # Real processes: the signal from outside, the one line, the exit status, the time it takes
 
-_LINE = re.compile(r"^train\.py: stopped by SIGTERM after step (\d+): saved (\S+); exit status 75 ", re.MULTILINE)
+_LINE = re.compile(r"^(.+?): stopped by SIGTERM after step (\d+): saved (\S+); exit status 75 ", re.MULTILINE)
+# Every way of starting the job ends through the same runner (tp_ffn/train/__main__.py): the same line, under
+# the name it was started as, and the same status.
+PROGS = {"python": "train.py", "module": "python -m tp_ffn.train", "console": "tp-ffn-train", "torchrun": "train.py"}
 
 
 def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 240) -> None:
@@ -160,12 +163,19 @@ def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: fl
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+@pytest.mark.parametrize("launcher", ["python", "module", "console", "torchrun"])
 def test_sigterm_from_outside_saves_and_exits_75_within_30_s(tmp_path, launcher):
     ck_dir = tmp_path / "ck"
     args = ["scripts/train.py", *SMALL, "--steps", "100000", "--ckpt-dir", str(ck_dir), "--ckpt-every", "100000"]
     if launcher == "python":
         cmd = [sys.executable, *args]
+    elif launcher == "module":
+        cmd = [sys.executable, "-m", "tp_ffn.train", *args[1:]]
+    elif launcher == "console":
+        console = Path(sys.executable).parent / "tp-ffn-train"
+        if not console.is_file():
+            pytest.skip("tp-ffn is not installed (pip install -e .): no console script to run")
+        cmd = [str(console), *args[1:]]
     else:
         cmd = _launcher(2, "--standalone") + [*args, "--tp", "2"]
     log = tmp_path / "log.txt"
@@ -175,7 +185,7 @@ def test_sigterm_from_outside_saves_and_exits_75_within_30_s(tmp_path, launcher)
             _wait_for_step(proc, ck_dir / "metrics.jsonl", 3)
             t0 = time.monotonic()
             os.kill(proc.pid, signal.SIGTERM)  # the agent, for torchrun: it forwards SIGTERM to its workers
-            if launcher == "python":  # a scheduler that signals again: the exit status must survive it
+            if launcher != "torchrun":  # a scheduler that signals again: the exit status must survive it
                 for _ in range(20):
                     time.sleep(0.25)
                     if proc.poll() is not None:
@@ -187,12 +197,12 @@ def test_sigterm_from_outside_saves_and_exits_75_within_30_s(tmp_path, launcher)
             _reap(proc)
     text = log.read_text()
     lines = _LINE.findall(text)
-    assert len(lines) == 1, text[-3000:]
-    step, saved = int(lines[0][0]), Path(lines[0][1])
+    assert len(lines) == 1 and lines[0][0] == PROGS[launcher], text[-3000:]
+    step, saved = int(lines[0][1]), Path(lines[0][2])
     assert saved == ck_dir / f"step_{step:08d}" and step == max(_steps(ck_dir / "metrics.jsonl")), text[-2000:]
     ck.verify_checkpoint(saved)
     assert seconds < 30, f"{launcher} took {seconds:.1f} s to stop"
     assert "tp_ffn/train" not in text and 'scripts/train.py", line' not in text, text[-3000:]  # no traceback of ours
     # The exit status a scheduler requeues on. torchrun reports its own signal instead (status 1,
     # with its own traceback): the sbatch script decides on requeueing, see scripts/slurm/train.sbatch.
-    assert code == (75 if launcher == "python" else 1), text[-2000:]
+    assert code == (1 if launcher == "torchrun" else 75), text[-2000:]

@@ -26,12 +26,12 @@ import pytest
 from test_preemption import _wait_for_step
 from test_train_cli import SMALL, _env, _launcher, _reap, _spawn
 
-from tp_ffn.train.config import UsageError
-from tp_ffn.train.metrics import read_metrics
+from tp_ffn.train.errors import UsageError
+from tp_ffn.train.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = (
-    "import sys, time\nfrom tp_ffn.train.run_lock import acquire_run_lock\n"
+    "import sys, time\nfrom tp_ffn.train.checkpoint.run_lock import acquire_run_lock\n"
     "lock = acquire_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(600)\n"
 )
 
@@ -39,7 +39,7 @@ HOLD = (
 @pytest.fixture
 def run_lock():
     """The module under test, imported here so that the real-run tests below also run against code without it."""
-    from tp_ffn.train import run_lock
+    from tp_ffn.train.checkpoint import run_lock
 
     return run_lock
 

@@ -1,4 +1,4 @@
-"""scripts/parity.py under a real torchrun, and the bootstrap scripts' promises."""
+"""benchmarks/parity.py under a real torchrun, and the bootstrap scripts' promises."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
-        "scripts/parity.py",
+        "benchmarks/parity.py",
     ]
     return _run(cmd + list(args))
 
@@ -71,7 +71,7 @@ def test_docs_parity_example_runs_at_three_ranks_with_the_defaults():
     """The parity output docs/testing.md shows (3 ranks, --bias --sequence-parallel, default --seq) is
     what that command prints: the default sequence length splits over 3 ranks."""
     doc = page("docs/testing.md").splitlines()
-    cmd = "torchrun --standalone --nproc_per_node 3 scripts/parity.py --bias --sequence-parallel"
+    cmd = "torchrun --standalone --nproc_per_node 3 scripts/parity.py --bias --sequence-parallel"  # the page's path
     assert any(cmd in ln for ln in doc), cmd
     header = next(ln for ln in doc if ln.startswith("tp_ffn parity: world size 3"))
     shards = [ln for ln in doc if ln.startswith("  rank ") and ": w1.weight" in ln]
@@ -84,7 +84,7 @@ def test_docs_parity_example_runs_at_three_ranks_with_the_defaults():
 
 @pytest.mark.timeout(120)
 def test_parity_without_torchrun_is_world_size_one():
-    r = _run([sys.executable, "scripts/parity.py", "--dim", "16", "--hidden-dim", "24", "--bias"])
+    r = _run([sys.executable, "benchmarks/parity.py", "--dim", "16", "--hidden-dim", "24", "--bias"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "collectives  forward: none (expected none)" in r.stdout
 
@@ -94,7 +94,7 @@ def test_parity_backend_and_device_flags():
     r = _run(
         [
             sys.executable,
-            "scripts/parity.py",
+            "benchmarks/parity.py",
             "--dim",
             "8",
             "--hidden-dim",
@@ -107,12 +107,12 @@ def test_parity_backend_and_device_flags():
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world size 1 (gloo on cpu)" in r.stdout
-    r = _run([sys.executable, "scripts/parity.py", "--backend", "nccl", "--device", "cpu"])
+    r = _run([sys.executable, "benchmarks/parity.py", "--backend", "nccl", "--device", "cpu"])
     assert r.returncode == 2 and "--backend nccl: needs a CUDA device" in r.stderr
-    r = _run([sys.executable, "scripts/parity.py", "--device", "gpu0"])
+    r = _run([sys.executable, "benchmarks/parity.py", "--device", "gpu0"])
     assert r.returncode == 2 and "--device: expected auto, cpu, cuda or cuda:N" in r.stderr
     if not torch.cuda.is_available():
-        r = _run([sys.executable, "scripts/parity.py", "--device", "cuda:0"])
+        r = _run([sys.executable, "benchmarks/parity.py", "--device", "cuda:0"])
         assert r.returncode == 2 and "--device cuda:0: CUDA is not available" in r.stderr
 
 
@@ -221,7 +221,7 @@ def test_exit_without_teardown_flushes_and_keeps_the_status():
     assert r.returncode == 3, r.stderr
     assert "peak True" in r.stdout
     for script in ("parity.py", "bench.py", "bench_parts.py", "hf_memory.py", "init_memory.py"):
-        tail = (ROOT / "scripts" / script).read_text().rstrip().splitlines()[-1]
+        tail = (ROOT / "benchmarks" / script).read_text().rstrip().splitlines()[-1]
         assert tail.strip().startswith("exit_without_teardown(main())"), script
 
 

@@ -15,7 +15,7 @@ from reference import rel_err
 from tp_ffn import ColumnParallelLinear, FeedForward, ParallelFeedForward, RowParallelLinear, ShardSpec
 from tp_ffn.comm import all_gather_shard
 from tp_ffn.diagnostics import count_collectives
-from tp_ffn.sharding import named_shard_specs, shard_spec_of
+from tp_ffn.sharding import named_shard_specs, piece_bounds, shard_sizes, shard_spec_of
 
 I, H, E = 7, 3, 2  # I = 7 is uneven over 2, 3 and 4
 
@@ -101,6 +101,35 @@ def test_bad_descriptions_name_the_number():
         ShardSpec.split((I,), 1, 0, 1)
     with pytest.raises(ValueError, match=r"full: expected the full shape \(14, 3\), got \(7, 3\)"):
         ShardSpec.split((2 * I, H), 0, 0, 2, parts=(I, I)).take(torch.zeros(I, H))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_other_layouts_of_stacked_experts_come_from_the_spec(world):
+    """One expert of a stacked spec (select) and w1 + w3 joined (cat) hold, by hand, the rows the layer holds."""
+    w1 = _full(E, I, H)
+    for rank, (s, e) in enumerate(HAND[world]):
+        stacked = ShardSpec.split((E, I, H), 1, rank, world)
+        one = stacked.select(0)
+        assert (one.shape, one.dim, one.blocks) == ((I, H), 0, ((s, e),))
+        assert torch.equal(one.take(w1[1]), w1[1, s:e])
+        down = ShardSpec.split((E, H, I), 2, rank, world).select(-3)
+        assert (down.shape, down.dim, down.blocks) == ((H, I), 1, ((s, e),))
+        fused = ShardSpec.cat([stacked, stacked])
+        assert fused == ShardSpec.split((E, 2 * I, H), 1, rank, world, parts=(I, I))
+        assert fused.blocks == ((s, e), (I + s, I + e))
+        gate, up = fused.take_blocks(torch.cat([w1, -w1], 1))
+        assert torch.equal(gate, w1[:, s:e]) and torch.equal(up, -w1[:, s:e])
+    assert ShardSpec.replicated((E, H)).select(0) == ShardSpec.replicated((H,))
+    with pytest.raises(ValueError, match=r"select: dim 1 is the split dim"):
+        ShardSpec.split((E, I, H), 1, 0, world).select(1)
+    with pytest.raises(ValueError, match=r"cat: expected specs split along one dim, alike elsewhere"):
+        ShardSpec.cat([ShardSpec.split((E, I, H), 1, 0, 2), ShardSpec.split((E, I, H + 1), 1, 0, 2)])
+
+
+def test_piece_bounds_of_any_sizes():
+    assert [piece_bounds([3, 0, 2], r) for r in range(3)] == [(0, 3), (3, 3), (3, 5)]
+    for world in (1, 2, 3, 4):  # tensor_split sizes: the same as shard_bounds
+        assert [piece_bounds(shard_sizes(I, world), r) for r in range(world)] == HAND[world]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,6 +231,41 @@ def test_reader_reads_blocks_along_any_dim(tmp_path, monkeypatch):
                 assert got.dtype == torch.bfloat16 and torch.equal(got.float(), spec.take(tensors[key])), (key, spec)
     with pytest.raises(ValueError, match=r"fused: expected shape \(14, 4\), got \(14, 3\)"):
         files.read("fused", ShardSpec.split((2 * I, 4), 0, 0, 2))
+
+
+def test_reader_reads_blocks_apart_and_many_tensors_per_open(tmp_path, monkeypatch):
+    """A fused gate/up's two blocks straight into two tensors; read_many keeps a file open for reads up to
+    CHUNK_BYTES of stored rows, then reopens, as one tensor's chunks do; a wrong piece is refused first."""
+    import safetensors
+    from safetensors.torch import save_file
+
+    from tp_ffn import safetensors_dir
+
+    experts = {f"experts.{e}.down": _full(H, I) + 100 * e for e in range(E)}
+    save_file({"experts.gate_up": _full(E, 2 * I, H), **experts}, str(tmp_path / "model.safetensors"))
+    files = safetensors_dir.SafetensorsDir(tmp_path)
+    opens = []
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: opens.append(a[0]) or real_open(*a, **k))
+    for world in (1, 2, 3):
+        for rank, (s, e) in enumerate(HAND[world]):
+            fused = ShardSpec.split((E, 2 * I, H), 1, rank, world, parts=(I, I))
+            w1, w3 = torch.empty(E, e - s, H), torch.empty(E, e - s, H)
+            files.read_into("experts.gate_up", [w1, w3], fused)
+            assert torch.equal(torch.cat([w1, w3], 1), fused.take(_full(E, 2 * I, H)))
+            one = ShardSpec.split((H, I), 1, rank, world)
+            outs = [torch.empty(H, e - s, dtype=torch.float64) for _ in range(E)]
+            opens.clear()
+            files.read_many([(k, [o], one) for k, o in zip(experts, outs)])
+            assert len(opens) == 1  # both experts' slices through one open
+            assert all(torch.equal(o, one.take(experts[k]).double()) for k, o in zip(experts, outs))
+    row_bytes = 4 * I  # an expert's down [H, I] in float32: H rows of I
+    monkeypatch.setattr(safetensors_dir, "CHUNK_BYTES", H * row_bytes)  # one expert's rows per open
+    opens.clear()
+    files.read_many([(k, torch.empty(H, I), None) for k in experts])
+    assert len(opens) == E
+    with pytest.raises(ValueError, match=r"out: expected one tensor per block of experts.gate_up, shaped"):
+        files.read_into("experts.gate_up", [torch.empty(E, 4, H)], ShardSpec.split((E, 2 * I, H), 1, 0, 2, (I, I)))
 
 
 class _FusedMLP(torch.nn.Module):

@@ -28,8 +28,8 @@ import torch
 from slurm_cluster import SlurmCluster, ensure_installed
 from test_train_cli import SMALL
 
-from tp_ffn.train.checkpoint import load_full_tensors
-from tp_ffn.train.metrics import read_metrics
+from tp_ffn.train.checkpoint.store import load_full_tensors
+from tp_ffn.train.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts/slurm/train.sbatch"

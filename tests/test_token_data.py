@@ -1,4 +1,4 @@
-"""--data and the token cache (tp_ffn/train/documents.py, token_cache.py, data.py): which files and
+"""--data and the token cache (tp_ffn/train/data/: documents.py, token_cache.py, corpus.py): which files and
 documents, BOS/EOS framing, a cache built once and reused, rebuilt when the data or the tokenizer
 change or when the file is damaged or foreign, and shared by ranks (one builds, the others wait,
 a builder's error reaches them, a missing builder times out)."""
@@ -18,10 +18,10 @@ from rankpool import run_ranks
 from tokfixtures import SAMPLE, make_hf_tokenizer
 
 from tp_ffn.train import UsageError
-from tp_ffn.train.data import Windows, load_corpus, validation_batch
-from tp_ffn.train.documents import find_data, iter_documents
-from tp_ffn.train.token_cache import HEADER_BYTES, CacheOptions, load_tokens, token_file_path
-from tp_ffn.train.tokenizer import ByteTokenizer, resolve_tokenizer
+from tp_ffn.train.data.corpus import Windows, load_corpus, validation_batch
+from tp_ffn.train.data.documents import find_data, iter_documents
+from tp_ffn.train.data.token_cache import HEADER_BYTES, CacheOptions, load_tokens, token_file_path
+from tp_ffn.train.data.tokenizers import ByteTokenizer, resolve_tokenizer
 
 DOCS = [f"document {i}: " + SAMPLE[i * 7 :] for i in range(12)]
 

@@ -1,4 +1,4 @@
-"""The tokenizer adapters (tp_ffn/train/tokenizer*.py) on small tokenizers of every format made here:
+"""The tokenizer adapters (tp_ffn/train/data/tokenizers/) on small tokenizers of every format made here:
 round trips, BOS/EOS framing, Meta's Llama 3 specials and pre-tokenization, how a path or
 --init-from is resolved, fingerprints, clear errors for bad files, the Hugging Face export read
 back by transformers' AutoTokenizer, and that importing the package loads none of the libraries."""
@@ -16,8 +16,14 @@ import pytest
 from tokfixtures import SAMPLE, make_hf_tokenizer, make_sentencepiece_model, make_tiktoken_file
 
 from tp_ffn.train import TrainConfig, UsageError
-from tp_ffn.train.tokenizer import ByteTokenizer, model_file_kind, resolve_tokenizer, tokenizer_from_checkpoint
-from tp_ffn.train.tokenizer_export import save_hf_tokenizer, save_meta_tokenizer
+from tp_ffn.train.data.tokenizers import (
+    FORMATS,
+    ByteTokenizer,
+    find_tokenizer,
+    resolve_tokenizer,
+    tokenizer_from_checkpoint,
+)
+from tp_ffn.train.data.tokenizers.base import model_file_kind
 
 TEXTS = [
     SAMPLE.replace("<|end_of_text|>", "").replace("<s>", ""),  # special-token text: see test_special_token_text
@@ -36,6 +42,23 @@ def toks(tmp_path_factory) -> dict[str, Path]:
     make_tiktoken_file(root / "tiktoken" / "tokenizer.model")
     make_sentencepiece_model(root / "sentencepiece" / "tokenizer.model")
     return {"hf": root / "hf", "tiktoken": root / "tiktoken", "sentencepiece": root / "sentencepiece"}
+
+
+def test_each_format_is_one_class_that_detects_only_its_own_files(toks):
+    """One class per format: its detect takes its own files and no other format's (a tokenizer.json
+    wins over a tokenizer.model beside it), its load reads them, and the kinds a checkpoint may
+    record are exactly the formats'."""
+    files = {kind: find_tokenizer(toks[kind]) for kind in ("hf", "tiktoken", "sentencepiece")}
+    files["bytes"] = {}
+    assert sorted(f.kind for f in FORMATS) == sorted(files)
+    for fmt in FORMATS:
+        assert [kind for kind, found in files.items() if fmt.detect(found)] == [fmt.kind], fmt
+        tok = fmt.load(files[fmt.kind])
+        assert type(tok) is fmt and tok.kind == fmt.kind
+        same = resolve_tokenizer("bytes" if fmt.kind == "bytes" else str(toks[fmt.kind]))
+        assert tok.fingerprint == same.fingerprint
+    both = {**files["hf"], **files["tiktoken"]}
+    assert [fmt.kind for fmt in FORMATS if fmt.detect(both)] == ["hf"]
 
 
 @pytest.mark.parametrize("kind", ["hf", "tiktoken", "sentencepiece", "bytes"])
@@ -167,7 +190,7 @@ def test_hf_export_loads_in_transformers_with_the_same_ids(toks, tmp_path, kind)
     from transformers import AutoTokenizer
 
     tok = resolve_tokenizer("bytes" if kind == "bytes" else str(toks[kind]))
-    names = save_hf_tokenizer(tok, tmp_path, model_max_length=128)
+    names = tok.save(tmp_path, to="hf", model_max_length=128)
     assert all((tmp_path / n).is_file() for n in names)
     hf = AutoTokenizer.from_pretrained(tmp_path)
     assert (hf.bos_token_id, hf.eos_token_id) == ((tok.bos_id if tok.add_bos else None), tok.eos_id)
@@ -177,7 +200,7 @@ def test_hf_export_loads_in_transformers_with_the_same_ids(toks, tmp_path, kind)
         assert hf.decode(tok.encode(text)) == text
     meta = tmp_path / "meta"
     meta.mkdir()
-    written = save_meta_tokenizer(tok, meta)
+    written = tok.save(meta, to="meta")
     expected = {"hf": sorted(tok.files), "bytes": []}.get(kind, ["tokenizer.model"])
     assert written == expected and sorted(p.name for p in meta.iterdir()) == expected
 
@@ -203,7 +226,8 @@ def test_checkpoint_copy_is_checked(toks, tmp_path):
 
 def test_importing_the_package_loads_no_tokenizer_library():
     code = (
-        "import sys, tp_ffn, tp_ffn.train, tp_ffn.train.trainer, tp_ffn.train.data, tp_ffn.train.export\n"
+        "import sys, tp_ffn, tp_ffn.train, tp_ffn.train.run.trainer, tp_ffn.train.data.corpus\n"
+        "import tp_ffn.train.run.export\n"
         "loaded = [m for m in ('tokenizers', 'tiktoken', 'sentencepiece', 'transformers') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )

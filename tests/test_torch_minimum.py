@@ -28,8 +28,14 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 TABLE = load_table()
-CORE = sorted(p for p in (ROOT / "tp_ffn").rglob("*.py") if "train" not in p.relative_to(ROOT / "tp_ffn").parts)
-TRAIN = [ROOT / "tp_ffn" / "train", ROOT / "scripts"]
+# The training job and its commands (python -m tp_ffn.{train,sample,convert}) need the train extra's torch.
+COMMANDS = [ROOT / "tp_ffn" / "sample.py", ROOT / "tp_ffn" / "convert.py"]
+CORE = sorted(
+    p
+    for p in (ROOT / "tp_ffn").rglob("*.py")
+    if "train" not in p.relative_to(ROOT / "tp_ffn").parts and p not in COMMANDS
+)
+TRAIN = [ROOT / "tp_ffn" / "train", *COMMANDS, ROOT / "scripts", ROOT / "benchmarks"]
 
 
 def _declared() -> tuple[tuple[int, int], tuple[int, int]]:

@@ -20,7 +20,7 @@ import torch
 from rankpool import run_ranks
 
 from tp_ffn.train import TrainConfig, train
-from tp_ffn.train import checkpoint as ck
+from tp_ffn.train.checkpoint import store as ck
 
 # hidden 341 (multiple_of 1): 171/170 over TP 2, 86/85/85/85 over TP 4 (torch.chunk would say
 # 86/86/86/83), and torch.chunk pieces of those over FSDP. 4 kv heads: TP up to 4.
@@ -134,7 +134,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(reference, tmp_path):
     with pytest.raises(AssertionError, match="simulated crash while saving"):
         run_ranks(2, _crash_in_second_save, {"tp": 2, "ckpt_dir": str(d)}, timeout=240)
     names = sorted(p.name for p in d.iterdir())
-    # The failed save removed its partial directory (tp_ffn/train/saving.py); step 10 is the newest.
+    # The failed save removed its partial directory (tp_ffn/train/checkpoint/saving.py); step 10 is the newest.
     assert names == ["metrics.jsonl", "step_00000010"], names
     # A save cut short by the death of a process leaves its directory instead: resume removes it.
     shutil.copytree(d / "step_00000010", d / ".tmp-step_00000020-deadbeef")
@@ -244,7 +244,7 @@ def test_init_from_pretrained_weights(tmp_path, fmt):
 
     from tp_ffn.models import PRESETS, Transformer
     from tp_ffn.models.weights import export_hf, export_meta
-    from tp_ffn.train.data import Windows, load_corpus
+    from tp_ffn.train.data.corpus import Windows, load_corpus
 
     torch.manual_seed(123)  # not the training seed: the weights must come from the files
     model = Transformer(PRESETS["tiny"])
@@ -275,7 +275,7 @@ def _load_on_a_one_rank_group(rank: int, world: int, path: str) -> tuple[float, 
 
     import torch.distributed as dist
 
-    from tp_ffn.train.generate import load_checkpoint_model
+    from tp_ffn.train.run.generate import load_checkpoint_model
 
     groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     if rank != 0:

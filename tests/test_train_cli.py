@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tp_ffn.train.checkpoint import load_full_tensors
-from tp_ffn.train.metrics import read_metrics
+from tp_ffn.train.checkpoint.store import load_full_tensors
+from tp_ffn.train.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--corpus-bytes", "200000", "--val-every", "10",

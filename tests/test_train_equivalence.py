@@ -126,8 +126,8 @@ def test_bfloat16_tracks_float32(tp1):
 
 def _grad_norms(rank: int, world: int, tp: int, sp: bool) -> dict:
     from tp_ffn.models import PRESETS, Transformer
-    from tp_ffn.train.optim import global_grad_norm
-    from tp_ffn.train.parallelize import build_mesh, parallelize
+    from tp_ffn.train.run.optim import global_grad_norm
+    from tp_ffn.train.run.parallelize import build_mesh, parallelize
 
     cfg = PRESETS["tiny"].updated(multiple_of=1)  # hidden 341: uneven over 2 ranks and over FSDP
     torch.manual_seed(0)

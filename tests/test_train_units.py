@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from tp_ffn.train import TrainConfig, UsageError, parse_args
+from tp_ffn.train.checkpoint.layout import chunk_bounds, param_blocks
 from tp_ffn.train.config import parse_model_args
-from tp_ffn.train.data import Windows, load_corpus, stdlib_sources, validation_batch
-from tp_ffn.train.layout import chunk_bounds, param_blocks
-from tp_ffn.train.metrics import MetricsLog, plot_metrics, read_metrics
-from tp_ffn.train.optim import WarmupCosine
+from tp_ffn.train.data.corpus import Windows, load_corpus, stdlib_sources, validation_batch
+from tp_ffn.train.run.metrics import MetricsLog, plot_metrics, read_metrics
+from tp_ffn.train.run.optim import WarmupCosine
 
 
 def test_parse_args_defaults_and_flags():

@@ -394,7 +394,7 @@ class _HTTPRangeFile(io.RawIOBase):
 
 def main(args: list[str]) -> None:
     """``args``: releases (``2.4.0``), each optionally ``=DIR`` to read an unpacked copy instead of PyPI."""
-    names = set(scan([ROOT / "tp_ffn", ROOT / "scripts"])) | set(METHODS)
+    names = set(scan([ROOT / "tp_ffn", ROOT / "scripts", ROOT / "benchmarks"])) | set(METHODS)
     versions = [a.partition("=")[0] for a in args]
     sources = {
         v: _Sources(_dir_sources(Path(d)) if d else _wheel_sources(v)) for v, _, d in (a.partition("=") for a in args)

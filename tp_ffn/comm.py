@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .sharding import ShardSpec, shard_sizes
+from .sharding import ShardSpec, piece_bounds, shard_sizes
 
 __all__ = [
     "all_gather_along",
@@ -100,8 +100,8 @@ def all_gather_shard(x: Tensor, spec: ShardSpec, group: ProcessGroup | None) -> 
 
 
 def _split(x: Tensor, group: ProcessGroup, dim: int, sizes: Sequence[int]) -> Tensor:
-    rank = group.rank()
-    return x.narrow(dim, sum(sizes[:rank]), sizes[rank]).contiguous()
+    start, end = piece_bounds(sizes, group.rank())
+    return x.narrow(dim, start, end - start).contiguous()
 
 
 def _reduce_scatter_along(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:

@@ -34,7 +34,7 @@ _c10d = torch.ops._c10d_functional
 
 # Eager mode all-reduces in place and keeps the c10d Work handle: the functional all-reduce first
 # copies its input into a second activation-sized buffer. (Speed: within noise on gloo, see
-# scripts/bench_parts.py.) Under torch.compile the functional ops stand in, since it traces them.
+# benchmarks/bench_parts.py.) Under torch.compile the functional ops stand in, since it traces them.
 def _all_reduce_start(x: Tensor, group: ProcessGroup) -> tuple[Tensor, Any]:
     """Start summing ``x`` (a buffer the caller owns: eager mode reduces into it) over ``group``.
     Returns the result-to-be and a handle for :func:`_wait`."""

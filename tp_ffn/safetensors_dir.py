@@ -3,11 +3,12 @@
 ``model.safetensors``, or ``model.safetensors.index.json`` with the files it lists. The constructor reads
 every file's header (names, shapes, dtypes: nothing else). :meth:`SafetensorsDir.read_into` copies a
 tensor, or the blocks a :class:`~tp_ffn.sharding.ShardSpec` says this rank holds, into a tensor the
-caller owns, at most :data:`CHUNK_BYTES` of stored rows per step, opening the file with
-``safetensors.safe_open`` for each step and closing it again. The pages of a memory-mapped file count
+caller owns (or one per block), at most :data:`CHUNK_BYTES` of stored rows per step, opening the file with
+``safetensors.safe_open`` for each step and closing it again; :meth:`SafetensorsDir.read_many` does many
+such reads, a file kept open across them for up to :data:`CHUNK_BYTES`. The pages of a memory-mapped file count
 in the resident set for as long as the mapping lives, so a reader that kept its files open would hold
 as much as the whole checkpoint by the end; here a rank's peak is what it keeps plus one chunk
-(``tests/test_hf_memory.py``, ``tests/test_load_pretrained.py``, ``scripts/hf_memory.py`` measure it).
+(``tests/test_hf_memory.py``, ``tests/test_load_pretrained.py``, ``benchmarks/hf_memory.py`` measure it).
 Reopening costs one header parse per chunk, small beside the chunk it reads.
 
 Used by both ``tp_ffn.hf`` (any transformers model) and ``tp_ffn.models`` (the Llama layouts); it imports
@@ -16,8 +17,10 @@ only the core's :mod:`tp_ffn.sharding` and :mod:`tp_ffn.files`, and ``safetensor
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -114,11 +117,11 @@ class SafetensorsDir:
         return getattr(torch, name)
 
     @contextmanager
-    def _open(self, key: str) -> Iterator[Any]:
-        """The file holding ``key``, open for one step only (see the module docstring)."""
+    def _open(self, path: Path) -> Iterator[Any]:
+        """``path`` (one of :attr:`files`), open for one chunk only (see the module docstring)."""
         from safetensors import safe_open
 
-        with safe_open(str(self.file_of[key]), framework="pt", device="cpu") as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             yield f
 
     def read(self, key: str, spec: ShardSpec | None = None) -> Tensor:
@@ -128,32 +131,86 @@ class SafetensorsDir:
         self.read_into(key, out, spec)
         return out
 
-    def read_into(self, key: str, out: Tensor, spec: ShardSpec | None = None) -> None:
+    def read_into(self, key: str, out: Tensor | Sequence[Tensor], spec: ShardSpec | None = None) -> None:
         """``out.copy_(spec.take(tensor))`` (cast to ``out``'s dtype and device) without ever holding more
         of ``key`` than :data:`CHUNK_BYTES` of its stored rows (dim 0). ``spec`` (default: the whole
-        tensor) must describe the stored shape and ``out`` its local shape."""
+        tensor) must describe the stored shape and ``out`` its local shape; or ``out`` is one tensor per
+        block of ``spec`` (:meth:`~tp_ffn.sharding.ShardSpec.take_blocks`), e.g. a fused gate/up's two
+        blocks read straight into w1 and w3."""
+        self.read_many([(key, out, spec)])
+
+    def read_many(self, reads: Iterable[tuple[str, Tensor | Sequence[Tensor], ShardSpec | None]]) -> None:
+        """:meth:`read_into` for every ``(key, out, spec)``, each file opened once for as many of its reads
+        as fit in :data:`CHUNK_BYTES` of stored rows (then reopened, as one large tensor is): a layer of
+        many small tensors, such as one per expert, is read without an open per tensor, and the peak is
+        still one chunk. Every read is checked before the first byte is read."""
+        steps = [step for key, out, spec in reads for step in self._steps(key, out, spec)]
+        order = {path: i for i, path in enumerate(self.files)}
+        steps.sort(key=lambda step: order[step[0]])  # stable: a file's reads keep their order
+        at, used, opened = None, 0, contextlib.ExitStack()
+        with opened:
+            for path, nbytes, copy in steps:
+                if path != at or used + nbytes > CHUNK_BYTES:
+                    opened.close()  # the previous file: its pages leave the resident set
+                    f = opened.enter_context(self._open(path))
+                    at, used = path, 0
+                copy(f)
+                used += nbytes
+
+    def _steps(
+        self, key: str, out: Tensor | Sequence[Tensor], spec: ShardSpec | None
+    ) -> list[tuple[Path, int, Callable[[Any], None]]]:
+        """``(file, stored bytes touched, copy(open file))`` for each chunk of ``key``'s read, checked."""
         shape = self.shape[key]
         spec = ShardSpec.replicated(shape) if spec is None else spec
         if spec.shape != shape:
             raise ValueError(f"{self.file_of[key]}: {key}: expected shape {spec.shape}, got {shape}")
-        if tuple(out.shape) != spec.local_shape:
-            raise ValueError(f"out: expected shape {spec.local_shape} for {key}, got {tuple(out.shape)}")
+        pieces = self._pieces(key, out, spec)
+        file, itemsize = self.file_of[key], self.torch_dtype(key).itemsize
         if not shape:
-            with self._open(key) as f:
-                out.copy_(f.get_tensor(key))
-            return
-        # Rows (dim 0) to read and where they go; a split along another dim reads every row, its blocks only.
-        rows, cols = (spec.ranges(), []) if spec.dim == 0 else ([(0, shape[0], 0)], spec.ranges())
-        row_bytes = self.torch_dtype(key).itemsize * math.prod(shape[1:])
+            return [(file, itemsize, lambda f: pieces[0].copy_(f.get_tensor(key)))]
+        # Row ranges (dim 0) to read and where they go; a split along another dim reads every row, its blocks only.
+        if spec.dim is None:
+            rows, cols = [(0, shape[0], pieces[0])], []
+        elif spec.dim == 0:
+            rows, cols = [(s, e, p) for (s, e), p in zip(spec.blocks, pieces)], []
+        else:
+            rows, cols = [(0, shape[0], None)], [(s, e, p) for (s, e), p in zip(spec.blocks, pieces)]
+        row_bytes = itemsize * math.prod(shape[1:])
         step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-        for start, end, at in rows:
+        out_steps = []
+        for start, end, piece in rows:
             for a in range(start, end, step):
                 b = min(a + step, end)
-                dest = out[at + a - start : at + b - start]
-                with self._open(key) as f:
-                    sl = f.get_slice(key)
-                    if not cols:
-                        dest.copy_(sl[a:b])
-                    for s, e, c in cols:
-                        index = (slice(a, b), *(slice(None),) * (spec.dim - 1), slice(s, e))
-                        dest.narrow(spec.dim, c, e - s).copy_(sl[index])
+                if piece is not None:
+                    copy = functools.partial(_copy_rows, key, a, b, piece[a - start : b - start])
+                else:
+                    copy = functools.partial(_copy_blocks, key, a, b, spec.dim, cols)
+                out_steps.append((file, (b - a) * row_bytes, copy))
+        return out_steps
+
+    @staticmethod
+    def _pieces(key: str, out: Tensor | Sequence[Tensor], spec: ShardSpec) -> list[Tensor]:
+        """Where each block of ``spec`` goes (one tensor when replicated), each checked against its shape."""
+        if isinstance(out, Tensor):
+            if tuple(out.shape) != spec.local_shape:
+                raise ValueError(f"out: expected shape {spec.local_shape} for {key}, got {tuple(out.shape)}")
+            return [out] if spec.dim is None else [out.narrow(spec.dim, at, e - s) for s, e, at in spec.ranges()]
+        pieces = list(out)
+        wanted = [spec.shape] if spec.dim is None else [
+            spec.shape[: spec.dim] + (e - s,) + spec.shape[spec.dim + 1 :] for s, e in spec.blocks
+        ]  # fmt: skip
+        got = [tuple(p.shape) for p in pieces]
+        if got != wanted:
+            raise ValueError(f"out: expected one tensor per block of {key}, shaped {wanted}, got {got}")
+        return pieces
+
+
+def _copy_rows(key: str, a: int, b: int, dest: Tensor, f: Any) -> None:
+    dest.copy_(f.get_slice(key)[a:b])
+
+
+def _copy_blocks(key: str, a: int, b: int, dim: int, cols: list[tuple[int, int, Tensor]], f: Any) -> None:
+    sl = f.get_slice(key)
+    for s, e, piece in cols:
+        piece[a:b].copy_(sl[(slice(a, b), *(slice(None),) * (dim - 1), slice(s, e))])

@@ -25,6 +25,9 @@ block of every part, in part order, one after the other in its local tensor::
     norms, embeddings        any            None ()          everything (replicated)
 
 (fairscale's ``stride=k`` is ``k`` equal parts; gpt-fast's ``weight_splits`` are the parts of a fused qkv.)
+The other layouts of the same weights follow from the layer's spec: :meth:`ShardSpec.select` drops an
+unsplit dim (one expert, as a per-expert checkpoint stores it), :meth:`ShardSpec.cat` joins specs along the
+split dim (w1 and w3 stored as one fused gate/up).
 
 The sizes convention is tp_ffn's, ``torch.tensor_split``'s; FSDP2 and DTensor's ``Shard`` placement
 cut with ``torch.chunk``'s (:func:`chunk_bounds`): 10 over 4 is 3, 3, 2, 2 here and 3, 3, 3, 1 there.
@@ -42,6 +45,7 @@ __all__ = [
     "ShardSpec",
     "chunk_bounds",
     "named_shard_specs",
+    "piece_bounds",
     "shard_bounds",
     "shard_sizes",
     "shard_spec_of",
@@ -64,6 +68,13 @@ def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
+
+
+def piece_bounds(sizes: Sequence[int], index: int) -> tuple[int, int]:
+    """``[start, end)`` of piece ``index`` of a dim cut into consecutive pieces of ``sizes`` (any sizes, e.g.
+    a sequence split the caller chose; :func:`shard_bounds` is the case of :func:`shard_sizes`)."""
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
 
 
 def chunk_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -142,6 +153,36 @@ class ShardSpec:
         """``dim`` of ``shape`` cut over ``world`` ranks, part by part (``parts`` default: the whole dim)."""
         return cls(tuple(shape), dim, tuple(parts or ()), rank, world)
 
+    def select(self, dim: int) -> ShardSpec:
+        """The layout of ``full.select(dim, i)`` (any ``i``), e.g. one expert of a stacked expert weight:
+        ``dim`` is dropped, the split stays. ``dim`` must not be the split dim."""
+        if not -len(self.shape) <= dim < len(self.shape):
+            raise ValueError(f"ShardSpec.select: expected a dim of shape {self.shape}, got {dim}")
+        dim %= len(self.shape)
+        if dim == self.dim:
+            raise ValueError(f"ShardSpec.select: dim {dim} is the split dim; select another")
+        shape = self.shape[:dim] + self.shape[dim + 1 :]
+        if self.dim is None:
+            return ShardSpec.replicated(shape)
+        return ShardSpec(shape, self.dim - (dim < self.dim), self.parts, self.rank, self.world)
+
+    @classmethod
+    def cat(cls, specs: Sequence[ShardSpec]) -> ShardSpec:
+        """The layout of ``torch.cat([full_0, full_1, ...], dim)`` of tensors split along the same ``dim``:
+        their parts one after the other, e.g. a fused gate/up ``[E, 2I, H]`` from the w1 and w3 ``[E, I, H]``
+        of the same experts. Every spec must be split along one dim, at the same rank of the same world,
+        with the same shape elsewhere."""
+        first = specs[0]
+
+        def key(s: ShardSpec) -> tuple:  # what must agree: the world, the rank, the shape outside dim
+            return s.rank, s.world, s.shape[: s.dim] + s.shape[s.dim + 1 :]  # type: ignore[operator]
+
+        if first.dim is None or any(s.dim != first.dim or key(s) != key(first) for s in specs):
+            raise ValueError(f"ShardSpec.cat: expected specs split along one dim, alike elsewhere, got {list(specs)}")
+        shape = list(first.shape)
+        shape[first.dim] = sum(s.shape[first.dim] for s in specs)
+        return cls(tuple(shape), first.dim, tuple(n for s in specs for n in s.parts), first.rank, first.world)
+
     @property
     def is_sharded(self) -> bool:
         """False when every rank holds the whole tensor."""
@@ -186,21 +227,25 @@ class ShardSpec:
         if tuple(full.shape) != self.shape:
             raise ValueError(f"{name}: expected the full shape {self.shape}, got {tuple(full.shape)}")
 
+    def take_blocks(self, full: Tensor, *, name: str = "full") -> list[Tensor]:
+        """This rank's blocks of ``full`` (a tensor of :attr:`shape`), one view each, in :attr:`blocks` order
+        (``[full]`` when replicated): where each goes when the blocks are kept apart, as a fused gate/up's
+        go to w1 and w3."""
+        self._check_full(full, name)
+        if self.dim is None:
+            return [full]
+        return [full.narrow(self.dim, s, e - s) for s, e in self.blocks]
+
     def take(self, full: Tensor, *, copy: bool = False, name: str = "full") -> Tensor:
         """This rank's piece of ``full`` (a tensor of :attr:`shape`), shaped :attr:`local_shape`.
 
         One block (or replicated) is a view of ``full`` unless ``copy``; several blocks are
         concatenated into a new tensor. Differentiable.
         """
-        self._check_full(full, name)
-        if self.dim is None:
-            x = full
-        elif len(self.blocks) == 1:
-            s, e = self.blocks[0]
-            x = full.narrow(self.dim, s, e - s)
-        else:
-            return torch.cat([full.narrow(self.dim, s, e - s) for s, e in self.blocks], self.dim)
-        return x.clone(memory_format=torch.contiguous_format) if copy else x
+        pieces = self.take_blocks(full, name=name)
+        if len(pieces) > 1:
+            return torch.cat(pieces, self.dim)
+        return pieces[0].clone(memory_format=torch.contiguous_format) if copy else pieces[0]
 
     def place(self, local: Tensor, full: Tensor) -> None:
         """Copy this rank's piece ``local`` (:attr:`local_shape`) into its place in ``full`` (:attr:`shape`)."""
@@ -238,7 +283,7 @@ class ShardSpec:
         ``(global offsets, sizes, local offsets)`` of each rectangle (several when it crosses blocks).
 
         This is how a second cut on top of the TP one is placed, e.g. FSDP2's ``torch.chunk`` of
-        dim 0 of the local tensor (:func:`tp_ffn.train.layout.param_blocks`). A box holding nothing
+        dim 0 of the local tensor (:func:`tp_ffn.train.checkpoint.layout.param_blocks`). A box holding nothing
         is returned as one empty rectangle.
         """
         offsets, sizes = tuple(offsets), tuple(sizes)

@@ -7,7 +7,7 @@ last collective finishes just before the process exits, that reference can still
 interpreter finalizes: the worker's release then decrements a Python tensor, which needs the GIL,
 and a finalizing interpreter ends any thread that asks for it, which a C++ thread cannot survive
 (``std::terminate``: "terminate called without an active exception", SIGABRT). A core dump of
-``scripts/parity.py`` at 3 ranks on 2 cores (torch 2.13.0, CPU) showed exactly that:
+``benchmarks/parity.py`` at 3 ranks on 2 cores (torch 2.13.0, CPU) showed exactly that:
 ``ProcessGroupGloo::runLoop`` in ``~AsyncAllgatherWork`` -> ``decref_pyobject`` -> ``take_gil`` ->
 ``PyThread_exit_thread`` while the main thread was in ``Py_FinalizeEx``; the same abort hit
 parity.py and bench.py on CI (PyTorch pull request 179291 describes it; it was abandoned). The
@@ -15,7 +15,7 @@ profiler's kineto thread can race libtorch's static destructors in the same way.
 
 ``destroy_process_group()`` does not prevent it when modules still hold the group. The training
 scripts collect their objects and meet at a barrier before destroying the group
-(:meth:`tp_ffn.train.parallelize.Runtime.shutdown`); the short measurement scripts, whose last
+(:meth:`tp_ffn.train.run.parallelize.Runtime.shutdown`); the short measurement scripts, whose last
 collective is close to their exit, end with :func:`exit_without_teardown`.
 """
 

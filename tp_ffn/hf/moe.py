@@ -31,6 +31,7 @@ from ..checkpoint import META_TO_HF
 from ..groups import GroupLike
 from ..moe import MoEConfig, ParallelMoEFeedForward, Routing
 from ..safetensors_dir import SafetensorsDir
+from ..sharding import ShardSpec
 from .mlp import LAYOUTS, BuildOptions, MLPLayout, ParallelMLP, _build, _check_mlp, activation_name, is_dtensor
 
 __all__ = ["MOE_BLOCKS", "ParallelSparseMoeBlock", "expert_reads", "load_moe_blocks"]
@@ -58,60 +59,44 @@ MOE_BLOCKS: dict[str, _Family] = {
 
 
 class ExpertRead(NamedTuple):
-    """Where one expert's shard comes from: ``stored[key][index]`` (a block-relative key of the HF layout) is
-    this rank's part of ``experts.<param>[expert]`` (``param``: ``w1`` gate, ``w3`` up, ``w2`` down)."""
+    """One stored expert tensor and where this rank's blocks of it go: ``stored[key]`` (a block-relative key of
+    the HF layout) has the full shape ``spec.shape``, and its block k (``spec.blocks[k]``) is this rank's part of
+    ``experts.<params[k]>`` (``w1`` gate, ``w3`` up, ``w2`` down): of every expert when ``expert`` is None (a
+    fused tensor), else of that expert's slice."""
 
     key: str
-    param: str
-    expert: int
-    index: tuple[slice, ...]
+    spec: ShardSpec
+    params: tuple[str, ...]
+    expert: int | None
+
+    def targets(self, params: Mapping[str, Tensor]) -> list[Tensor]:
+        """Where the blocks go in ``params`` (``{"w1": [E, n_r, H], "w3": ..., "w2": [E, H, n_r]}``)."""
+        return [params[p] if self.expert is None else params[p][self.expert] for p in self.params]
 
 
-def expert_reads(
-    fused: bool, projections: tuple[str, str, str], num_experts: int, hidden_dim: int, start: int, end: int
-) -> list[ExpertRead]:
-    """This rank's part of every stored expert tensor: rows ``[start, end)`` of each expert's intermediate
-    dimension ``I = hidden_dim`` (what ``ParallelExperts.shard_spec`` says) in w1/w3, the same columns of w2.
+def expert_reads(fused: bool, projections: tuple[str, str, str], specs: Mapping[str, ShardSpec]) -> list[ExpertRead]:
+    """Every stored expert tensor of the layout and this rank's blocks of it, from the core block's own specs
+    (``specs``: ``ParallelExperts.shard_spec`` of ``w1``, ``w3`` ``[E, I, H]`` and ``w2`` ``[E, H, I]``, split
+    along I): rows ``[s, e)`` of every expert's gate and up, the same columns of its down.
 
-    Per-expert layout (``fused=False``): ``experts.{e}.{gate}.weight [I, H]`` rows, ``{up}`` rows,
-    ``{down} [H, I]`` columns. Fused (transformers 5): ``experts.gate_up_proj [E, 2I, H]`` rows ``start:end``
-    (gate) and ``I+start:I+end`` (up) of expert e, ``experts.down_proj [E, H, I]`` columns. The adapter's only
-    slice arithmetic; :func:`stored_shapes` and :func:`stored_tensors` describe the same layouts whole.
+    Per-expert layout (``fused=False``): ``experts.{e}.{gate}.weight [I, H]``, ``{up}``, ``{down} [H, I]``, each
+    one expert of the stacked spec (:meth:`~tp_ffn.ShardSpec.select`). Fused (transformers 5):
+    ``experts.gate_up_proj [E, 2I, H]`` is w1's and w3's specs joined (:meth:`~tp_ffn.ShardSpec.cat`: rows
+    ``[s, e)`` then ``[I+s, I+e)``), ``experts.down_proj [E, H, I]`` is w2's. No slice is worked out here.
     """
-    rows, whole = slice(start, end), slice(None)
-    reads = []
-    for e in range(num_experts):
-        if fused:
-            one = slice(e, e + 1)
-            up = slice(hidden_dim + start, hidden_dim + end)
-            reads += [
-                ExpertRead("experts.gate_up_proj", "w1", e, (one, rows, whole)),
-                ExpertRead("experts.gate_up_proj", "w3", e, (one, up, whole)),
-                ExpertRead("experts.down_proj", "w2", e, (one, whole, rows)),
-            ]
-        else:
-            gate, up, down = (f"experts.{e}.{name}.weight" for name in projections)
-            reads += [
-                ExpertRead(gate, "w1", e, (rows, whole)),
-                ExpertRead(up, "w3", e, (rows, whole)),
-                ExpertRead(down, "w2", e, (whole, rows)),
-            ]
-    return reads
-
-
-def stored_shapes(
-    fused: bool, projections: tuple[str, str, str], num_experts: int, hidden_dim: int, dim: int
-) -> dict[str, tuple[int, ...]]:
-    """The full shape of every stored expert tensor of the layout, by block-relative key."""
-    e, i = num_experts, hidden_dim
+    w1, w3, w2 = specs["w1"], specs["w3"], specs["w2"]
     if fused:
-        return {"experts.gate_up_proj": (e, 2 * i, dim), "experts.down_proj": (e, dim, i)}
+        return [
+            ExpertRead("experts.gate_up_proj", ShardSpec.cat([w1, w3]), ("w1", "w3"), None),
+            ExpertRead("experts.down_proj", w2, ("w2",), None),
+        ]
+    one = {"w1": w1.select(0), "w3": w3.select(0), "w2": w2.select(0)}
     gate, up, down = projections
-    shapes = {}
-    for k in range(e):
-        shapes.update({f"experts.{k}.{gate}.weight": (i, dim), f"experts.{k}.{up}.weight": (i, dim)})
-        shapes[f"experts.{k}.{down}.weight"] = (dim, i)
-    return shapes
+    return [
+        ExpertRead(f"experts.{e}.{name}.weight", one[param], (param,), e)
+        for e in range(w1.shape[0])
+        for name, param in ((gate, "w1"), (up, "w3"), (down, "w2"))
+    ]
 
 
 def stored_tensors(
@@ -194,10 +179,10 @@ class ParallelSparseMoeBlock(ParallelMoEFeedForward):
         return self.gate
 
     @property
-    def splits(self) -> tuple[int, int]:
-        """``(start, end)``: this rank's rows of every expert's intermediate dimension."""
-        ((start, end),) = self.experts.shard_spec("w1").blocks  # what the core block says it holds
-        return start, end
+    def expert_specs(self) -> dict[str, ShardSpec]:
+        """How the core block splits ``experts.w1``, ``w3``, ``w2`` (``ParallelExperts.shard_spec``): every read
+        of the experts follows these."""
+        return {name: self.experts.shard_spec(name) for name in ("w1", "w3", "w2")}
 
     def route(self, x: Tensor) -> Routing:
         """The model's own routing of ``x [T, H]``: transformers 5's router module, or transformers 4's
@@ -220,11 +205,9 @@ class ParallelSparseMoeBlock(ParallelMoEFeedForward):
     def _copy_experts(self, stored: Callable[[str], Tensor], fused: bool, device: torch.device | None = None) -> None:
         """Fill ``experts.w1/w2/w3`` with this rank's slices of ``stored(key)`` (keys of the given layout)."""
         out = self._new_expert_params(device)
-        for read in expert_reads(
-            fused, self.layout.family.projections, self.num_experts, self.config.hidden_dim, *self.splits
-        ):
-            target = out[read.param][read.expert]
-            target.copy_(stored(read.key)[read.index].reshape(target.shape))
+        for read in expert_reads(fused, self.layout.family.projections, self.expert_specs):
+            for piece, target in zip(read.spec.take_blocks(stored(read.key), name=read.key), read.targets(out)):
+                target.copy_(piece)
         self._set_expert_params(out)
 
     def _new_expert_params(self, device: torch.device | None) -> dict[str, Tensor]:
@@ -417,20 +400,6 @@ def _blocks(model: nn.Module) -> Iterator[tuple[str, ParallelSparseMoeBlock]]:
             yield path, module
 
 
-def _read_parts(files: SafetensorsDir, parts: list[tuple[str, tuple[slice, ...], Tensor]]) -> None:
-    """``out.copy_(stored[key][index])`` for every part, each file opened once (safetensors reads only the
-    slice's bytes)."""
-    from safetensors import safe_open
-
-    by_file: dict[str, list[tuple[str, tuple[slice, ...], Tensor]]] = {}
-    for part in parts:
-        by_file.setdefault(str(files.file_of[part[0]]), []).append(part)
-    for path, mine in by_file.items():
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key, index, out in mine:
-                out.copy_(f.get_slice(key)[index].reshape(out.shape))
-
-
 def _saved_prefix(
     path: str, block: ParallelSparseMoeBlock, to_ckpt: Callable[[str], str], keys: Mapping
 ) -> tuple[str, bool]:
@@ -466,34 +435,22 @@ def load_moe_blocks(
             prefix, fused = _saved_prefix(path, block, to_ckpt, files.shape)
         except ValueError as e:
             raise ValueError(f"{files.root}: {e}") from None
-        lay, c = block.layout, block.config
-        shapes = stored_shapes(fused, lay.family.projections, c.num_experts, c.hidden_dim, lay.dim)
-        keys = {rel: to_ckpt(f"{prefix}.{rel}") for rel in shapes}
+        reads = expert_reads(fused, block.layout.family.projections, block.expert_specs)
+        keys = {r.key: to_ckpt(f"{prefix}.{r.key}") for r in reads}
         missing = [k for k in keys.values() if k not in files.shape]
         if missing:
             raise ValueError(
                 f"{files.root}: the checkpoint lacks {len(missing)} expert tensors of {path}: {missing[:5]}"
             )
-        for rel, key in keys.items():
-            if files.shape[key] != shapes[rel]:
-                raise ValueError(f"{files.file_of[key]}: {key}: expected shape {shapes[rel]}, got {files.shape[key]}")
         out = block._new_expert_params(device)
-        parts = [
-            (keys[r.key], r.index, out[r.param][r.expert])
-            for r in expert_reads(fused, lay.family.projections, c.num_experts, c.hidden_dim, *block.splits)
-        ]
+        parts = [(keys[r.key], r.targets(out), r.spec) for r in reads]
         gate_key = to_ckpt(f"{prefix}.gate.weight")
         if gate_key in files.shape:
             weight = block.gate.weight
-            if files.shape[gate_key] != tuple(weight.shape):
-                raise ValueError(
-                    f"{files.file_of[gate_key]}: {gate_key}: expected shape {tuple(weight.shape)}, "
-                    f"got {files.shape[gate_key]}"
-                )
             gate = torch.empty(weight.shape, dtype=weight.dtype, device=device)
-            parts.append((gate_key, (slice(None),), gate))
+            parts.append((gate_key, gate, ShardSpec.replicated(weight.shape)))
             used.add(gate_key)
-        _read_parts(files, parts)
+        files.read_many(parts)  # checks every stored shape against its spec before reading
         block._set_expert_params(out)
         if gate_key in files.shape:
             block.gate.weight = nn.Parameter(gate, requires_grad=block.gate.weight.requires_grad)

@@ -167,7 +167,7 @@ PRESETS: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=256),
     "small": LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=64, max_seq_len=512),
     # GPT-2 small's shape (dim 768, 12 layers, 12 heads) in Llama's blocks with Llama 2's vocabulary
-    # size: 134 M parameters, a quick training run on one GPU (scripts/gpu_check.sh).
+    # size: 134 M parameters, a quick training run on one GPU (benchmarks/gpu_check.sh).
     "gpt2-small": LlamaConfig(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=256, max_seq_len=2048),
     "llama2-7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096),
     "llama3-8b": LlamaConfig(

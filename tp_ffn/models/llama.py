@@ -16,7 +16,7 @@ gradients all-reduced over the group (each rank's norm sees only its own tokens)
 
 Generation passes a :class:`~tp_ffn.models.kv_cache.KVCache` and the position of the first token,
 ``model(tokens, start_pos=p, cache=cache)``: each rank caches its own key/value heads, so a step
-costs the new positions only (see :mod:`tp_ffn.train.generate`).
+costs the new positions only (see :mod:`tp_ffn.train.run.generate`).
 """
 
 from __future__ import annotations

@@ -18,26 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from ..models.llama import PRESETS, LlamaConfig
+from .cli import ArgumentParser
+from .errors import UsageError  # re-exported: its home was here
 
 __all__ = ["DTYPES", "ParallelPlan", "TrainConfig", "UsageError", "build_parser", "parse_args", "parse_model_args"]
 
 DTYPES = ("float32", "bfloat16")
-
-
-class UsageError(Exception):
-    """A bad argument, file or checkpoint: reported as one line, without a traceback.
-
-    ``agreed``: every rank raised this same error (see :func:`tp_ffn.train.consensus.agree`), so one
-    rank reports it. ``rank``: the rank that saw it alone, once the process group existed.
-    ``exit_status``: what ``scripts/train.py`` exits with after reporting it.
-    """
-
-    exit_status = 2
-
-    def __init__(self, message: str, *, agreed: bool = False) -> None:
-        super().__init__(message)
-        self.agreed = agreed
-        self.rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -260,17 +246,10 @@ def parse_model_args(text: str) -> dict[str, Any]:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage and exiting on every rank."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = _Parser(
-        prog="train.py",
+    p = ArgumentParser(
+        prog=prog,
         description="Train a Llama-style model with tensor x data parallelism (launch with torchrun).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -474,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+def parse_args(argv: Sequence[str] | None = None, *, prog: str = "train.py") -> TrainConfig:
     """Parse ``argv`` into a validated :class:`TrainConfig` (raises :class:`UsageError`)."""
-    ns = vars(build_parser().parse_args(argv))
+    ns = vars(build_parser(prog).parse_args(argv))
     ns["model_args"] = parse_model_args(ns["model_args"])
     return TrainConfig(**ns)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from .config import UsageError
+from .errors import UsageError
 
 # Seconds a rank that prints nothing waits before exiting under torchrun (see report_error).
 QUIET_RANK_GRACE_S = 2.0
