@@ -83,7 +83,7 @@ HAND = LlamaConfig(
 
 
 def test_flops_count_active_parameters_only():
-    from tp_ffn.train.flops import matmul_params, model_flops_per_token
+    from tp_ffn.train.budget.flops import matmul_params, model_flops_per_token
 
     # attention: wq 64 + wk 32 + wv 32 + wo 64 = 192; active FFN: router 8*4 = 32, two experts 2*3*8*5 = 240,
     # shared expert 3*8*3 = 72, gate 8: 352; output head 8*16 = 128.
@@ -96,7 +96,7 @@ def test_flops_count_active_parameters_only():
 
 
 def test_memory_plan_counts_every_expert():
-    from tp_ffn.train.memory import FFNSaved, Layout, Workload, estimate
+    from tp_ffn.train.budget.memory import FFNSaved, Layout, Workload, estimate
 
     work = Workload(16, "float32", False, FFNSaved(0.0, 0.0))
     est = estimate(HAND, Layout(1, 1, 1, False), work)
@@ -113,9 +113,9 @@ def _kept_by_moe_model(rank: int, world: int, tp: int, sp: bool) -> tuple[int, i
     count, the plan's count for the dense model of the same expert size)."""
     import torch.nn.functional as F
 
-    from tp_ffn.train.memory import FFNSaved, Layout, Workload, saved_activation_bytes
-    from tp_ffn.train.memory_use import saved_bytes
-    from tp_ffn.train.parallelize import build_mesh, parallelize
+    from tp_ffn.train.budget.memory import FFNSaved, Layout, Workload, saved_activation_bytes
+    from tp_ffn.train.budget.memory_use import saved_bytes
+    from tp_ffn.train.run.parallelize import build_mesh, parallelize
 
     cfg = PRESETS["tiny-moe"]
     mesh = build_mesh(torch.device("cpu"), world // tp, tp)
@@ -388,7 +388,7 @@ def test_init_from_mixtral_trains_its_weights(tmp_path):
     model on the first batch."""
     import torch.nn.functional as F
 
-    from tp_ffn.train.data import Windows, load_corpus
+    from tp_ffn.train.data.corpus import Windows, load_corpus
 
     hf = _tiny_mixtral(torch.float32)
     src = tmp_path / "mixtral32"
