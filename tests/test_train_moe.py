@@ -75,6 +75,17 @@ def test_config_experts_and_dense_compatibility():
     }  # fmt: skip
 
 
+@pytest.mark.parametrize("mode", [{"ffn_fuse_gate_up": True}, {"ffn_comm_chunks": 2}, {"ffn_overlap_comm": False}])
+def test_dense_block_modes_are_refused_for_experts(mode):
+    """The dense block's modes do not exist in the MoE block: asked for, they are refused, not ignored."""
+    from tp_ffn.train.errors import UsageError
+
+    args = TrainConfig(preset="tiny-moe", **mode)
+    with pytest.raises(UsageError, match=r"modes of the dense feed-forward block; .* \(n_experts=4\)"):
+        args.check_model(PRESETS["tiny-moe"])
+    TrainConfig(preset="tiny-moe").check_model(PRESETS["tiny-moe"])  # the defaults pass
+
+
 # dim 8, 1 layer, 2 heads of 4 (1 kv head), vocab 16; 4 experts of 5, top 2; shared expert 3 with its gate.
 HAND = LlamaConfig(
     dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=16, max_seq_len=16, n_experts=4, n_experts_per_token=2,

@@ -199,10 +199,10 @@ class TrainConfig:
             raise UsageError(str(e).replace("tp:", "--tp:", 1)) from None
         if self.sequence_parallel and self.seq_len % self.tp:
             raise UsageError(f"--sequence-parallel: --seq-len ({self.seq_len}) must be divisible by --tp ({self.tp})")
-        if cfg.moe is not None and (self.ffn_fuse_gate_up or self.ffn_comm_chunks != 1):
+        if cfg.moe is not None and (self.ffn_fuse_gate_up or self.ffn_comm_chunks != 1 or not self.ffn_overlap_comm):
             raise UsageError(
-                "--ffn-fuse-gate-up / --ffn-comm-chunks: modes of the dense feed-forward block; this model's are "
-                f"mixtures of experts (n_experts={cfg.n_experts})"
+                "--ffn-fuse-gate-up / --ffn-comm-chunks / --no-ffn-overlap: modes of the dense feed-forward block; "
+                f"this model's are mixtures of experts (n_experts={cfg.n_experts})"
             )
 
     def to_dict(self) -> dict[str, Any]:
