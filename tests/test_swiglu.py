@@ -16,6 +16,8 @@ test_properties.py; compile by test_compile.py.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from reference import rel_err
 from tp_ffn import FeedForward, ParallelFeedForward, split_sequence
 from tp_ffn.diagnostics import saved_for_backward
 from tp_ffn.fused import gate_up_projection
+from tp_ffn import swiglu_kernels
 from tp_ffn.swiglu import ACTIVATIONS, swiglu, swiglu_linear
 
 DIM, HIDDEN, BATCH, SEQ = 24, 101, 2, 12  # 101 is uneven over 2 ranks (51, 50)
@@ -150,10 +153,12 @@ def test_gradcheck_float64(activation):
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_bitwise_equal_to_autograd_composition(activation):
-    """fp32 eager: output and every gradient bit for bit those of ``F.linear(act(g) * u, w)``."""
+    """fp32 eager: output and every gradient bit for bit those of ``F.linear(act(g) * u, w)``. (silu runs
+    the fused kernels: 7 x 2 x 64 elements leave no tail to ATen's scalar loop, whose exp is the C
+    library's; see test_fused_kernels_at_vector_tails.)"""
     torch.manual_seed(1)
-    g, u = (torch.randn(2, 7, 33, requires_grad=True) for _ in range(2))
-    w = torch.randn(9, 33, requires_grad=True)
+    g, u = (torch.randn(2, 7, 64, requires_grad=True) for _ in range(2))
+    w = torch.randn(9, 64, requires_grad=True)
     dy = torch.randn(2, 7, 9)
     act = ACTIVATIONS[activation]
     want = F.linear(act(g) * u, w)
@@ -166,8 +171,8 @@ def test_bitwise_equal_to_autograd_composition(activation):
     h = swiglu(g, u, activation)
     assert torch.equal(h, act(g) * u)
     for a, b in zip(
-        torch.autograd.grad(h, (g, u), dy[..., :1].expand(2, 7, 33)),
-        torch.autograd.grad(act(g) * u, (g, u), dy[..., :1].expand(2, 7, 33)),
+        torch.autograd.grad(h, (g, u), dy[..., :1].expand(2, 7, 64)),
+        torch.autograd.grad(act(g) * u, (g, u), dy[..., :1].expand(2, 7, 64)),
     ):
         assert torch.equal(a, b), activation
     # Negative control: the derivative of another activation is not bitwise equal.
@@ -269,3 +274,118 @@ def test_swiglu_second_derivative(activation):
     eager backward's out= overloads are used only under no_grad, since they do not differentiate."""
     g, u = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradgradcheck(lambda g, u: swiglu(g, u, activation), (g, u))
+
+
+
+def _fused_and_eager(dtype: torch.dtype, rows: int, strided: bool, need: tuple[bool, bool, bool] = (True, True, True)):
+    """swiglu_linear's output and gradients twice: with the compiled one-pass kernels and with ATen's
+    eager kernels (swiglu_kernels.ENABLED False). ``strided``: g and u are the two halves of one
+    ``[.., 2n]`` tensor, as fuse_gate_up makes them (rows of stride 2n). n = 64: no element falls
+    in ATen's scalar tail loop (see test_fused_kernels_at_vector_tails)."""
+    torch.manual_seed(rows)
+    n = 64
+    gu = torch.randn(rows, 7, 2 * n, dtype=dtype)
+    w = torch.randn(9, n, dtype=dtype)
+    dy = torch.randn(rows, 7, 9, dtype=dtype)
+    out = []
+    for fused in (True, False):
+        leaves = [gu.clone().requires_grad_(need[0] or need[1]), w.clone().requires_grad_(need[2])]
+        g, u = leaves[0].split(n, dim=-1) if strided else (leaves[0][..., :n].contiguous(), leaves[0][..., n:].contiguous())
+        swiglu_kernels.ENABLED = fused
+        try:
+            y = swiglu_linear(g, u, leaves[1])
+            y.backward(dy)
+        finally:
+            swiglu_kernels.ENABLED = True
+        out.append([y.detach()] + [t.grad for t in leaves if t.requires_grad])
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_fused_kernels_bit_for_bit_equal_to_eager_kernels(dtype):
+    """The one-pass kernels (torch.compile of the elementwise function, inductor's C++ on the CPU)
+    against ATen's kernels one by one, through swiglu_linear: output and every gradient bit for bit,
+    in fp32, float64 and bf16 (the roundings between the eager kernels kept, and silu_backward's
+    contracted multiply-add), contiguous and row-strided; also without the weight gradient (no h
+    recomputed). The kernels did run (a failed compilation warns, and warnings are errors here), and
+    other token counts reuse them (dynamic shapes: a recompilation is an error here)."""
+    import torch._dynamo as dynamo
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for strided in (False, True):
+            fused, eager = _fused_and_eager(dtype, 3, strided)
+            for name, a, b in zip(("y", "d(g, u)", "dw"), fused, eager):
+                assert torch.equal(a, b), (dtype, strided, name, rel_err(a, b))
+            assert any(k[-2:] == (dtype, "cpu") for k in swiglu_kernels._compiled), "the fused kernels never ran"
+            with dynamo.config.patch(error_on_recompile=True):
+                for rows in (5, 11):
+                    fused, eager = _fused_and_eager(dtype, rows, strided)
+                    assert all(torch.equal(a, b) for a, b in zip(fused, eager)), (dtype, strided, rows)
+        fused, eager = _fused_and_eager(dtype, 3, False, need=(True, True, False))
+        assert all(torch.equal(a, b) for a, b in zip(fused, eager)), (dtype, "without dw")
+
+
+def _tail(shape: tuple[int, int], strided: bool) -> torch.Tensor:
+    """Where ATen's loop runs its scalar code: the last (elements mod 32) of each contiguous stretch
+    it walks (the whole tensor, or each row of a strided one). 32 = two AVX-512 fp32 vectors, the
+    widest case; narrower vectors' tails lie inside it."""
+    rows, n = shape
+    mask = torch.zeros(rows * n if not strided else n, dtype=torch.bool)
+    width = mask.numel() % 32
+    if width:
+        mask[-width:] = True
+    return mask.view(1, n).expand(rows, n) if strided else mask.view(rows, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_fused_kernels_at_vector_tails(dtype):
+    """At shapes with tails (33 columns): the fused kernels equal ATen's bit for bit except, at most,
+    in the elements ATen computes in its scalar tail loop, where it calls the C library's exp and
+    the fused kernel the vectorised one (Sleef, within 1 ulp): there within a few ulp."""
+    from tp_ffn.swiglu import act_mul, act_mul_backward
+
+    torch.manual_seed(4)
+    tiny = torch.finfo(dtype).eps * 4
+    for strided in (False, True):
+        gu = torch.randn(14, 66, dtype=dtype)
+        g, u = gu.split(33, -1) if strided else (gu[:, :33].contiguous(), gu[:, 33:].contiguous())
+        dh = torch.randn(14, 33, dtype=dtype)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fused = (swiglu_kernels.silu_mul(g, u), *swiglu_kernels.silu_mul_backward(dh.clone(), g, u, need_h=True, reuse_dh=True))
+            swiglu_kernels.ENABLED = False
+            try:
+                eager = (act_mul(g, u, "silu"), *act_mul_backward(dh.clone(), g, u, "silu", need_h=True, reuse_dh=True))
+            finally:
+                swiglu_kernels.ENABLED = True
+        tail = _tail((14, 33), strided)
+        for name, a, b in zip(("h", "dg", "du", "h again"), fused, eager):
+            assert torch.equal(a[~tail], b[~tail]), (dtype, strided, name)
+            assert torch.allclose(a[tail], b[tail], rtol=tiny, atol=tiny), (dtype, strided, name, rel_err(a, b))
+
+
+def test_failed_compilation_warns_once_and_runs_the_eager_kernels(monkeypatch):
+    """Where the kernels cannot be compiled (here: a C++ compiler that does not exist), one warning
+    line says so and ATen's eager kernels run, with the same values; nothing is silent. With
+    ENABLED False the eager kernels run without a warning."""
+    torch.manual_seed(0)
+    g, u = (torch.randn(4, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    want = F.linear(F.silu(g) * u, w)
+    want_grads = torch.autograd.grad(want.sum(), (g, u, w))
+    monkeypatch.setattr(swiglu_kernels, "_compiled", {})
+    monkeypatch.setattr(swiglu_kernels, "_failed", set())
+    monkeypatch.setattr(swiglu_kernels, "_OPTIONS", {**swiglu_kernels._OPTIONS, "cpp.cxx": ("/nonexistent/c++",)})
+    with pytest.warns(RuntimeWarning, match="could not be compiled") as caught:
+        y = swiglu_linear(g, u, w)
+        grads = torch.autograd.grad(y.sum(), (g, u, w))
+    assert len(caught) == 1 and "\n" not in str(caught[0].message), [str(c.message) for c in caught]
+    assert torch.equal(y, want) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swiglu_linear(g, u, w).sum().backward()  # warned once: not again
+        monkeypatch.setattr(swiglu_kernels, "_failed", set())
+        monkeypatch.setattr(swiglu_kernels, "ENABLED", False)
+        swiglu_linear(g, u, w).sum().backward()

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import swiglu_kernels
+
 __all__ = ["ACTIVATIONS", "get_activation", "swiglu", "swiglu_linear", "swiglu_linear_backward"]
 
 aten = torch.ops.aten
@@ -85,8 +87,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _eager(activation: str) -> bool:
+    """Eager mode without autograd recording: where the fused kernels of :mod:`.swiglu_kernels` may run."""
+    return activation == "silu" and not (torch.compiler.is_compiling() or torch.is_grad_enabled())
+
+
 def act_mul(g: Tensor, u: Tensor, activation: str) -> Tensor:
     """``act(g) * u`` without autograd bookkeeping of its own (the callers' functions hold it)."""
+    h = swiglu_kernels.silu_mul(g, u) if _eager(activation) else None
+    if h is not None:
+        return h
     a = ACTIVATIONS[activation](g)
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         # Out of place where traced (written u * act(g) so that it never equals the backward's
@@ -101,6 +111,9 @@ def act_mul_backward(
     """``(dg, du, h)`` for ``h = act(g) * u`` from the gradient ``dh`` and the saved ``g``, ``u``;
     ``h`` (recomputed) only with ``need_h``. All ``[*, n]``. ``reuse_dh``: ``dh`` is a buffer the
     caller owns, which becomes ``du`` (one allocation fewer in eager mode)."""
+    fused = swiglu_kernels.silu_mul_backward(dh, g, u, need_h=need_h, reuse_dh=reuse_dh) if _eager(activation) else None
+    if fused is not None:
+        return fused
     a = ACTIVATIONS[activation](g)
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         # traced, or a double backward (create_graph=True): out= overloads do not differentiate

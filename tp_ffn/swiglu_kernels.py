@@ -1,0 +1,155 @@
+"""The SwiGLU's elementwise work as one kernel each way in eager mode, compiled by inductor.
+
+Eager mode runs ATen's kernels one by one: forward ``silu(g)``, then ``* u`` (two passes over the
+hidden-size tensors); the two-tensor backward of :mod:`tp_ffn.swiglu` ``silu(g)``, ``dh * u``,
+``silu_backward``, ``dh * act(g)`` and ``act(g) * u`` (five passes, the sigmoid computed twice).
+Here each direction is one kernel, ``torch.compile`` of the elementwise function alone (inductor:
+C++ on the CPU, Triton on CUDA)::
+
+    forward   h = silu(g) * u                                reads g, u;      writes h
+    backward  dg = silu'(g) (dh u), du = dh silu(g), h       reads dh, g, u;  writes dg, h, du (into dh)
+
+Allocations: forward one buffer (``h``); backward two (``dg``, ``h``), ``du`` written over ``dh``
+when the caller owns it: what the eager sequence allocates, in one pass instead of five.
+
+Exactness: each kernel is the arithmetic of the ATen kernels it replaces, operation for operation
+(silu ``x / (1 + exp(-x))``; its derivative ``dy s (1 + x (1 - s))`` with ``s = 1 / (1 + exp(-x))``;
+products in the operands' dtype), computed in fp32 for bf16/fp16 operands as ATen does, and the
+roundings to the storage dtype that the eager sequence makes between its kernels are kept
+(inductor's ``emulate_precision_casts``: without it a fused kernel skips them). What this buys and
+where it stops is measured in ``tests/test_swiglu.py`` (bit for bit against the eager formula).
+
+Scope: silu only (the SwiGLU); gelu and relu run the eager kernels. Not under ``torch.compile``
+(the caller's ATen formula is traced into its graph and fused there) nor with grad mode on (a
+double backward differentiates the ATen formula). Compiled once per (function, dtype, device),
+dynamic shapes, the first call of each compiling it. Where that fails (no C++ compiler, no Triton,
+a torch without inductor), one warning line says so and the eager kernels run from then on (the
+same values, more passes). ``TP_FFN_FUSED_SWIGLU=0`` in the environment (or :data:`ENABLED`
+set to False) chooses the eager kernels without a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ENABLED", "silu_mul", "silu_mul_backward"]
+
+ENABLED: bool = os.environ.get("TP_FFN_FUSED_SWIGLU", "1") != "0"
+
+_REDUCED = (torch.bfloat16, torch.float16)
+_DEVICES = ("cpu", "cuda")
+# Keep the roundings between eager kernels: a fused low-precision kernel skips them by default.
+_OPTIONS = {"emulate_precision_casts": True, "cpp.enable_floating_point_contract_flag": "fast"}
+_compiled: dict[tuple, Callable[..., Any]] = {}
+_failed: set[tuple[torch.dtype, str]] = set()  # (dtype, device type) whose compilation failed once
+
+
+def _up(t: Tensor) -> Tensor:
+    """The dtype ATen's CPU and CUDA kernels compute in: fp32 for bf16/fp16, the tensor's own otherwise."""
+    return t.float() if t.dtype in _REDUCED else t
+
+
+def _stored(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as the next eager kernel reads it: rounded to the dtype the previous one stored it in."""
+    return t.to(dtype).to(t.dtype)
+
+
+def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
+    gf = _up(g)
+    a = _stored(gf / (1 + torch.exp(-gf)), g.dtype)  # aten silu
+    return (a * _up(u)).to(g.dtype)  # aten mul
+
+
+def _silu_mul_backward(dh: Tensor, g: Tensor, u: Tensor, need_h: bool, du_into_dh: bool) -> tuple[Tensor, ...]:
+    dtype = g.dtype
+    gf, uf, dhf = _up(g), _up(u), _up(dh)
+    e = torch.exp(-gf)
+    a = _stored(gf / (1 + e), dtype)  # aten silu
+    s = torch.reciprocal(1 + e)  # silu_backward's sigmoid: the same exp, shared
+    dhu = _stored(dhf * uf, dtype)  # aten mul
+    dg = (dhu * s * (1 + gf * (1 - s))).to(dtype)  # aten silu_backward(dh * u, g)
+    du = (dhf * a).to(dtype)
+    out = (dg,)
+    if need_h:
+        out += ((a * uf).to(dtype),)
+    if du_into_dh:
+        dh.copy_(du)  # inductor stores straight into dh: no buffer for du
+        return out
+    return (*out, du)
+
+
+def _own_copy(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
+    """``fn`` with a code object of its own: dynamo keeps compiled variants (and counts its
+    recompile limit) per code object, so each (function, dtype, device) gets a cache of its own."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _run(fn: Callable[..., Any], t: Tensor, *args: Any) -> Any:
+    """``fn(*args)`` compiled for ``t``'s dtype and device; None where the eager kernels must run."""
+    where = (t.dtype, t.device.type)
+    if not ENABLED or where[1] not in _DEVICES or where in _failed:
+        return None
+    key = (fn.__name__, *(a for a in args if isinstance(a, bool)), *where)
+    # Detached: the same guards whoever requires grad, and dynamo reads no .grad of a non-leaf.
+    args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+    # The same guards whether the caller runs under autocast (forward) or not (backward).
+    with torch.autocast(where[1], enabled=False):
+        if key in _compiled:
+            return _compiled[key](*args)
+        try:  # the first call compiles; a failure to compile leaves the inputs untouched
+            tag = "_".join(str(k).replace("torch.", "") for k in key[1:])
+            compiled = torch.compile(_own_copy(fn, tag), dynamic=True, fullgraph=True, options=_OPTIONS)
+            out = compiled(*args)
+        except Exception as e:  # noqa: BLE001 - whatever stops the compilation, the eager kernels can run
+            _failed.add(where)  # both directions then run the eager kernels, and this warns once
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(
+                f"tp_ffn: the fused SwiGLU kernels for {t.dtype} on {where[1]} could not be compiled "
+                f"({type(e).__name__}: {reason}); running ATen's eager kernels instead (same values, more passes)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+    _compiled[key] = compiled
+    return out
+
+
+def _ok(g: Tensor, *others: Tensor) -> bool:
+    """Operands a kernel takes: one dtype and device, something to compute."""
+    return g.numel() > 0 and g.dim() > 0 and all(t.dtype == g.dtype and t.device == g.device and t.shape == g.shape for t in others)
+
+
+def silu_mul(g: Tensor, u: Tensor) -> Tensor | None:
+    """``silu(g) * u`` in one pass (``g, u [*, n]``, same dtype; rows may be strided), or None where
+    the eager kernels must run (see the module docstring)."""
+    if not _ok(g, u):
+        return None
+    h = _run(_silu_mul, g, g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1]))
+    return None if h is None else h.view(g.shape)
+
+
+def silu_mul_backward(
+    dh: Tensor, g: Tensor, u: Tensor, *, need_h: bool, reuse_dh: bool
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """``(dg, du, h)`` for ``h = silu(g) * u`` from ``dh`` in one pass, or None where the eager
+    kernels must run. ``h`` only with ``need_h``; ``reuse_dh``: ``dh`` (contiguous, the caller's)
+    becomes ``du``. All ``[*, n]``, one dtype."""
+    if not _ok(g, u, dh):
+        return None
+    into = reuse_dh and dh.is_contiguous()
+    rows = [t.reshape(-1, t.shape[-1]) for t in (dh, g, u)]
+    out = _run(_silu_mul_backward, g, *rows, need_h, into)
+    if out is None:
+        return None
+    dg, rest = out[0].view(g.shape), [t.view(g.shape) for t in out[1:]]
+    h = rest.pop(0) if need_h else None
+    du = dh if into else rest.pop(0)
+    return dg, du, h
