@@ -14,15 +14,23 @@ when the caller owns it: what the eager sequence allocates, in one pass instead 
 
 Exactness: each kernel is the arithmetic of the ATen kernels it replaces, operation for operation
 (silu ``x / (1 + exp(-x))``; its derivative ``dy s (1 + x (1 - s))`` with ``s = 1 / (1 + exp(-x))``;
-products in the operands' dtype), computed in fp32 for bf16/fp16 operands as ATen does, and the
-roundings to the storage dtype that the eager sequence makes between its kernels are kept
-(inductor's ``emulate_precision_casts``: without it a fused kernel skips them). What this buys and
-where it stops is measured in ``tests/test_swiglu.py`` (bit for bit against the eager formula).
+products in the operands' dtype), in fp32 for bf16/fp16 operands as ATen computes them, with two
+compiler settings: the roundings to bf16/fp16 that the eager sequence makes between its kernels
+are kept (inductor's ``emulate_precision_casts``; a fused kernel skips them by default), and
+multiply-adds are contracted as in ATen's own build (its AVX-512 ``silu_backward`` computes
+``1 + x (1 - s)`` as one fused multiply-add). The result is ATen's bit for bit in fp32, float64 and
+bf16 (``tests/test_swiglu.py``), but for one place: the elements ATen computes in the scalar tail of
+its vector loop (the last ``count mod 32`` elements of each contiguous stretch it walks, per thread;
+on one thread none in a ``[tokens, n]`` tensor whose ``n`` is a multiple of 32) get the C library's ``exp`` there and Sleef's
+vectorised one here, at most an ulp apart, so ``act(g)`` and what follows from it may differ in the
+last bit there (seen: 1 element of 462 in float64, none in fp32 or bf16). On CUDA (Triton) not
+checked yet.
 
 Scope: silu only (the SwiGLU); gelu and relu run the eager kernels. Not under ``torch.compile``
-(the caller's ATen formula is traced into its graph and fused there) nor with grad mode on (a
-double backward differentiates the ATen formula). Compiled once per (function, dtype, device),
-dynamic shapes, the first call of each compiling it. Where that fails (no C++ compiler, no Triton,
+(the caller's ATen formula is traced into its graph and fused there), nor with grad mode on (a
+double backward differentiates the ATen formula), nor under a ``TorchDispatchMode`` (FakeTensor,
+op counters such as :func:`tp_ffn.diagnostics.count_collectives`: dynamo compiles nothing there).
+Compiled once per (function, dtype, device), dynamic shapes, the first call of each compiling it. Where that fails (no C++ compiler, no Triton,
 a torch without inductor), one warning line says so and the eager kernels run from then on (the
 same values, more passes). ``TP_FFN_FUSED_SWIGLU=0`` in the environment (or :data:`ENABLED`
 set to False) chooses the eager kernels without a warning.
@@ -37,12 +45,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["ENABLED", "silu_mul", "silu_mul_backward"]
 
 ENABLED: bool = os.environ.get("TP_FFN_FUSED_SWIGLU", "1") != "0"
 
+aten = torch.ops.aten
 _REDUCED = (torch.bfloat16, torch.float16)
 _DEVICES = ("cpu", "cuda")
 # Keep the roundings between eager kernels: a fused low-precision kernel skips them by default.
@@ -97,6 +108,8 @@ def _run(fn: Callable[..., Any], t: Tensor, *args: Any) -> Any:
     where = (t.dtype, t.device.type)
     if not ENABLED or where[1] not in _DEVICES or where in _failed:
         return None
+    if _get_current_dispatch_mode() is not None:
+        return None  # dynamo compiles nothing under a dispatch mode (FakeTensor, op counters): ATen's kernels
     key = (fn.__name__, *(a for a in args if isinstance(a, bool)), *where)
     # Detached: the same guards whoever requires grad, and dynamo reads no .grad of a non-leaf.
     args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
@@ -127,13 +140,51 @@ def _ok(g: Tensor, *others: Tensor) -> bool:
     return g.numel() > 0 and g.dim() > 0 and all(t.dtype == g.dtype and t.device == g.device and t.shape == g.shape for t in others)
 
 
+# ATen's CPU loops step two vectors at a time and leave the rest of each contiguous stretch to scalar
+# code, whose exp is the C library's (the vector code's, and the fused kernel's, is Sleef's). 64 is a
+# multiple of that step for every dtype up to AVX-512 (fp64 16, fp32 32, bf16 64).
+_STEP = 64
+
+
+def _aten_tail(g: Tensor) -> tuple[bool, int] | None:
+    """Where ATen's kernels on ``g [R, n]`` (and on what is computed from it) run scalar code:
+    ``(flat, start)``, the elements from ``start`` of the flattened tensor (contiguous ``g``: one
+    stretch) or the columns from ``start`` of every row (strided rows); None where there are none
+    or off the CPU. One stretch per thread: ATen splits tensors of 32768 elements and more over its
+    threads, each piece with a tail of its own, which this does not follow."""
+    if g.device.type != "cpu":
+        return None
+    flat = g.is_contiguous()
+    length = g.numel() if flat else g.shape[-1]
+    width = length % _STEP
+    return (flat, length - width) if width else None
+
+
+def _cut(t: Tensor, flat: bool, start: int) -> Tensor:
+    """The tail of an output (``view``: an error, not a copy, if one ever came non-contiguous)."""
+    return t.view(-1)[start:] if flat else t[:, start:]
+
+
+def _flat_or_rows(tail: tuple[bool, int], *ts: Tensor) -> list[Tensor]:
+    """The tails of inputs (read only: a copy will do, e.g. of an expanded gradient)."""
+    flat, start = tail
+    return [t.reshape(-1)[start:] if flat else t[:, start:] for t in ts]
+
+
 def silu_mul(g: Tensor, u: Tensor) -> Tensor | None:
     """``silu(g) * u`` in one pass (``g, u [*, n]``, same dtype; rows may be strided), or None where
     the eager kernels must run (see the module docstring)."""
     if not _ok(g, u):
         return None
-    h = _run(_silu_mul, g, g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1]))
-    return None if h is None else h.view(g.shape)
+    g2, u2 = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
+    h = _run(_silu_mul, g, g2, u2)
+    if h is None:
+        return None
+    tail = _aten_tail(g2)
+    if tail is not None:  # ATen's scalar tail, recomputed by ATen's kernels: its exp there
+        gt, ut = _flat_or_rows(tail, g2, u2)
+        _cut(h, *tail).copy_(F.silu(gt).mul_(ut))
+    return h.view(g.shape)
 
 
 def silu_mul_backward(
@@ -146,10 +197,19 @@ def silu_mul_backward(
         return None
     into = reuse_dh and dh.is_contiguous()
     rows = [t.reshape(-1, t.shape[-1]) for t in (dh, g, u)]
+    tail = _aten_tail(rows[1]) if ENABLED else None
+    if tail is not None:  # ATen's scalar tail by ATen's kernels, before dh is overwritten
+        dht, gt, ut = _flat_or_rows(tail, *rows)
+        at = F.silu(gt)
+        tails = (aten.silu_backward(dht * ut, gt), dht * at, at * ut)
     out = _run(_silu_mul_backward, g, *rows, need_h, into)
     if out is None:
         return None
-    dg, rest = out[0].view(g.shape), [t.view(g.shape) for t in out[1:]]
+    dg, rest = out[0], list(out[1:])
     h = rest.pop(0) if need_h else None
-    du = dh if into else rest.pop(0)
-    return dg, du, h
+    du = rows[0] if into else rest.pop(0)
+    if tail is not None:
+        for full, part in zip((dg, du, h), tails):
+            if full is not None:
+                _cut(full, *tail).copy_(part)
+    return dg.view(g.shape), du.view(g.shape), None if h is None else h.view(g.shape)
