@@ -124,9 +124,9 @@ class BenchConfig:
     fake_world: int | None = None
     peak_tflops: float | None = None
     force_bf16: bool = False
-    profile: str | None = None
     # --fake-world N,M,...: every size in turn in this one process (fake_world is the current one).
     fake_worlds: tuple[int, ...] = ()
+    profile: str | None = None  # --profile DIR
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden_dim", "tokens", "reps"):
