@@ -123,10 +123,11 @@ def _run(fn: Callable[..., Any], t: Tensor, *args: Any) -> Any:
             out = compiled(*args)
         except Exception as e:  # noqa: BLE001 - whatever stops the compilation, the eager kernels can run
             _failed.add(where)  # both directions then run the eager kernels, and this warns once
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            cause = getattr(e, "inner_exception", None) or e  # inductor's own error inside dynamo's
+            reason = f"{type(cause).__name__}: " + (str(cause).strip().splitlines() or [""])[0][:200]
             warnings.warn(
                 f"tp_ffn: the fused SwiGLU kernels for {t.dtype} on {where[1]} could not be compiled "
-                f"({type(e).__name__}: {reason}); running ATen's eager kernels instead (same values, more passes)",
+                f"({reason}); running ATen's eager kernels instead (same values, more passes)",
                 RuntimeWarning,
                 stacklevel=4,
             )
