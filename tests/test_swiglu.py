@@ -375,3 +375,29 @@ def test_failed_compilation_warns_once_and_runs_the_eager_kernels(monkeypatch):
         monkeypatch.setattr(swiglu_kernels, "_failed", set())
         monkeypatch.setattr(swiglu_kernels, "ENABLED", False)
         swiglu_linear(g, u, w).sum().backward()
+
+
+def test_uncompiled_bodies_run_atens_kernels(monkeypatch):
+    """Where dynamo runs the kernels' functions without compiling them (a force_eager stance, its
+    recompile limit) they run ATen's kernels: the same values bit for bit."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(2)
+    g, u = (torch.randn(3, 70, requires_grad=True) for _ in range(2))
+    w = torch.randn(5, 70, requires_grad=True)
+    want = F.linear(F.silu(g) * u, w)
+    want_grads = torch.autograd.grad(want.sum(), (g, u, w))
+    monkeypatch.setattr(swiglu_kernels, "_compiled", {})
+    monkeypatch.setattr(swiglu_kernels, "_failed", set())
+    with torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="tp_ffn")  # no fallback: the bodies ran, uncompiled
+        y = swiglu_linear(g, u, w)
+        grads = torch.autograd.grad(y.sum(), (g, u, w))
+    assert torch.equal(y, want) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+    assert any(k[-2:] == (torch.float32, "cpu") for k in swiglu_kernels._compiled)
+    # The same with dynamo disabled: fullgraph finds nothing compiled, one warning, ATen's kernels.
+    monkeypatch.setattr(swiglu_kernels, "_compiled", {})
+    monkeypatch.setattr(dynamo.config, "disable", True)
+    with pytest.warns(RuntimeWarning, match="could not be compiled"):
+        y = swiglu_linear(g, u, w)
+    assert torch.equal(y, want)

@@ -30,10 +30,12 @@ Scope: silu only (the SwiGLU); gelu and relu run the eager kernels. Not under ``
 (the caller's ATen formula is traced into its graph and fused there), nor with grad mode on (a
 double backward differentiates the ATen formula), nor under a ``TorchDispatchMode`` (FakeTensor,
 op counters such as :func:`tp_ffn.diagnostics.count_collectives`: dynamo compiles nothing there).
-Compiled once per (function, dtype, device), dynamic shapes, the first call of each compiling it. Where that fails (no C++ compiler, no Triton,
-a torch without inductor), one warning line says so and the eager kernels run from then on (the
-same values, more passes). ``TP_FFN_FUSED_SWIGLU=0`` in the environment (or :data:`ENABLED`
-set to False) chooses the eager kernels without a warning.
+Compiled once per (function, dtype, device), dynamic shapes, the first call of each compiling it.
+Where that fails (no C++ compiler, no Triton, a torch without inductor, ``TORCH_COMPILE_DISABLE=1``),
+one warning line says so and the eager kernels run from then on (the same values, more passes);
+where dynamo runs a body uncompiled (a ``force_eager`` stance, its recompile limit), the body runs
+ATen's kernels. ``TP_FFN_FUSED_SWIGLU=0`` in the environment (or :data:`ENABLED` set to False)
+chooses the eager kernels without a warning.
 """
 
 from __future__ import annotations
@@ -72,13 +74,24 @@ def _stored(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).to(t.dtype)
 
 
+# Each body starts with the eager sequence of ATen's kernels, for when dynamo runs it without compiling
+# (TORCH_COMPILE_DISABLE, its recompile limit, a "force_eager" stance): the same values as compiled,
+# where the explicit formula run op by op would not be (torch.exp is not silu's exp).
 def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
+    if not torch.compiler.is_compiling():
+        return F.silu(g).mul_(u)
     gf = _up(g)
     a = _stored(gf / (1 + torch.exp(-gf)), g.dtype)  # aten silu
     return (a * _up(u)).to(g.dtype)  # aten mul
 
 
 def _silu_mul_backward(dh: Tensor, g: Tensor, u: Tensor, need_h: bool, du_into_dh: bool) -> tuple[Tensor, ...]:
+    if not torch.compiler.is_compiling():
+        a = F.silu(g)
+        dg = aten.silu_backward(dh * u, g)
+        du = dh.mul_(a) if du_into_dh else dh * a
+        out = (dg, a.mul_(u)) if need_h else (dg,)
+        return out if du_into_dh else (*out, du)
     dtype = g.dtype
     gf, uf, dhf = _up(g), _up(u), _up(dh)
     e = torch.exp(-gf)
