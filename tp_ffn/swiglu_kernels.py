@@ -10,7 +10,8 @@ C++ on the CPU, Triton on CUDA)::
     backward  dg = silu'(g) (dh u), du = dh silu(g), h       reads dh, g, u;  writes dg, h, du (into dh)
 
 Allocations: forward one buffer (``h``); backward two (``dg``, ``h``), ``du`` written over ``dh``
-when the caller owns it: what the eager sequence allocates, in one pass instead of five.
+when the caller owns it: what the eager sequence allocates, in one pass instead of five (and small
+temporaries for the few elements of ATen's scalar tail, below).
 
 Exactness: each kernel is the arithmetic of the ATen kernels it replaces, operation for operation
 (silu ``x / (1 + exp(-x))``; its derivative ``dy s (1 + x (1 - s))`` with ``s = 1 / (1 + exp(-x))``;
@@ -18,13 +19,14 @@ products in the operands' dtype), in fp32 for bf16/fp16 operands as ATen compute
 compiler settings: the roundings to bf16/fp16 that the eager sequence makes between its kernels
 are kept (inductor's ``emulate_precision_casts``; a fused kernel skips them by default), and
 multiply-adds are contracted as in ATen's own build (its AVX-512 ``silu_backward`` computes
-``1 + x (1 - s)`` as one fused multiply-add). The result is ATen's bit for bit in fp32, float64 and
-bf16 (``tests/test_swiglu.py``), but for one place: the elements ATen computes in the scalar tail of
-its vector loop (the last ``count mod 32`` elements of each contiguous stretch it walks, per thread;
-on one thread none in a ``[tokens, n]`` tensor whose ``n`` is a multiple of 32) get the C library's ``exp`` there and Sleef's
-vectorised one here, at most an ulp apart, so ``act(g)`` and what follows from it may differ in the
-last bit there (seen: 1 element of 462 in float64, none in fp32 or bf16). On CUDA (Triton) not
-checked yet.
+``1 + x (1 - s)`` as one fused multiply-add). One difference is left to undo: ATen's loops run the
+last ``count mod 2 vectors`` elements of each contiguous stretch as scalar code, whose exp is the C
+library's, where the fused kernel's (and ATen's vector code's) is Sleef's, up to an ulp apart; those
+elements (:func:`_aten_tail`, at most 63 per stretch, none where ``n`` is a multiple of 64) are
+recomputed by ATen's kernels. The result is ATen's bit for bit in fp32, float64 and bf16
+(``tests/test_swiglu.py``) on one thread; with several, ATen splits tensors of 32768 elements or
+more into per-thread pieces with tails of their own, which this does not follow (single elements
+may then differ in the last bit). On CUDA (Triton) not checked yet.
 
 Scope: silu only (the SwiGLU); gelu and relu run the eager kernels. Not under ``torch.compile``
 (the caller's ATen formula is traced into its graph and fused there), nor with grad mode on (a
