@@ -23,6 +23,8 @@ tp-chunked          overlap + forward all-reduce in 4 token chunks overlapping t
 tp-sp               sequence parallel (all-gather / reduce-scatter), overlap
 tp-autograd-act     tp-overlap as it ran before the two-tensor SwiGLU (tp_ffn/swiglu.py): act(g) * u
                     and the down projection left to autograd, which keeps act(g) and the product too
+tp-eager-swiglu     tp-overlap with the SwiGLU's elementwise work as ATen's eager kernels one by one
+                    (TP_FFN_FUSED_SWIGLU=0), as it ran before the fused kernels (tp_ffn/swiglu_kernels.py)
 fairscale           Meta's FeedForward on fairscale's Column/RowParallelLinear
 torch-tp            parallelize_module(ColwiseParallel on w1/w3, RowwiseParallel on w2), DTensor
 local               the communication-free compute of this rank's (unfused) shard: the floor
@@ -72,6 +74,7 @@ from tp_ffn import machine as tp_machine
 from tp_ffn.diagnostics import profile_step
 from tp_ffn.fused import gate_up_projection
 from tp_ffn.shutdown import exit_without_teardown
+from tp_ffn import swiglu_kernels
 
 PRESETS = {
     "cpu": (1024, 2816, 2048),
@@ -88,6 +91,7 @@ ALL = [
     "tp-chunked",
     "tp-sp",
     "tp-autograd-act",
+    "tp-eager-swiglu",
     "fairscale",
     "torch-tp",
     "local",
@@ -100,6 +104,7 @@ TP_MODES = {
     "tp-chunked": {"fuse_gate_up": False, "overlap_comm": True, "comm_chunks": 4},
     "tp-sp": {"fuse_gate_up": False, "overlap_comm": True, "sequence_parallel": True},
     "tp-autograd-act": {"fuse_gate_up": False, "overlap_comm": True},
+    "tp-eager-swiglu": {"fuse_gate_up": False, "overlap_comm": True},
 }
 # The references each candidate's paired ratio is taken against.
 REFERENCES = ("local", "fairscale", "torch-tp", "dense", "tp-autograd-act")
@@ -121,6 +126,7 @@ class BenchConfig:
     force_bf16: bool = False
     # --fake-world N,M,...: every size in turn in this one process (fake_world is the current one).
     fake_worlds: tuple[int, ...] = ()
+    profile: str | None = None  # --profile DIR
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden_dim", "tokens", "reps"):
@@ -147,6 +153,7 @@ class Result:
     peak_bytes: int = 0
     saved_bytes: int = 0
     flops_per_step: float = 0.0
+    comm_by_dtype: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
 
@@ -183,6 +190,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         "--peak-tflops", type=float, help="peak TFLOP/s of one device in the dtype, for MFU (default: the GEMM probe)"
     )
     p.add_argument("--force-bf16", action="store_true", help="run bf16 even where this CPU's bf16 GEMMs are slow")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after the timed rounds, one step per candidate under torch.profiler: its operator table per rank into "
+        "DIR (profile_<dtype>_<candidate>_rank<r>.txt)",
+    )
     a = p.parse_args(argv)
     dim, hidden, tokens = PRESETS[a.preset]
     dtypes = ("float32", "bfloat16") if a.dtype == "both" else (a.dtype,)
@@ -195,7 +208,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     return BenchConfig(
         a.dim or dim, a.hidden_dim or hidden, a.tokens or tokens, dtypes,
         tuple(c for c in a.candidates.split(",") if c), a.reps, a.warmup, a.out, a.compile,
-        worlds[0] if worlds else None, a.peak_tflops, a.force_bf16, worlds if len(worlds) > 1 else (),
+        worlds[0] if worlds else None, a.peak_tflops, a.force_bf16, worlds if len(worlds) > 1 else (), a.profile,
     )  # fmt: skip
 
 
@@ -347,8 +360,11 @@ def make_step(
     gyl = split_sequence(gy, group) if sp else gy
     if name == "torch-tp":
         xl = x.detach().requires_grad_()
+    fused = swiglu_kernels.ENABLED and name != "tp-eager-swiglu"
 
     def step() -> None:
+        enabled = swiglu_kernels.ENABLED
+        swiglu_kernels.ENABLED = fused
         xl.grad = None
         for p in module.parameters():
             p.grad = None
@@ -360,8 +376,26 @@ def make_step(
         if hasattr(y, "trigger_wait"):
             y.trigger_wait()
         y.backward(gyl.to(y.dtype))
+        swiglu_kernels.ENABLED = enabled
 
     return step
+
+
+def write_profiles(cfg: BenchConfig, dtype: str, steps: dict[str, Callable[[], None] | None], rank: int) -> None:
+    """One step of each candidate under torch.profiler (every rank, between barriers): the operator
+    table by self CPU time, with allocations, into ``cfg.profile/profile_<dtype>_<candidate>_rank<r>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = Path(cfg.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, step in steps.items():
+        dist.barrier()
+        if step is None:
+            continue
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+            step()
+        table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40)
+        (out / f"profile_{dtype}_{name}_rank{rank}.txt").write_text(table)
 
 
 def run(cfg: BenchConfig) -> list[Result]:
@@ -419,6 +453,9 @@ def run(cfg: BenchConfig) -> list[Result]:
                 r = res[name]
                 r.collectives, r.comm_bytes, r.peak_bytes = dict(prof.collectives), prof.nbytes, prof.peak_bytes
                 r.saved_bytes = prof.saved_bytes
+                for c in prof.calls:
+                    key = f"{c.kind} {str(c.dtype).removeprefix('torch.')}"
+                    r.comm_by_dtype[key] = r.comm_by_dtype.get(key, 0.0) + c.nbytes / 2**20
         names = list(steps)
         for i in range(cfg.warmup + cfg.reps):
             # Interleaved, and rotated each round (A B C, B C A, ...): each candidate's place in
@@ -449,6 +486,8 @@ def run(cfg: BenchConfig) -> list[Result]:
             rate = probe()
             if i >= cfg.warmup:
                 rates.append(rate)
+        if cfg.profile:
+            write_profiles(cfg, dtype_name, steps, rank)
         rate = statistics.median(rates)
         for r in res.values():
             r.gemm_rate = rate  # type: ignore[attr-defined]
@@ -480,7 +519,7 @@ def summarize(cfg: BenchConfig, results: list[Result], world: int, device: str) 
             "tokens_per_s": cfg.tokens / med, "gflops": achieved, "gemm_fraction": achieved / machine,
             "mfu": achieved / peak_all,
             "collectives": r.collectives, "comm_mib": r.comm_bytes / 2**20, "peak_mib": r.peak_bytes / 2**20,
-            "saved_mib": r.saved_bytes / 2**20, "minor_faults_per_step": _faults(r.faults),
+            "saved_mib": r.saved_bytes / 2**20, "minor_faults_per_step": _faults(r.faults), "comm_mib_by_dtype": r.comm_by_dtype,
             "reps": len(r.times), "times_ms": [t * 1e3 for t in r.times], "note": r.note,
         })  # fmt: skip
     for dtype in cfg.dtypes:

@@ -26,7 +26,8 @@ swiglu ...                  the elementwise work of ``act(g) * u`` (silu) on ``[
                             backward as autograd runs it from the kept ``act(g)`` (the previous
                             default) and as the two-tensor SwiGLU runs it, recomputing ``act(g)``
                             and ``h`` from ``g`` and ``u`` (here into one buffer more than the
-                            block uses: the probe cannot hand it ``dh`` to overwrite)
+                            block uses: the probe cannot hand it ``dh`` to overwrite); each as one
+                            compiled kernel (tp_ffn/swiglu_kernels.py) and as ATen's eager kernels
 ==========================  ===================================================================
 
 A table is printed and JSON written to ``--out``.
@@ -48,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tp_ffn.shutdown import exit_without_teardown
+from tp_ffn import swiglu_kernels
 from tp_ffn.swiglu import act_mul, act_mul_backward
 
 PRESETS = {"cpu": (1024, 2816, 2048), "tiny": (256, 704, 512), "llama2-7b": (4096, 11008, 8192)}
@@ -94,10 +96,14 @@ def probes(dim: int, n: int, tokens: int, dtype: torch.dtype, device: torch.devi
         # What autograd runs for act(g) * u with act(g) kept: MulBackward, then SiluBackward.
         dh * act, torch.ops.aten.silu_backward(dh * up, gate)
 
-    def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    def no_grad(fn: Callable[[], object], fused: bool = True) -> Callable[[], object]:
         def run() -> object:
-            with torch.no_grad():  # as inside an autograd Function: act_mul's eager paths
-                return fn()
+            enabled, swiglu_kernels.ENABLED = swiglu_kernels.ENABLED, fused and swiglu_kernels.ENABLED
+            try:
+                with torch.no_grad():  # as inside an autograd Function: act_mul's eager paths
+                    return fn()
+            finally:
+                swiglu_kernels.ENABLED = enabled
 
         return run
 
@@ -153,8 +159,12 @@ def probes(dim: int, n: int, tokens: int, dtype: torch.dtype, device: torch.devi
         "fp32 all-reduce (sync)": lambda: dist.all_reduce(y32),
         "3 gemm + fp32 all-reduce in place": overlapped_inplace(y32),
         "swiglu forward": no_grad(lambda: act_mul(gate, up, "silu")),
+        "swiglu forward, eager kernels": no_grad(lambda: act_mul(gate, up, "silu"), fused=False),
         "swiglu backward, act(g) kept": no_grad(swiglu_backward_autograd),
         "swiglu backward, recomputed": no_grad(lambda: act_mul_backward(dh, gate, up, "silu", need_h=True)),
+        "swiglu backward, recomputed, eager kernels": no_grad(
+            lambda: act_mul_backward(dh, gate, up, "silu", need_h=True), fused=False
+        ),
     }
 
 

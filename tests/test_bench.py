@@ -36,6 +36,7 @@ def test_bench_smoke(tmp_path):
             "tp-chunked",
             "tp-sp",
             "tp-autograd-act",
+            "tp-eager-swiglu",
             "fairscale",
             "torch-tp",
             "local",
@@ -49,6 +50,13 @@ def test_bench_smoke(tmp_path):
         # Counted on Linux (getrusage): a number, not None, for every candidate that ran.
         assert all(isinstance(rows[(name, dtype)]["minor_faults_per_step"], float) for name in ("tp-overlap", "dense"))
     assert rows[("tp-plain", "float32")]["comm_mib"] == pytest.approx(2 * 32 * 64 * 4 / 2**20)
+    # Which dtype each collective carried under bf16 autocast (docs/design.md): the outputs' in bf16,
+    # the input gradients' in fp32 (the input's dtype), and SP's all-gathers (input, output gradient) in bf16.
+    mib = 32 * 64 / 2**20
+    assert rows[("tp-overlap", "bfloat16")]["comm_mib_by_dtype"] == {"all_reduce bfloat16": 2 * mib, "all_reduce float32": 4 * mib}
+    assert rows[("tp-sp", "bfloat16")]["comm_mib_by_dtype"] == {
+        "all_gather bfloat16": 2 * 2 * mib, "reduce_scatter bfloat16": 2 * mib, "reduce_scatter float32": 4 * mib,
+    }  # fmt: skip
     # Activations saved for backward, per rank (n_r = 64): the default mode keeps x, g and u;
     # fairscale and the autograd composition keep act(g) and the product as well.
     saved = {name: rows[(name, "float32")]["saved_mib"] * 2**20 for name in ("tp-overlap", "tp-autograd-act")}

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tp_ffn.diagnostics import count_collectives
+from tp_ffn.diagnostics import count_collectives, record_collectives
 from rankpool import run_ranks
 from reference import rel_err
 from tp_ffn import (
@@ -243,3 +243,92 @@ def _bad_sizes(rank: int, world: int) -> list[str]:
 def test_sizes_are_checked():
     for msgs in run_ranks(2, _bad_sizes):
         assert all(m.startswith("sizes: expected 2 entries") for m in msgs), msgs
+
+
+def _gather_in_compute_dtype(rank: int, world: int) -> dict:
+    """gather_from_sequence(x, dtype=bf16) against gather_from_sequence(x).to(bf16): the values
+    forward and the input gradient backward bit for bit, and what each all-gather carried. Batch 2
+    along dim 1 (the blocks are laid out by a copy), batch 1 (no copy) and dim 0."""
+    group = torch.distributed.group.WORLD
+    out = {}
+    for shape, dim in (((2, 3, 8), 1), ((1, 3, 8), 1), ((3, 2, 8), 0)):
+        torch.manual_seed(rank)
+        x = torch.randn(*shape)
+        gy = torch.randn(*shape[:dim], shape[dim] * world, *shape[dim + 1 :]).bfloat16()
+        got = []
+        for early in (True, False):
+            xl = x.clone().requires_grad_()
+            with record_collectives() as calls:
+                y = gather_from_sequence(xl, group, dim, dtype=torch.bfloat16) if early else gather_from_sequence(xl, group, dim).bfloat16()
+                y.backward(gy)
+            got.append((y.detach(), xl.grad, [(c.kind, c.dtype, c.nbytes) for c in calls], y.is_contiguous()))
+        out[(shape, dim)] = got
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3])
+def test_gather_in_the_compute_dtype_is_bit_identical_at_half_the_bytes(world):
+    for rank, got in enumerate(run_ranks(world, _gather_in_compute_dtype)):
+        for (shape, dim), ((y, dx, calls, contiguous), (y0, dx0, calls0, _)) in got.items():
+            where = f"W={world} rank {rank} {shape} dim {dim}"
+            assert torch.equal(y, y0) and y.dtype == torch.bfloat16, where
+            assert torch.equal(dx, dx0) and dx.dtype == torch.float32, where
+            assert contiguous, where
+            full = world * shape[0] * shape[1] * shape[2]
+            # The all-gather carries bf16 (2 bytes an element) instead of fp32 (4); the gradient is
+            # reduce-scattered in fp32 both ways (the input's dtype, as autograd does after a cast).
+            assert calls == [("all_gather", torch.bfloat16, 2 * full), ("reduce_scatter", torch.float32, 4 * full)], (where, calls)
+            assert calls0 == [("all_gather", torch.float32, 4 * full), ("reduce_scatter", torch.float32, 4 * full)], (where, calls0)
+
+
+def _sp_block_dtypes(rank: int, world: int) -> dict:
+    """ParallelFeedForward with sequence parallelism under bf16 autocast, each mode against the
+    composition its reference path ran before (gather in fp32, then cast): output, input and
+    weight gradients bit for bit (the reference path), and the dtype and bytes of every collective."""
+    from tp_ffn.swiglu import swiglu_linear
+
+    group = torch.distributed.group.WORLD
+    out = {}
+    for mode, options in MODES.items():
+        torch.manual_seed(5)
+        dense = FeedForward(16, 40, bias=True)
+        x = split_sequence(torch.randn(2, 4 * world, 16), group)
+        gy = split_sequence(torch.randn(2, 4 * world, 16), group).bfloat16()
+        par = ParallelFeedForward.from_dense(dense, sequence_parallel=True, **options)
+        xl = x.clone().requires_grad_()
+        with record_collectives() as calls, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = par(xl)
+            y.backward(gy)
+        grads = [xl.grad] + [p.grad for p in par.parameters()]
+        # Before: the reference path gathered the fp32 input and cast it after.
+        par.zero_grad()
+        xb = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            xf = gather_from_sequence(xb, group).to(torch.bfloat16).contiguous()
+            g, u = (torch.nn.functional.linear(xf, w.weight, w.bias) for w in (par.w1, par.w3))
+            y0 = par.w2.reduce_partial(swiglu_linear(g, u, par.w2.weight))
+            y0.backward(gy)
+        before = [xb.grad] + [p.grad for p in par.parameters()]
+        out[mode] = (torch.equal(y, y0), all(torch.equal(a, b) for a, b in zip(grads, before)),
+                     [(c.kind, c.dtype, c.nbytes) for c in calls])  # fmt: skip
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel_collectives_carry_the_compute_dtype(world):
+    tokens, dim = 2 * 4 * world, 16
+    bf16, fp32 = tokens * dim * 2, tokens * dim * 4
+    want = [
+        ("all_gather", torch.bfloat16, bf16),  # the input, cast first
+        ("reduce_scatter", torch.bfloat16, bf16),  # the output's partial sums
+        ("all_gather", torch.bfloat16, bf16),  # backward: the output gradient (bf16, as the caller's)
+        ("reduce_scatter", torch.float32, fp32),  # backward: the input gradient, in the input's dtype
+        ("all_reduce", torch.float32, dim * 4),  # backward: w2's bias gradient
+    ]
+    for rank, got in enumerate(run_ranks(world, _sp_block_dtypes)):
+        for mode, (same_y, same_grads, calls) in got.items():
+            assert sorted(calls, key=str) == sorted(want, key=str), (world, rank, mode, calls)
+            if mode == "plain":  # the reference path: bit for bit what it computed before
+                assert same_y and same_grads, (world, rank, mode, same_y, same_grads)

@@ -7,7 +7,7 @@ Every module of the package is parsed with ``ast`` (nothing is imported): every 
 
 The layers (a module may import its own layer and those it lists)::
 
-    core       tp_ffn/__init__, groups, comm, init, layers, ffn, swiglu, fused, emulation, sharding,
+    core       tp_ffn/__init__, groups, comm, init, layers, ffn, swiglu, swiglu_kernels, fused, emulation, sharding,
                checkpoint (the FFN state-dict names ffn reads), moe, grouped, lowrank, grad_norm: torch and
                the standard library only
     support    files, safetensors_dir, diagnostics, machine, shutdown              <- core
@@ -31,7 +31,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "tp_ffn"
 
-CORE = {"", "groups", "comm", "init", "layers", "ffn", "swiglu", "fused", "emulation", "sharding", "checkpoint", "moe", "grouped", "lowrank", "grad_norm"}
+CORE = {"", "groups", "comm", "init", "layers", "ffn", "swiglu", "swiglu_kernels", "fused", "emulation", "sharding", "checkpoint", "moe", "grouped", "lowrank", "grad_norm"}
 SUPPORT = {"files", "safetensors_dir", "diagnostics", "machine", "shutdown"}
 SUBPACKAGES = {"models", "hf", "peft", "fairscale", "train"}
 COMMANDS = {"sample", "convert"}  # python -m tp_ffn.<name>; tp_ffn.train's command is its own __main__

@@ -16,6 +16,8 @@ test_properties.py; compile by test_compile.py.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from reference import rel_err
 from tp_ffn import FeedForward, ParallelFeedForward, split_sequence
 from tp_ffn.diagnostics import saved_for_backward
 from tp_ffn.fused import gate_up_projection
+from tp_ffn import swiglu_kernels
 from tp_ffn.swiglu import ACTIVATIONS, swiglu, swiglu_linear
 
 DIM, HIDDEN, BATCH, SEQ = 24, 101, 2, 12  # 101 is uneven over 2 ranks (51, 50)
@@ -150,7 +153,8 @@ def test_gradcheck_float64(activation):
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_bitwise_equal_to_autograd_composition(activation):
-    """fp32 eager: output and every gradient bit for bit those of ``F.linear(act(g) * u, w)``."""
+    """fp32 eager: output and every gradient bit for bit those of ``F.linear(act(g) * u, w)`` (silu: the
+    fused kernels, 33 columns leaving a tail to ATen's scalar loop)."""
     torch.manual_seed(1)
     g, u = (torch.randn(2, 7, 33, requires_grad=True) for _ in range(2))
     w = torch.randn(9, 33, requires_grad=True)
@@ -269,3 +273,131 @@ def test_swiglu_second_derivative(activation):
     eager backward's out= overloads are used only under no_grad, since they do not differentiate."""
     g, u = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradgradcheck(lambda g, u: swiglu(g, u, activation), (g, u))
+
+
+
+def _fused_and_eager(dtype: torch.dtype, rows: int, strided: bool, need: tuple[bool, bool, bool] = (True, True, True)):
+    """swiglu_linear's output and gradients twice: with the compiled one-pass kernels and with ATen's
+    eager kernels (swiglu_kernels.ENABLED False). ``strided``: g and u are the two halves of one
+    ``[.., 2n]`` tensor, as fuse_gate_up makes them (rows of stride 2n). n = 64: no element falls
+    in ATen's scalar tail loop (see test_fused_kernels_at_vector_tails)."""
+    torch.manual_seed(rows)
+    n = 64
+    gu = torch.randn(rows, 7, 2 * n, dtype=dtype)
+    w = torch.randn(9, n, dtype=dtype)
+    dy = torch.randn(rows, 7, 9, dtype=dtype)
+    out = []
+    for fused in (True, False):
+        leaves = [gu.clone().requires_grad_(need[0] or need[1]), w.clone().requires_grad_(need[2])]
+        g, u = leaves[0].split(n, dim=-1) if strided else (leaves[0][..., :n].contiguous(), leaves[0][..., n:].contiguous())
+        swiglu_kernels.ENABLED = fused
+        try:
+            y = swiglu_linear(g, u, leaves[1])
+            y.backward(dy)
+        finally:
+            swiglu_kernels.ENABLED = True
+        out.append([y.detach()] + [t.grad for t in leaves if t.requires_grad])
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_fused_kernels_bit_for_bit_equal_to_eager_kernels(dtype):
+    """The one-pass kernels (torch.compile of the elementwise function, inductor's C++ on the CPU)
+    against ATen's kernels one by one, through swiglu_linear: output and every gradient bit for bit,
+    in fp32, float64 and bf16 (the roundings between the eager kernels kept, and silu_backward's
+    contracted multiply-add), contiguous and row-strided; also without the weight gradient (no h
+    recomputed). The kernels did run (a failed compilation warns, and warnings are errors here), and
+    other token counts reuse them (dynamic shapes: a recompilation is an error here)."""
+    import torch._dynamo as dynamo
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="tp_ffn")  # our fallback warning (torch's own may come)
+        for strided in (False, True):
+            fused, eager = _fused_and_eager(dtype, 3, strided)
+            for name, a, b in zip(("y", "d(g, u)", "dw"), fused, eager):
+                assert torch.equal(a, b), (dtype, strided, name, rel_err(a, b))
+            assert any(k[-2:] == (dtype, "cpu") for k in swiglu_kernels._compiled), "the fused kernels never ran"
+            with dynamo.config.patch(error_on_recompile=True):
+                for rows in (5, 11):
+                    fused, eager = _fused_and_eager(dtype, rows, strided)
+                    assert all(torch.equal(a, b) for a, b in zip(fused, eager)), (dtype, strided, rows)
+        fused, eager = _fused_and_eager(dtype, 3, False, need=(True, True, False))
+        assert all(torch.equal(a, b) for a, b in zip(fused, eager)), (dtype, "without dw")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_fused_kernels_at_vector_tails(dtype):
+    """Shapes whose elements do not fill ATen's vector loop (33, 70, 100 columns; 1-14 rows): ATen
+    runs the rest as scalar code with the C library's exp, where the fused kernel's exp is Sleef's,
+    so those elements are recomputed by ATen's kernels (swiglu_kernels._aten_tail): every output
+    bit for bit ATen's, contiguous and row-strided."""
+    from tp_ffn.swiglu import act_mul, act_mul_backward
+
+    torch.manual_seed(4)
+    for rows, n in ((14, 33), (3, 100), (1, 70), (5, 64)):
+        for strided in (False, True):
+            gu = torch.randn(rows, 2 * n, dtype=dtype) * 3
+            g, u = gu.split(n, -1) if strided else (gu[:, :n].contiguous(), gu[:, n:].contiguous())
+            dh = torch.randn(rows, n, dtype=dtype)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("error", message="tp_ffn")  # our fallback warning (torch's own may come)
+                fused = (swiglu_kernels.silu_mul(g, u), *swiglu_kernels.silu_mul_backward(dh.clone(), g, u, need_h=True, reuse_dh=True))
+                swiglu_kernels.ENABLED = False
+                try:
+                    eager = (act_mul(g, u, "silu"), *act_mul_backward(dh.clone(), g, u, "silu", need_h=True, reuse_dh=True))
+                finally:
+                    swiglu_kernels.ENABLED = True
+            for name, a, b in zip(("h", "dg", "du", "h again"), fused, eager):
+                assert torch.equal(a, b), (dtype, rows, n, strided, name, rel_err(a, b))
+
+
+def test_failed_compilation_warns_once_and_runs_the_eager_kernels(monkeypatch):
+    """Where the kernels cannot be compiled (here: a C++ compiler that does not exist), one warning
+    line says so and ATen's eager kernels run, with the same values; nothing is silent. With
+    ENABLED False the eager kernels run without a warning."""
+    torch.manual_seed(0)
+    g, u = (torch.randn(4, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    want = F.linear(F.silu(g) * u, w)
+    want_grads = torch.autograd.grad(want.sum(), (g, u, w))
+    monkeypatch.setattr(swiglu_kernels, "_compiled", {})
+    monkeypatch.setattr(swiglu_kernels, "_failed", set())
+    monkeypatch.setattr(swiglu_kernels, "_OPTIONS", {**swiglu_kernels._OPTIONS, "cpp.cxx": ("/nonexistent/c++",)})
+    with pytest.warns(RuntimeWarning, match="could not be compiled") as caught:
+        y = swiglu_linear(g, u, w)
+        grads = torch.autograd.grad(y.sum(), (g, u, w))
+    assert len(caught) == 1 and "\n" not in str(caught[0].message), [str(c.message) for c in caught]
+    assert torch.equal(y, want) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="tp_ffn")  # our fallback warning (torch's own may come)
+        swiglu_linear(g, u, w).sum().backward()  # warned once: not again
+        monkeypatch.setattr(swiglu_kernels, "_failed", set())
+        monkeypatch.setattr(swiglu_kernels, "ENABLED", False)
+        swiglu_linear(g, u, w).sum().backward()
+
+
+def test_uncompiled_bodies_run_atens_kernels(monkeypatch):
+    """Where dynamo runs the kernels' functions without compiling them (a force_eager stance, its
+    recompile limit) they run ATen's kernels: the same values bit for bit."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(2)
+    g, u = (torch.randn(3, 70, requires_grad=True) for _ in range(2))
+    w = torch.randn(5, 70, requires_grad=True)
+    want = F.linear(F.silu(g) * u, w)
+    want_grads = torch.autograd.grad(want.sum(), (g, u, w))
+    monkeypatch.setattr(swiglu_kernels, "_compiled", {})
+    monkeypatch.setattr(swiglu_kernels, "_failed", set())
+    with torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="tp_ffn")  # no fallback: the bodies ran, uncompiled
+        y = swiglu_linear(g, u, w)
+        grads = torch.autograd.grad(y.sum(), (g, u, w))
+    assert torch.equal(y, want) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+    assert any(k[-2:] == (torch.float32, "cpu") for k in swiglu_kernels._compiled)
+    # The same with dynamo disabled: fullgraph finds nothing compiled, one warning, ATen's kernels.
+    monkeypatch.setattr(swiglu_kernels, "_compiled", {})
+    monkeypatch.setattr(dynamo.config, "disable", True)
+    with pytest.warns(RuntimeWarning, match="could not be compiled"):
+        y = swiglu_linear(g, u, w)
+    assert torch.equal(y, want)

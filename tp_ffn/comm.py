@@ -45,6 +45,8 @@ __all__ = [
     "gather_from_parallel",
     "scatter_to_parallel",
     "gather_from_sequence",
+    "gather_sequence_blocks",
+    "reduce_scatter_sequence_blocks",
     "reduce_scatter_to_sequence",
     "split_sequence",
     "gather_sequence",
@@ -104,12 +106,35 @@ def _split(x: Tensor, group: ProcessGroup, dim: int, sizes: Sequence[int]) -> Te
     return x.narrow(dim, start, end - start).contiguous()
 
 
-def _reduce_scatter_along(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
-    world = group.size()
-    full = x.movedim(dim, 0).contiguous()
-    out = full.new_empty((full.shape[0] // world, *full.shape[1:]))
-    _reduce_scatter_single(out, full, group=group)
-    return out.movedim(0, dim)
+def gather_sequence_blocks(x: Tensor, group: ProcessGroup | None, dim: int) -> Tensor:
+    """Every rank's equal block ``x`` concatenated along ``dim`` (no autograd), contiguous.
+
+    The all-gather writes the blocks one after the other (``[W * x.shape[0], ...]``, as ``x`` is:
+    no copy of the input); laying them out along ``dim`` is then one copy, or none where the dims
+    before ``dim`` are all 1 (``[1, s/W, h] -> [1, s, h]``, or ``dim=0``).
+    """
+    world, dim = _size(group), dim % x.dim()
+    if world == 1:
+        return x.contiguous()
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    _all_gather_single(out, x.contiguous(), group=group)
+    blocks = out.view(world, *x.shape).movedim(0, dim)  # [..., W, s/W, ...]
+    return blocks.reshape(*x.shape[:dim], world * x.shape[dim], *x.shape[dim + 1 :])
+
+
+def reduce_scatter_sequence_blocks(x: Tensor, group: ProcessGroup, dim: int, *, async_op: bool = False) -> Tensor | tuple[Tensor, Any]:
+    """This rank's block along ``dim`` of ``x`` summed over ``group`` (no autograd), contiguous
+    ``[..., s/W, ...]``; with ``async_op`` ``(result-to-be, c10d work)``.
+
+    The reduce-scatter reads the blocks rank after rank: ``x`` as it is where the dims before
+    ``dim`` are all 1 (or ``dim=0``), else one copy that puts each rank's block in one piece.
+    """
+    world, dim = group.size(), dim % x.dim()
+    n = x.shape[dim] // world
+    by_rank = x.reshape(*x.shape[:dim], world, n, *x.shape[dim + 1 :]).movedim(dim, 0).contiguous()
+    out = x.new_empty((*x.shape[:dim], n, *x.shape[dim + 1 :]))
+    work = _reduce_scatter_single(out, by_rank.view(world * out.shape[0], *out.shape[1:]), group=group, async_op=async_op)
+    return (out, work) if async_op else out
 
 
 class _IdentityAllReduce(torch.autograd.Function):
@@ -182,24 +207,26 @@ class _SplitAllGather(torch.autograd.Function):
 
 class _AllGatherReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return all_gather_along(x, group, dim)
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup, dim: int, dtype: torch.dtype | None) -> Tensor:
+        ctx.group, ctx.dim, ctx.input_dtype = group, dim, x.dtype
+        # Cast, then gather: the same values as casting the gathered tensor, in fewer bytes when narrower.
+        return gather_sequence_blocks(x if dtype is None else x.to(dtype), group, dim)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _reduce_scatter_along(grad, ctx.group, ctx.dim), None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        # Summed in the input's dtype, as autograd would after the cast's own backward.
+        return reduce_scatter_sequence_blocks(grad.to(ctx.input_dtype), ctx.group, ctx.dim), None, None, None
 
 
 class _ReduceScatterAllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
         ctx.group, ctx.dim = group, dim
-        return _reduce_scatter_along(x, group, dim)
+        return reduce_scatter_sequence_blocks(x, group, dim)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return all_gather_along(grad, ctx.group, ctx.dim), None, None
+        return gather_sequence_blocks(grad, ctx.group, ctx.dim), None, None
 
 
 def copy_to_parallel(x: Tensor, group: ProcessGroup | None) -> Tensor:
@@ -266,13 +293,22 @@ def scatter_to_parallel(
     return _SplitAllGather.apply(x, group, dim, sizes)
 
 
-def gather_from_sequence(x: Tensor, group: ProcessGroup | None, dim: int = 1) -> Tensor:
+def gather_from_sequence(
+    x: Tensor, group: ProcessGroup | None, dim: int = 1, *, dtype: torch.dtype | None = None
+) -> Tensor:
     """Enter a tensor-parallel region from sequence-parallel shards.
 
     Forward: all-gather along the sequence ``dim``; backward: reduce-scatter along it.
-    ``x [b, s/W, h] -> [b, s, h]`` for ``dim=1``.
+    ``x [b, s/W, h] -> [b, s, h]`` for ``dim=1``, contiguous.
+
+    ``dtype``: the result cast to it (e.g. autocast's bf16, where the GEMMs that follow would cast
+    anyway): the cast runs before the all-gather, which then carries ``dtype``'s bytes; the values
+    are those of ``gather_from_sequence(x).to(dtype)``, and backward still reduce-scatters the
+    gradient in ``x``'s dtype, as autograd would after the cast.
     """
-    return x if _size(group) == 1 else _AllGatherReduceScatter.apply(x, group, dim)
+    if _size(group) == 1:
+        return x if dtype is None else x.to(dtype)
+    return _AllGatherReduceScatter.apply(x, group, dim, dtype)
 
 
 def reduce_scatter_to_sequence(x: Tensor, group: ProcessGroup | None, dim: int = 1) -> Tensor:

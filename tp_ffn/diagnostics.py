@@ -30,8 +30,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = [
     "SavedForBackward",
     "StepProfile",
+    "CollectiveCall",
     "count_collectives",
     "profile_step",
+    "record_collectives",
     "saved_for_backward",
 ]
 
@@ -67,6 +69,26 @@ def count_collectives() -> Iterator[Counter]:
         yield mode.counts
 
 
+@dataclass(frozen=True)
+class CollectiveCall:
+    """One collective: its kind (``all_reduce``, ``all_gather``, ...), the dtype and bytes of its
+    largest tensor argument (the full buffer of an all-reduce, the gathered output of an
+    all-gather, the input of a reduce-scatter)."""
+
+    kind: str
+    dtype: torch.dtype | None
+    nbytes: int
+
+
+@contextmanager
+def record_collectives() -> Iterator[list[CollectiveCall]]:
+    """``with record_collectives() as calls: ...`` then ``calls == [CollectiveCall('all_gather', torch.bfloat16, 4096), ...]``,
+    in the order they were issued (forward and backward alike); :func:`count_collectives` counts the same calls."""
+    mode = _Collectives()
+    with mode:
+        yield mode.calls
+
+
 class _Collectives(TorchDispatchMode):
     """Counts the collective ops that reach the dispatcher by kind (``_KINDS``; others under their
     own name) and adds up the largest tensor argument of each: the full buffer an all-reduce
@@ -76,13 +98,18 @@ class _Collectives(TorchDispatchMode):
         super().__init__()
         self.counts: Counter = Counter()
         self.nbytes = 0
+        self.calls: list[CollectiveCall] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         if func.namespace in ("c10d", "_c10d_functional") and not func.__name__.startswith(_NOT_COLLECTIVES):
             name = func._schema.name  # e.g. "c10d::allreduce_"
-            self.counts[_KINDS.get(name, name)] += 1
+            kind = _KINDS.get(name, name)
+            self.counts[kind] += 1
             tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            self.nbytes += max((t.numel() * t.element_size() for t in tensors), default=0)
+            largest = max(tensors, key=lambda t: t.numel() * t.element_size(), default=None)
+            nbytes = 0 if largest is None else largest.numel() * largest.element_size()
+            self.nbytes += nbytes
+            self.calls.append(CollectiveCall(kind, None if largest is None else largest.dtype, nbytes))
         return func(*args, **(kwargs or {}))
 
 
@@ -154,6 +181,7 @@ class StepProfile:
     nbytes: int
     peak_bytes: int
     saved_bytes: int = 0
+    calls: tuple[CollectiveCall, ...] = ()
 
 
 def profile_step(
@@ -179,4 +207,4 @@ def profile_step(
         for _, delta in sorted(timeline):
             live += delta
             peak = max(peak, live)
-    return StepProfile(collectives.counts, collectives.nbytes, peak, saved.nbytes)
+    return StepProfile(collectives.counts, collectives.nbytes, peak, saved.nbytes, tuple(collectives.calls))

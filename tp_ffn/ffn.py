@@ -204,14 +204,14 @@ class ParallelFeedForward(nn.Module):
         else:
             # The reference path: one region for both column-parallel GEMMs, so a single
             # all-reduce (SP: reduce-scatter) of the input gradient.
-            x = (
-                gather_from_sequence(x, group, self.sequence_dim)
-                if self.sequence_parallel
-                else copy_to_parallel(x, group)
-            )
-            # Cast and lay out once: under autocast, or on a gathered (strided) input, each F.linear
-            # would make (and keep for backward) a copy of its own.
-            x = x.to(compute_dtype(x)).contiguous()
+            # Cast once (under autocast each F.linear would make, and keep for backward, a copy of its
+            # own); under SP before the all-gather, which then carries the compute dtype.
+            dtype = compute_dtype(x)
+            if self.sequence_parallel:
+                x = gather_from_sequence(x, group, self.sequence_dim, dtype=dtype)
+            else:
+                x = copy_to_parallel(x, group).to(dtype)
+            x = x.contiguous()
             g, u = F.linear(x, w1.weight, w1.bias), F.linear(x, w3.weight, w3.bias)
         # act(g) * u and the down projection in one function that keeps only g and u for backward.
         if self.comm_chunks > 1 and self.tp.size > 1:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .comm import _reduce_scatter_single, all_gather_along
+from .comm import gather_sequence_blocks, reduce_scatter_sequence_blocks
 from .swiglu import act_mul, compute_dtype, swiglu_linear_backward
 
 __all__ = ["gate_up_projection", "row_parallel_chunked"]
@@ -44,13 +44,12 @@ def _all_reduce_start(x: Tensor, group: ProcessGroup) -> tuple[Tensor, Any]:
     return x, dist.all_reduce(x, group=group, async_op=True)
 
 
-def _reduce_scatter_start(x: Tensor, group: ProcessGroup) -> tuple[Tensor, Any]:
-    """Start the reduce-scatter of ``x`` along dim 0; as :func:`_all_reduce_start`."""
+def _reduce_scatter_start(x: Tensor, group: ProcessGroup, dim: int) -> tuple[Tensor, Any]:
+    """Start the reduce-scatter of ``x`` along ``dim``; as :func:`_all_reduce_start`. Eager mode's
+    result comes laid out as ``x`` (contiguous), the functional op's along dim 0 (see :func:`_wait_input_grad`)."""
     if torch.compiler.is_compiling():
-        return _c10d.reduce_scatter_tensor(x.contiguous(), "sum", group.size(), group.group_name), None
-    x = x.contiguous()
-    out = x.new_empty((x.shape[0] // group.size(), *x.shape[1:]))
-    return out, _reduce_scatter_single(out, x, group=group, async_op=True)
+        return _c10d.reduce_scatter_tensor(x.movedim(dim, 0).contiguous(), "sum", group.size(), group.group_name), None
+    return reduce_scatter_sequence_blocks(x, group, dim, async_op=True)
 
 
 def _wait(pending: tuple[Tensor, Any]) -> Tensor:
@@ -62,10 +61,10 @@ def _wait(pending: tuple[Tensor, Any]) -> Tensor:
 
 
 def _wait_input_grad(pending: tuple[Tensor, Any], seq_dim: int | None) -> Tensor:
-    """The input gradient once its collective is done; a reduce-scatter's shard goes back from
-    dim 0 to ``seq_dim``."""
+    """The input gradient once its collective is done; the functional reduce-scatter's shard goes
+    back from dim 0 to ``seq_dim``."""
     dx = _wait(pending)
-    return dx if seq_dim is None else dx.movedim(0, seq_dim)
+    return dx if seq_dim is None or pending[1] is not None else dx.movedim(0, seq_dim)
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -86,8 +85,8 @@ class _GateUp(torch.autograd.Function):
         dtype = compute_dtype(x)
         x, w1, w3, b1, b3 = (_cast(t, dtype) for t in (x, w1, w3, b1, b3))
         if sequence_dim is not None:
-            # Contiguous once here, or each GEMM below copies the strided gathered input.
-            x = all_gather_along(x, group, sequence_dim).contiguous()
+            # Gathered in the compute dtype (cast above) and contiguous: each GEMM reads it as it is.
+            x = gather_sequence_blocks(x, group, sequence_dim)
         if fused:
             b = None if b1 is None else torch.cat((b1, b3))
             g, u = F.linear(x, torch.cat((w1, w3)), b).split((w1.shape[0], w3.shape[0]), dim=-1)
@@ -123,7 +122,7 @@ class _GateUp(torch.autograd.Function):
                 if seq_dim is None:
                     pending = _all_reduce_start(dx, group)
                 else:
-                    pending = _reduce_scatter_start(dx.movedim(seq_dim, 0), group)
+                    pending = _reduce_scatter_start(dx, group, seq_dim)
                 if not ctx.overlap:
                     dx, pending = _wait_input_grad(pending, seq_dim), None
 

@@ -21,7 +21,9 @@ ordinary ATen ops: ``torch.compile`` traces it, and inductor fuses the elementwi
 kernel forward (``act(g) * u``) and one backward (``h``, ``du``, ``dg``). Under compile the saved
 set is chosen anew (AOTAutograd partitions the joint forward-backward graph itself); the backward
 is written so that the partition still keeps only ``g`` and ``u`` (see :func:`act_mul_backward`;
-``tests/test_swiglu.py`` measures it).
+``tests/test_swiglu.py`` measures it). In eager mode (silu) the elementwise lines run as one
+compiled kernel each way (:mod:`tp_ffn.swiglu_kernels`, bit for bit ATen's kernels), ATen's
+kernels one by one where that is off or cannot compile.
 
 :func:`swiglu` is the activation and product alone (``act(g) * u``, saving ``g`` and ``u``), for
 code that applies the down projection itself and keeps ``h`` anyway.
@@ -40,6 +42,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import swiglu_kernels
 
 __all__ = ["ACTIVATIONS", "get_activation", "swiglu", "swiglu_linear", "swiglu_linear_backward"]
 
@@ -85,8 +89,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _eager(activation: str) -> bool:
+    """Eager mode without autograd recording: where the fused kernels of :mod:`.swiglu_kernels` may run."""
+    return activation == "silu" and not (torch.compiler.is_compiling() or torch.is_grad_enabled())
+
+
 def act_mul(g: Tensor, u: Tensor, activation: str) -> Tensor:
     """``act(g) * u`` without autograd bookkeeping of its own (the callers' functions hold it)."""
+    h = swiglu_kernels.silu_mul(g, u) if _eager(activation) else None
+    if h is not None:
+        return h
     a = ACTIVATIONS[activation](g)
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         # Out of place where traced (written u * act(g) so that it never equals the backward's
@@ -101,6 +113,9 @@ def act_mul_backward(
     """``(dg, du, h)`` for ``h = act(g) * u`` from the gradient ``dh`` and the saved ``g``, ``u``;
     ``h`` (recomputed) only with ``need_h``. All ``[*, n]``. ``reuse_dh``: ``dh`` is a buffer the
     caller owns, which becomes ``du`` (one allocation fewer in eager mode)."""
+    fused = swiglu_kernels.silu_mul_backward(dh, g, u, need_h=need_h, reuse_dh=reuse_dh) if _eager(activation) else None
+    if fused is not None:
+        return fused
     a = ACTIVATIONS[activation](g)
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         # traced, or a double backward (create_graph=True): out= overloads do not differentiate
