@@ -11,9 +11,9 @@ own time limit and all of them within ``--deadline`` (420 s: an H200 session all
 a part that fails or runs out of time is recorded as such and the next one runs:
 
 =============== ==========================================================================================
-tests           ``pytest -m cuda``: the equivalence suite on CUDA (tests/test_cuda.py: dense vs
+tests           ``pytest -m cuda``: the equivalence suite on CUDA (tests/core/test_cuda.py: dense vs
                 ParallelFeedForward vs emulation in fp32 and bf16, init CPU vs CUDA, autocast, inductor)
-                and the SwiGLU's inductor kernel count (tests/test_swiglu.py)
+                and the SwiGLU's inductor kernel count (tests/core/test_swiglu.py)
 parity          benchmarks/parity.py at world size 1 on NCCL (fp32, bf16), and at world size 2 with both
                 ranks on cuda:0 through gloo (plain, sequence parallel): correctness, not speed
 bench           benchmarks/bench.py in bf16 at the Llama-3-8B (4096, 14336) and Llama-2-70B (8192, 28672)
@@ -224,7 +224,7 @@ def part_tests(cfg: CheckConfig, run: Runner) -> PartResult:
         # -v: each test's line reaches the log as it ends, so a run cut at its time limit still shows
         # how far it got (the JUnit file is only written at the end).
         "-m", "pytest", "-m", "cuda", "-v", "--durations=10", "-p", "no:cacheprovider", f"--junitxml={junit}",
-        "tests/test_cuda.py", "tests/test_swiglu.py",
+        "tests/core/test_cuda.py", "tests/core/test_swiglu.py",
     ])  # fmt: skip
     if not junit.exists():
         return PartResult("tests", "fail", p.why())

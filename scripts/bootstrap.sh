@@ -50,7 +50,7 @@ EOF
 # Prints the pip arguments for torch; says on stderr where they come from.
 # --index-url, not --extra-index-url: with both indexes pip takes the newest matching release from
 # either, so a range, or a Python the CPU index has no wheel for, silently brings PyPI's CUDA build
-# (tests/test_bootstrap.py shows pip doing it). With --index-url a missing wheel is an error.
+# (tests/project/test_bootstrap.py shows pip doing it). With --index-url a missing wheel is an error.
 _tp_ffn_torch_spec() {
   local why
   if [ -n "${TORCH_SPEC:-}" ]; then

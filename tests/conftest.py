@@ -5,11 +5,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from rankpool import close_all  # noqa: E402
+from support.rankpool import close_all  # noqa: E402
 
 
 def pytest_configure(config):
-    # tests/test_transformers5.py runs the HF adapter's tests with another transformers first on sys.path:
+    # tests/hf/test_transformers5.py runs the HF adapter's tests with another transformers first on sys.path:
     # a run that imports any other release would pass for the wrong reason.
     expected = os.environ.get("TP_FFN_EXPECT_TRANSFORMERS")
     if expected:

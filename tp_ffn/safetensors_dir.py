@@ -8,7 +8,7 @@ caller owns (or one per block), at most :data:`CHUNK_BYTES` of stored rows per s
 such reads, a file kept open across them for up to :data:`CHUNK_BYTES`. The pages of a memory-mapped file count
 in the resident set for as long as the mapping lives, so a reader that kept its files open would hold
 as much as the whole checkpoint by the end; here a rank's peak is what it keeps plus one chunk
-(``tests/test_hf_memory.py``, ``tests/test_load_pretrained.py``, ``benchmarks/hf_memory.py`` measure it).
+(``tests/hf/test_hf_memory.py``, ``tests/models/test_load_pretrained.py``, ``benchmarks/hf_memory.py`` measure it).
 Reopening costs one header parse per chunk, small beside the chunk it reads.
 
 Used by both ``tp_ffn.hf`` (any transformers model) and ``tp_ffn.models`` (the Llama layouts); it imports

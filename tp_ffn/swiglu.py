@@ -21,7 +21,7 @@ ordinary ATen ops: ``torch.compile`` traces it, and inductor fuses the elementwi
 kernel forward (``act(g) * u``) and one backward (``h``, ``du``, ``dg``). Under compile the saved
 set is chosen anew (AOTAutograd partitions the joint forward-backward graph itself); the backward
 is written so that the partition still keeps only ``g`` and ``u`` (see :func:`act_mul_backward`;
-``tests/test_swiglu.py`` measures it). In eager mode (silu) the elementwise lines run as one
+``tests/core/test_swiglu.py`` measures it). In eager mode (silu) the elementwise lines run as one
 compiled kernel each way (:mod:`tp_ffn.swiglu_kernels`, bit for bit ATen's kernels), ATen's
 kernels one by one where that is off or cannot compile.
 

@@ -24,7 +24,7 @@ last ``count mod 2 vectors`` elements of each contiguous stretch as scalar code,
 library's, where the fused kernel's (and ATen's vector code's) is Sleef's, up to an ulp apart; those
 elements (:func:`_aten_tail`, at most 63 per stretch, none where ``n`` is a multiple of 64) are
 recomputed by ATen's kernels. The result is ATen's bit for bit in fp32, float64 and bf16
-(``tests/test_swiglu.py``) on one thread; with several, ATen splits tensors of 32768 elements or
+(``tests/core/test_swiglu.py``) on one thread; with several, ATen splits tensors of 32768 elements or
 more into per-thread pieces with tails of their own, which this does not follow (single elements
 may then differ in the last bit). On CUDA (Triton) not checked yet.
 

@@ -29,7 +29,7 @@ step adds its temporaries (CUDA's foreach AdamW: one fp32 copy of ``P``) to the 
 **Activations kept per layer** (``T`` tokens of a micro-batch, ``T_l = T / tp`` with sequence
 parallelism else ``T``; ``a`` = 2 bytes in bf16, 4 in fp32; ``h_r = n_heads / tp`` local heads of
 ``head_dim`` channels), counted from what :mod:`tp_ffn.models.llama` saves and checked against
-``saved_tensors_hooks`` by ``tests/test_memory_plan.py``:
+``saved_tensors_hooks`` by ``tests/train/test_memory_plan.py``:
 
 * each of the two RMSNorms, on ``T_l`` tokens: its fp32 input (4 dim; in fp32 the input itself),
   ``rsqrt`` (4) and the normalised input before the weight (``a`` dim);
