@@ -96,8 +96,8 @@ def test_trainer_equals_dense(world, dense, tmp_path):
 def test_plain_trainer_stops_at_its_first_forward(dense, tmp_path):
     """World 2, intermediate 36 (shards of equal shape, so DDP's own shape check passes). Before the guard a
     plain Trainer trained on without a word: rank 1 started from rank 0's shards (DDP's broadcast) and the
-    losses and final weights are far from the dense run's. Now its first forward raises one line saying to
-    call prepare_trainer, on every rank, before any step."""
+    losses and final weights are far from the dense run's. Now DDP's constructor raises one line saying to
+    call prepare_trainer, on every rank, before its broadcast and before any step."""
     results = _run(2, "unprepared", tmp_path, 36)
     ref = json.loads((dense / "36" / "result0.json").read_text())
     for rank, got in enumerate(results):
@@ -110,6 +110,18 @@ def test_plain_trainer_stops_at_its_first_forward(dense, tmp_path):
         assert _rel(unguarded["loss"], ref["loss"]) > 1e-3, (unguarded["loss"], ref["loss"])
     errs = _weight_errors(_weights(tmp_path / "36" / "unguarded"), _weights(dense / "36" / "model"))
     assert max(errs.values()) > 1e-2, errs
+
+
+@pytest.mark.timeout(500)
+def test_plain_trainer_refused_where_shards_differ_in_shape(tmp_path):
+    """World 3, intermediate 37 (shards of 13, 12 and 12 rows). Before, DDP's constructor stopped at its own
+    shape check: "params[5] ... sizes [12, 32] appears not to match" on ranks 1 and 2, only "Connection
+    closed by peer" on rank 0. Now every rank stops there with the one line saying to call prepare_trainer."""
+    for rank, got in enumerate(_run(3, "refused", tmp_path, 37)):
+        assert got["error"] is not None and "\n" not in got["error"], (rank, got)
+        assert "call tp_ffn.hf.prepare_trainer(trainer) before trainer.train()" in got["error"], got["error"]
+        assert "nothing was changed" in got["error"] and "[0, 1, 2]" in got["error"], got["error"]
+        assert got["global_step"] == 0, got
 
 
 @pytest.mark.skipif(FIVE, reason="the refusal of transformers < 5")

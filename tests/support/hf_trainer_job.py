@@ -104,7 +104,7 @@ def unprepared(out: Path, intermediate: int) -> dict:
     from transformers import TrainerCallback
 
     import tp_ffn.hf as tphf
-    from tp_ffn.hf.guard import refuse_data_parallel_over_tp_group
+    from tp_ffn.hf.guard import unguard
 
     class AtStart(TrainerCallback):
         """The first MLP shard as training starts (after the Trainer has wrapped the model)."""
@@ -119,9 +119,7 @@ def unprepared(out: Path, intermediate: int) -> dict:
     model = _model(intermediate)
     tphf.parallelize_mlp(model)
     for module in model.modules():
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if hook is refuse_data_parallel_over_tp_group:
-                del module._forward_pre_hooks[key]
+        unguard(module)
     mine = model.model.layers[0].mlp.gate_proj.weight.detach().clone()
     originals = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(originals, mine)
@@ -137,10 +135,22 @@ def unprepared(out: Path, intermediate: int) -> dict:
     sd = tphf.full_state_dict(model)
     if rank == 0:
         model.save_pretrained(str(out / "unguarded"), state_dict=sd)
-    # After: the same Trainer on a freshly parallelized model stops at its first forward.
+    # After: the same Trainer on a freshly parallelized model stops before it trains.
+    return {**result, **refused(out, intermediate)}
+
+
+def refused(out: Path, intermediate: int) -> dict:
+    """A plain Trainer on a parallelized model: the error it stops with (None if it trained)."""
+    import torch.distributed as dist
+
+    import tp_ffn.hf as tphf
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     model = _model(intermediate)
     tphf.parallelize_mlp(model)
-    trainer = _trainer(model, out, world)
+    trainer = _trainer(model, out, dist.get_world_size())
+    result: dict = {}
     try:
         trainer.train()
         result["error"] = None
@@ -156,7 +166,7 @@ def main(argv: list[str]) -> None:
     for size in sizes:
         out = root / str(size)
         out.mkdir(parents=True, exist_ok=True)
-        result = {"dense": dense, "tp": tp, "unprepared": unprepared}[case](out, size)
+        result = {"dense": dense, "tp": tp, "unprepared": unprepared, "refused": refused}[case](out, size)
         result["transformers"] = __import__("transformers").__version__
         (out / f"result{rank}.json").write_text(json.dumps(result))
 

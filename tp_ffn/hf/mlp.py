@@ -26,7 +26,7 @@ from ..groups import GroupLike
 from ..layers import ColumnParallelLinear, RowParallelLinear
 from ..moe import ParallelMoEFeedForward
 from ..sharding import shard_spec_of
-from .guard import refuse_data_parallel_over_tp_group
+from .guard import guard
 
 __all__ = ["HF_ACTIVATIONS", "LAYOUTS", "MLPLayout", "ParallelMLP", "full_state_dict", "parallelize_mlp"]
 
@@ -373,7 +373,7 @@ def parallelize_mlp(
     opts = BuildOptions(group, fuse_gate_up, overlap_comm, comm_chunks)
     built = [(paths, build(opts)) for paths, build in plans]
     for paths, block in built:
-        block.register_forward_pre_hook(refuse_data_parallel_over_tp_group)
+        guard(block)
         for path in paths:
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, block)
