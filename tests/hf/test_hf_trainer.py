@@ -112,6 +112,7 @@ def test_plain_trainer_stops_at_its_first_forward(dense, tmp_path):
     assert max(errs.values()) > 1e-2, errs
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_plain_trainer_refused_where_shards_differ_in_shape(tmp_path):
     """World 3, intermediate 37 (shards of 13, 12 and 12 rows). Before, DDP's constructor stopped at its own

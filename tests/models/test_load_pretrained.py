@@ -1,6 +1,6 @@
 """One-call loading: ``tp_ffn.models.llama.load_pretrained(path, *, group=None, device=None)``.
 
-The checkpoints are test_weights.py's fixtures: a tiny random Hugging Face ``LlamaForCausalLM``
+The checkpoints are tests/support/llama_checkpoints.py's fixtures: a tiny random Hugging Face ``LlamaForCausalLM``
 (single file and sharded safetensors; the reference is transformers' own logits) and Meta exports
 (MP 1, 2, 4) of a float64 model (the reference is that model's logits). Tolerances as there: 1e-5
 relative against transformers (float32 kernels differ), exact or 1e-12 for the float64 Meta files.
@@ -16,15 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import test_weights
 import torch
+from support.llama_checkpoints import hf, meta  # noqa: F401  (fixtures of this module too)
 from support.rankpool import run_fresh, run_ranks
 from support.reference import rel_err
 
 from tp_ffn.models.llama import Transformer, load_pretrained, precompute_rope
 
 ROOT = Path(__file__).resolve().parents[2]
-hf, meta = test_weights.hf, test_weights.meta  # its tiny checkpoints, as fixtures of this module too
 MiB = 2**20
 
 
