@@ -1,4 +1,5 @@
-"""Shared by the tests (moved from tests/test_train_cli.py)."""
+"""Launching the commands as users do (torchrun agents in their own sessions, plain python), finding and
+reaping their workers, reading the steps a run logged: shared by the script-level training tests."""
 
 from __future__ import annotations
 

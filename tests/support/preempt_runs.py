@@ -1,4 +1,5 @@
-"""Shared by the tests (moved from tests/test_preemption.py)."""
+"""In-process training runs that a signal stops (from inside a step or a save), as the preemption, async-save
+and full-disk tests run them on a rank pool; and waiting for a launched run to reach a step."""
 
 from __future__ import annotations
 
