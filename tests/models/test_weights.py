@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from support.llama_checkpoints import META_CFG
+from support.llama_checkpoints import META_CFG, hf, meta  # noqa: F401  (hf, meta: fixtures)
 from support.rankpool import run_ranks
 from support.reference import rel_err
 
