@@ -41,7 +41,7 @@ from .grouped import dispatch_by_expert, grouped_swiglu
 from .groups import GroupLike, TPGroup, resolve_group
 from .init import init_linear_shard_
 from .layers import check_features, check_input
-from .sharding import ShardSpec, shard_spec_of
+from .sharding import ShardSpec, shard_bounds, shard_spec_of
 from .swiglu import compute_dtype, get_activation
 
 __all__ = [
@@ -456,9 +456,9 @@ class _KeepSequenceBlockGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        block = grad.shape[ctx.dim] // ctx.world
+        start, end = shard_bounds(grad.shape[ctx.dim], ctx.world, ctx.rank)
         out = torch.zeros_like(grad)
-        out.narrow(ctx.dim, ctx.rank * block, block).copy_(grad.narrow(ctx.dim, ctx.rank * block, block))
+        out.narrow(ctx.dim, start, end - start).copy_(grad.narrow(ctx.dim, start, end - start))
         return out, None, None, None
 
 

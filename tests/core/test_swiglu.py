@@ -395,7 +395,7 @@ def test_uncompiled_bodies_run_atens_kernels(monkeypatch):
     assert any(k[-2:] == (torch.float32, "cpu") for k in swiglu_kernels._compiled)
     # The same with dynamo disabled: fullgraph finds nothing compiled, one warning, ATen's kernels.
     monkeypatch.setattr(swiglu_kernels, "_compiled", {})
-    monkeypatch.setattr(dynamo.config, "disable", True)
-    with pytest.warns(RuntimeWarning, match="could not be compiled"):
+    # (config.patch, not monkeypatch: undoing a setattr deletes the config entry, and every later compile fails)
+    with dynamo.config.patch(disable=True), pytest.warns(RuntimeWarning, match="could not be compiled"):
         y = swiglu_linear(g, u, w)
     assert torch.equal(y, want)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ...models.llama import LlamaConfig, Transformer
+from ...sharding import shard_bounds, shard_sizes
 from ..budget.flops import measure_peak, mfu, model_flops_per_token
 from ..budget.memory import memory_report, plan_memory
 from ..budget.memory_use import peak_bytes, release_freed_memory, reset_peak
@@ -243,9 +244,9 @@ class _Trainer:
         a rank with fewer sequences repeats one and ignores its loss.
         """
         self.model.eval()
-        sizes = [len(c) for c in torch.arange(self.n_val).tensor_split(self.plan.dp)]
-        first = sum(sizes[: self.dp_rank])
-        mine = sizes[self.dp_rank]
+        sizes = shard_sizes(self.n_val, self.plan.dp)
+        first, end = shard_bounds(self.n_val, self.plan.dp, self.dp_rank)
+        mine = end - first
         mb = self.plan.micro_batch
         sums = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
         for i in range(math.ceil(max(sizes) / mb)):
