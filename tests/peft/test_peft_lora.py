@@ -379,7 +379,7 @@ def test_fresh_process_needs_no_extra_import():
     (peft 0.21 with torch 2.13 needs torch.distributed.tensor imported first: tp_ffn.peft does it)."""
     code = (
         "import sys; sys.path.insert(0, 'tests')\n"
-        "from hf_models import build\n"
+        "from support.hf_models import build\n"
         "import tp_ffn.hf\n"
         "from peft import LoraConfig, get_peft_model\n"
         "m = build('llama'); tp_ffn.hf.parallelize_mlp(m)\n"
