@@ -24,7 +24,15 @@ from .loading import model_config, shard_targets
 from .meta_files import MetaReader
 from .moe_config import hf_moe_config, qwen2_moe_zero_biases
 from .pretrained_config import config_from_pretrained, detect_format
-from .weight_names import HF_CONFIG, HF_SINGLE, META_EMBEDDING_SPLITS, META_PARAMS, meta_to_hf_rows, weight_layout
+from .weight_names import (
+    HF_CONFIG,
+    HF_SINGLE,
+    META_EMBEDDING_SPLITS,
+    META_PARAMS,
+    hf_decoder_fields,
+    meta_to_hf_rows,
+    weight_layout,
+)
 from .weights_types import PathLike, Progress
 
 __all__ = ["convert_checkpoint", "export_hf", "export_meta", "write_pretrained"]
@@ -78,15 +86,7 @@ def _hf_config_dict(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
         "model_type": "llama",
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_seq_len,
-        "hidden_act": "silu",
+        **hf_decoder_fields(cfg),
         "rope_scaling": None,
         "attention_bias": False,
         "mlp_bias": False,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .config import LlamaConfig
-from .weight_names import hf_moe_family
+from .weight_names import hf_decoder_fields, hf_moe_family
 
 __all__ = ["HF_MOE_TYPES", "hf_moe_config", "hf_moe_fits", "moe_fields_from_hf", "qwen2_moe_zero_biases"]
 
@@ -116,15 +116,7 @@ def hf_moe_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
         "model_type": family,
         "hidden_size": cfg.dim,
         **specific,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_seq_len,
-        "hidden_act": "silu",
+        **hf_decoder_fields(cfg),
         "num_experts_per_tok": moe.top_k,
         "router_aux_loss_coef": cfg.router_aux_loss_coef,
         "output_router_logits": False,

@@ -32,6 +32,7 @@ __all__ = [
     "MODEL_NAMES",
     "MOE_NAMES",
     "WeightEntry",
+    "hf_decoder_fields",
     "hf_moe_family",
     "hf_to_meta_rows",
     "meta_to_hf_rows",
@@ -79,6 +80,21 @@ MOE_NAMES = {
 # Outside the layers: Meta name -> Hugging Face name.
 MODEL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                "output.weight": "lm_head.weight"}  # fmt: skip
+
+
+def hf_decoder_fields(cfg: LlamaConfig) -> dict[str, int | float | str]:
+    """The ``config.json`` fields every family written here (Llama, Mixtral, Qwen2-MoE) spells alike."""
+    return {
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_seq_len,
+        "hidden_act": "silu",
+    }
 
 
 @dataclass(frozen=True)
