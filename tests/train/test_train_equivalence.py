@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.rankpool import run_ranks
+from support.train_runs import run_training
 
 from tp_ffn.train import TrainConfig, train
 
@@ -23,16 +24,8 @@ BASE = dict(
 RTOL = 1e-4
 
 
-def _train(rank: int, world: int, overrides: dict) -> dict:
-    res = train(TrainConfig(**{**BASE, **overrides}))
-    return {"losses": res.losses, "val": res.val_losses}
-
-
 def _run(world: int, **overrides) -> dict:
-    results = run_ranks(world, _train, overrides, timeout=240)
-    for r in results[1:]:  # every rank reports the same (all-reduced) numbers
-        assert r == results[0]
-    return results[0]
+    return run_training(world, BASE, **overrides)
 
 
 def _max_rel(a: list[float], b: list[float]) -> float:

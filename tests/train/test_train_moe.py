@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.rankpool import run_ranks
+from support.train_runs import run_training
 
 from tp_ffn.models import PRESETS, LlamaConfig, Transformer
 from tp_ffn.train import TrainConfig, train
@@ -31,16 +32,8 @@ BASE = dict(
 RTOL = 1e-4
 
 
-def _train(rank: int, world: int, overrides: dict) -> dict:
-    res = train(TrainConfig(**{**BASE, **overrides}))
-    return {"losses": res.losses, "aux": res.aux_losses, "val": res.val_losses, "start": res.start_step}
-
-
 def _run(world: int, **overrides) -> dict:
-    results = run_ranks(world, _train, overrides, timeout=240)
-    for r in results[1:]:  # every rank reports the same (all-reduced) numbers
-        assert r == results[0]
-    return results[0]
+    return run_training(world, BASE, **overrides)
 
 
 def _max_rel(a: list[float], b: list[float]) -> float:
