@@ -22,6 +22,16 @@ fp32 all-reduce ...         with ``--dtype bfloat16``: the input-gradient all-re
                             bf16), alone and behind three bf16 GEMMs: whether the overlap still
                             hides it where bf16 GEMMs are fast (where a bf16 step loses against
                             ``local``)
+reduce-scatter ...          sequence parallelism's collectives on ``[T, D]`` along the tokens: the
+                            backend's own reduce-scatter (of the input cast to fp32 for the "fp32"
+                            rows) against ``tp_ffn.comm.reduce_scatter_sequence_blocks``, which on
+                            gloo (and, for a gradient summed in a wider dtype, everywhere) sends
+                            the blocks by all-to-all and sums them on arrival; alone and behind
+                            three GEMMs
+all-gather + fp32 sum ...   with ``--dtype bfloat16``: the plain mode's fp32 input-gradient
+                            all-reduce done as an all-gather of the bf16 partial gradients and
+                            their sum in fp32 (half the bytes, the same bits at two ranks):
+                            alone and behind three GEMMs, beside the fp32 all-reduce rows
 swiglu ...                  the elementwise work of ``act(g) * u`` (silu) on ``[T, n]``: forward;
                             backward as autograd runs it from the kept ``act(g)`` (the previous
                             default) and as the two-tensor SwiGLU runs it, recomputing ``act(g)``
@@ -50,6 +60,7 @@ import torch.nn.functional as F
 
 from tp_ffn.shutdown import exit_without_teardown
 from tp_ffn import swiglu_kernels
+from tp_ffn.comm import reduce_scatter_sequence_blocks
 from tp_ffn.swiglu import act_mul, act_mul_backward
 
 PRESETS = {"cpu": (1024, 2816, 2048), "tiny": (256, 704, 512), "llama2-7b": (4096, 11008, 8192)}
@@ -80,6 +91,7 @@ def timed(fn: Callable[[], object], reps: int, device: torch.device) -> float:
 
 def probes(dim: int, n: int, tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, Callable[[], object]]:
     group = dist.group.WORLD
+    world = group.size()
     g = torch.Generator(device="cpu").manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     x, h = rand(tokens, dim), rand(tokens, n)
@@ -131,6 +143,49 @@ def probes(dim: int, n: int, tokens: int, dtype: torch.dtype, device: torch.devi
             F.linear(h, w2)
         _c10d.wait_tensor(pending)
 
+    def reduce_scatter(t: torch.Tensor, into: torch.dtype) -> Callable[[], object]:
+        """The backend's own reduce-scatter of ``t`` (cast to ``into`` first, as the block did)."""
+        out = torch.empty(tokens // world, dim, device=device, dtype=into)
+
+        def run() -> object:
+            return dist.reduce_scatter_tensor(out, t.to(into), async_op=True)
+
+        return run
+
+    def by_blocks(t: torch.Tensor, into: torch.dtype) -> Callable[[], object]:
+        """``reduce_scatter_sequence_blocks``: on gloo an all-to-all of ``t`` and a sum in ``into``."""
+        return lambda: reduce_scatter_sequence_blocks(t, group, 0, dtype=into, async_op=True)[1]
+
+    def gather_sum(t: torch.Tensor) -> Callable[[], object]:
+        """All-gather the narrow ``t`` and sum the blocks in fp32, rank 0 first."""
+        blocks = torch.empty(world * tokens, dim, device=device, dtype=t.dtype)
+
+        class _Then:
+            def __init__(self) -> None:
+                self.work = dist.all_gather_into_tensor(blocks, t, async_op=True)
+
+            def wait(self) -> torch.Tensor:
+                self.work.wait()
+                parts = blocks.view(world, tokens, dim)
+                out = parts[0].float()
+                for part in parts[1:]:
+                    out += part
+                return out
+
+        return _Then
+
+    def now(start: Callable[[], object]) -> Callable[[], None]:
+        return lambda: start().wait()
+
+    def behind_gemms(start: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            work = start()
+            for _ in range(3):
+                F.linear(h, w2)
+            work.wait()
+
+        return run
+
     def overlapped_inplace(buffer: torch.Tensor) -> Callable[[], None]:
         def run() -> None:
             work = dist.all_reduce(buffer, async_op=True)
@@ -158,6 +213,28 @@ def probes(dim: int, n: int, tokens: int, dtype: torch.dtype, device: torch.devi
         "gate/up weight grad, fused": lambda: d.t() @ x,
         "fp32 all-reduce (sync)": lambda: dist.all_reduce(y32),
         "3 gemm + fp32 all-reduce in place": overlapped_inplace(y32),
+        **(
+            {}
+            if world == 1
+            else {
+                "reduce-scatter, backend's (sync)": now(reduce_scatter(y, dtype)),
+                "reduce-scatter, by blocks (sync)": now(by_blocks(y, dtype)),
+                "3 gemm + reduce-scatter, backend's": behind_gemms(reduce_scatter(y, dtype)),
+                "3 gemm + reduce-scatter, by blocks": behind_gemms(by_blocks(y, dtype)),
+            }
+        ),
+        **(
+            {}
+            if world == 1 or dtype == torch.float32
+            else {
+                "fp32 reduce-scatter, backend's (sync)": now(reduce_scatter(y, torch.float32)),
+                "fp32 reduce-scatter, by blocks (sync)": now(by_blocks(y, torch.float32)),
+                "3 gemm + fp32 reduce-scatter, backend's": behind_gemms(reduce_scatter(y, torch.float32)),
+                "3 gemm + fp32 reduce-scatter, by blocks": behind_gemms(by_blocks(y, torch.float32)),
+                "all-gather + fp32 sum (sync)": now(gather_sum(y)),
+                "3 gemm + all-gather + fp32 sum": behind_gemms(gather_sum(y)),
+            }
+        ),
         "swiglu forward": no_grad(lambda: act_mul(gate, up, "silu")),
         "swiglu forward, eager kernels": no_grad(lambda: act_mul(gate, up, "silu"), fused=False),
         "swiglu backward, act(g) kept": no_grad(swiglu_backward_autograd),
@@ -193,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dim {dim}, shard {n} of hidden {hidden}, {tokens} tokens, {a.dtype}, world size {world}, "
                   f"{torch.get_num_threads()} thread(s) per rank; slowest rank's median of {a.reps}")  # fmt: skip
             for name, ms in rows.items():
-                print(f"  {name:<32} {ms:8.2f} ms")
+                print(f"  {name:<40} {ms:8.2f} ms")
             out = Path(a.out)
             out.mkdir(parents=True, exist_ok=True)
             summary = {"preset": a.preset, "dtype": a.dtype, "world_size": world, "reps": a.reps, "ms": rows}

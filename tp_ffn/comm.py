@@ -122,19 +122,85 @@ def gather_sequence_blocks(x: Tensor, group: ProcessGroup | None, dim: int) -> T
     return blocks.reshape(*x.shape[:dim], world * x.shape[dim], *x.shape[dim + 1 :])
 
 
-def reduce_scatter_sequence_blocks(x: Tensor, group: ProcessGroup, dim: int, *, async_op: bool = False) -> Tensor | tuple[Tensor, Any]:
-    """This rank's block along ``dim`` of ``x`` summed over ``group`` (no autograd), contiguous
-    ``[..., s/W, ...]``; with ``async_op`` ``(result-to-be, c10d work)``.
+def reduce_scatter_sequence_blocks(
+    x: Tensor, group: ProcessGroup, dim: int, *, dtype: torch.dtype | None = None, async_op: bool = False
+) -> Tensor | tuple[Tensor, Any]:
+    """This rank's block along ``dim`` of ``x`` summed over ``group`` in ``dtype`` (default ``x``'s),
+    no autograd: contiguous ``[..., s/W, ...]``; with ``async_op`` ``(result-to-be, work)``, the result
+    complete once ``work.wait()`` has returned.
 
-    The reduce-scatter reads the blocks rank after rank: ``x`` as it is where the dims before
-    ``dim`` are all 1 (or ``dim=0``), else one copy that puts each rank's block in one piece.
+    The blocks are read rank after rank: ``x`` as it is where the dims before ``dim`` are all 1 (or
+    ``dim=0``), else one copy that puts each rank's block in one piece. Two ways to sum them
+    (:func:`_sums_by_all_to_all` picks): a reduce-scatter of ``x`` cast to ``dtype``, or an
+    all-to-all of ``x`` as it is (each rank receives every rank's copy of its own block) and the sum
+    of those blocks in ``dtype``, rank 0 first (:class:`_SumOfBlocks`).
     """
     world, dim = group.size(), dim % x.dim()
+    dtype = x.dtype if dtype is None else dtype
     n = x.shape[dim] // world
     by_rank = x.reshape(*x.shape[:dim], world, n, *x.shape[dim + 1 :]).movedim(dim, 0).contiguous()
-    out = x.new_empty((*x.shape[:dim], n, *x.shape[dim + 1 :]))
-    work = _reduce_scatter_single(out, by_rank.view(world * out.shape[0], *out.shape[1:]), group=group, async_op=async_op)
+    out = x.new_empty((*x.shape[:dim], n, *x.shape[dim + 1 :]), dtype=dtype)
+    if _sums_by_all_to_all(x, group, dtype):
+        pending = _SumOfBlocks(by_rank, group, out)
+        if async_op:
+            return out, pending
+        pending.wait()
+        return out
+    flat = by_rank.to(dtype).view(world * out.shape[0], *out.shape[1:])
+    work = _reduce_scatter_single(out, flat, group=group, async_op=async_op)
     return (out, work) if async_op else out
+
+
+def _sums_by_all_to_all(x: Tensor, group: ProcessGroup, dtype: torch.dtype) -> bool:
+    """Whether :func:`reduce_scatter_sequence_blocks` sends ``x``'s blocks by all-to-all and sums them
+    on arrival: where ``dtype`` is wider than ``x`` (bf16 partial gradients summed in fp32: the wire
+    carries the narrow bytes, on any backend; with two ranks the bits are those of the fp32
+    reduce-scatter), and on gloo, whose reduce-scatter costs about an all-reduce of the whole tensor
+    (two ranks, 4 MiB of bf16 on the 2-core CPU machine: 5.3 ms against 2.1 ms for all-to-all and
+    sum; ``benchmarks/bench_parts.py``).
+    Not under ``torch.compile``, which traces the reduce-scatter as its functional op."""
+    if torch.compiler.is_compiling():
+        return False
+    if dtype.itemsize > x.dtype.itemsize:
+        return True
+    return x.device.type == "cpu" and "gloo" in str(dist.get_backend(group))
+
+
+class _SumOfBlocks:
+    """An all-to-all of ``by_rank [W, ...]`` (block j for rank j) that receives every other rank's
+    block for this rank, then, at :meth:`wait`, their sum with this rank's own block into ``out``, in
+    rank order (rank 0's block first) and in ``out``'s dtype. This rank's own block is not sent; the
+    others arrive in a buffer of ``W-1`` blocks, or, with two ranks and no widening, in ``out`` itself
+    (then ``theirs + own``: the same bits as ``own + theirs``), so the reduce-scatter needs no more
+    memory than its result."""
+
+    def __init__(self, by_rank: Tensor, group: ProcessGroup, out: Tensor) -> None:
+        world, me = group.size(), group.rank()
+        # What goes out: every block but this rank's own (a copy only for a rank in the middle).
+        if me in (0, world - 1):
+            send = by_rank[1:] if me == 0 else by_rank[:-1]
+        else:
+            send = torch.cat((by_rank[:me], by_rank[me + 1 :]))
+        self._into_out = world == 2 and out.dtype == by_rank.dtype
+        received = out.unsqueeze(0) if self._into_out else by_rank.new_empty((world - 1, *by_rank.shape[1:]))
+        splits = [0 if r == me else 1 for r in range(world)]
+        self._work = dist.all_to_all_single(received, send, splits, splits, group=group, async_op=True)
+        self._received, self._own, self._me, self._out = received, by_rank[me], me, out
+
+    def wait(self) -> bool:
+        if self._work is None:
+            return True
+        self._work.wait()
+        if self._into_out:
+            self._out.add_(self._own)
+        else:
+            theirs = self._received.unbind(0)
+            blocks = [*theirs[: self._me], self._own, *theirs[self._me :]]
+            self._out.copy_(blocks[0])
+            for block in blocks[1:]:
+                self._out.add_(block)  # in out's dtype: a narrower block is widened, the sum not narrowed
+        self._work = self._received = self._own = None
+        return True
 
 
 class _IdentityAllReduce(torch.autograd.Function):
@@ -214,8 +280,9 @@ class _AllGatherReduceScatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        # Summed in the input's dtype, as autograd would after the cast's own backward.
-        return reduce_scatter_sequence_blocks(grad.to(ctx.input_dtype), ctx.group, ctx.dim), None, None, None
+        # Summed in the input's dtype, as autograd would after the cast's own backward (the narrow
+        # gradient on the wire: reduce_scatter_sequence_blocks).
+        return reduce_scatter_sequence_blocks(grad, ctx.group, ctx.dim, dtype=ctx.input_dtype), None, None, None
 
 
 class _ReduceScatterAllGather(torch.autograd.Function):

@@ -44,12 +44,14 @@ def _all_reduce_start(x: Tensor, group: ProcessGroup) -> tuple[Tensor, Any]:
     return x, dist.all_reduce(x, group=group, async_op=True)
 
 
-def _reduce_scatter_start(x: Tensor, group: ProcessGroup, dim: int) -> tuple[Tensor, Any]:
-    """Start the reduce-scatter of ``x`` along ``dim``; as :func:`_all_reduce_start`. Eager mode's
-    result comes laid out as ``x`` (contiguous), the functional op's along dim 0 (see :func:`_wait_input_grad`)."""
+def _reduce_scatter_start(x: Tensor, group: ProcessGroup, dim: int, dtype: torch.dtype) -> tuple[Tensor, Any]:
+    """Start the reduce-scatter of ``x`` along ``dim``, summed in ``dtype``; as :func:`_all_reduce_start`
+    (``x`` may be the caller's own: it is not written). Eager mode's result comes laid out as ``x``
+    (contiguous), the functional op's along dim 0 (see :func:`_wait_input_grad`)."""
     if torch.compiler.is_compiling():
-        return _c10d.reduce_scatter_tensor(x.movedim(dim, 0).contiguous(), "sum", group.size(), group.group_name), None
-    return reduce_scatter_sequence_blocks(x, group, dim, async_op=True)
+        x = x.to(dtype).movedim(dim, 0).contiguous()
+        return _c10d.reduce_scatter_tensor(x, "sum", group.size(), group.group_name), None
+    return reduce_scatter_sequence_blocks(x, group, dim, dtype=dtype, async_op=True)
 
 
 def _wait(pending: tuple[Tensor, Any]) -> Tensor:
@@ -116,13 +118,15 @@ class _GateUp(torch.autograd.Function):
         dx = pending = None
         if ctx.needs_input_grad[0]:
             dx = (d @ w if ctx.fused else torch.addmm(dg @ w1, du, w3)).view(x.shape)
-            # Reduce in the input's dtype (fp32 under autocast), as the reference path does.
-            dx = dx.to(ctx.input_dtype)
-            if group is not None and group.size() > 1:
-                if seq_dim is None:
-                    pending = _all_reduce_start(dx, group)
-                else:
-                    pending = _reduce_scatter_start(dx, group, seq_dim)
+            # Reduced in the input's dtype (fp32 under autocast), as the reference path does; the
+            # reduce-scatter casts as it sums (the narrow gradient on the wire).
+            if group is not None and group.size() > 1 and seq_dim is not None:
+                pending = _reduce_scatter_start(dx, group, seq_dim, ctx.input_dtype)
+            elif group is not None and group.size() > 1:
+                pending = _all_reduce_start(dx.to(ctx.input_dtype), group)
+            else:
+                dx = dx.to(ctx.input_dtype)
+            if pending is not None:
                 if not ctx.overlap:
                     dx, pending = _wait_input_grad(pending, seq_dim), None
 

@@ -20,6 +20,7 @@ from .comm import (
 from .groups import GroupLike, TPGroup, resolve_group
 from .init import init_linear_shard_
 from .sharding import ShardSpec
+from .swiglu import compute_dtype
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "check_features", "check_input"]
 
@@ -208,7 +209,9 @@ class ColumnParallelLinear(_ParallelLinear):
         check_input(x, self.weight, self.in_features, what="in_features", sequence_dim=self.active_sequence_dim)
         group = self.tp.group
         if self.sequence_parallel:
-            x = gather_from_sequence(x, group, self.sequence_dim)
+            # Cast before the all-gather where autocast would cast the gathered input anyway: the same
+            # values in the compute dtype's bytes (and the gradient's reduce-scatter carries them too).
+            x = gather_from_sequence(x, group, self.sequence_dim, dtype=compute_dtype(x))
         else:
             x = copy_to_parallel(x, group)
         y = F.linear(x, self.weight, self.bias)

@@ -83,8 +83,9 @@ def get_activation(name: str) -> Callable[[Tensor], Tensor]:
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype GEMMs on ``x`` run in: autocast's where it is on for ``x``'s device, else ``x``'s."""
-    if torch.is_autocast_enabled(x.device.type):
+    """The dtype GEMMs on ``x`` run in: autocast's where it is on for ``x``'s device and would cast
+    ``x`` (a float tensor other than float64, which autocast leaves as it is), else ``x``'s."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

@@ -49,8 +49,9 @@ def _expected(world: int, sp: bool, bias: bool) -> tuple[Counter, Counter]:
         return Counter(), Counter()
     if not sp:
         return Counter(all_reduce=1), Counter(all_reduce=1)
-    # Under SP the replicated w2 bias sees only local tokens: its gradient takes one all-reduce.
-    return Counter(all_gather=1, reduce_scatter=1), Counter(all_gather=1, reduce_scatter=1, all_reduce=int(bias))
+    # Under SP the replicated w2 bias sees only local tokens: its gradient takes one all-reduce. On gloo
+    # (these tests' backend) each reduce-scatter is an all-to-all and a sum (tp_ffn.comm._sums_by_all_to_all).
+    return Counter(all_gather=1, all_to_all=1), Counter(all_gather=1, all_to_all=1, all_reduce=int(bias))
 
 
 @pytest.mark.timeout(120)
@@ -275,10 +276,12 @@ def test_gather_in_the_compute_dtype_is_bit_identical_at_half_the_bytes(world):
             assert torch.equal(dx, dx0) and dx.dtype == torch.float32, where
             assert contiguous, where
             full = world * shape[0] * shape[1] * shape[2]
-            # The all-gather carries bf16 (2 bytes an element) instead of fp32 (4); the gradient is
-            # reduce-scattered in fp32 both ways (the input's dtype, as autograd does after a cast).
-            assert calls == [("all_gather", torch.bfloat16, 2 * full), ("reduce_scatter", torch.float32, 4 * full)], (where, calls)
-            assert calls0 == [("all_gather", torch.float32, 4 * full), ("reduce_scatter", torch.float32, 4 * full)], (where, calls0)
+            others = full * (world - 1) // world  # what a rank sends of the gradient: the other ranks' blocks
+            # The all-gather carries bf16 (2 bytes an element) instead of fp32 (4); so does the gradient's
+            # reduce-scatter (an all-to-all on gloo), whose blocks are then summed in fp32 (the input's dtype,
+            # as autograd does after a cast): the same bits as summing the fp32 gradient.
+            assert calls == [("all_gather", torch.bfloat16, 2 * full), ("all_to_all", torch.bfloat16, 2 * others)], (where, calls)
+            assert calls0 == [("all_gather", torch.float32, 4 * full), ("all_to_all", torch.float32, 4 * others)], (where, calls0)
 
 
 def _sp_block_dtypes(rank: int, world: int) -> dict:
@@ -318,12 +321,13 @@ def _sp_block_dtypes(rank: int, world: int) -> dict:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sequence_parallel_collectives_carry_the_compute_dtype(world):
     tokens, dim = 2 * 4 * world, 16
-    bf16, fp32 = tokens * dim * 2, tokens * dim * 4
+    bf16 = tokens * dim * 2
+    sent = bf16 * (world - 1) // world  # a reduce-scatter by all-to-all sends the other ranks' blocks
     want = [
         ("all_gather", torch.bfloat16, bf16),  # the input, cast first
-        ("reduce_scatter", torch.bfloat16, bf16),  # the output's partial sums
+        ("all_to_all", torch.bfloat16, sent),  # the output's partial sums (reduce-scatter, on gloo)
         ("all_gather", torch.bfloat16, bf16),  # backward: the output gradient (bf16, as the caller's)
-        ("reduce_scatter", torch.float32, fp32),  # backward: the input gradient, in the input's dtype
+        ("all_to_all", torch.bfloat16, sent),  # backward: the input gradient, bf16 on the wire, summed in fp32
         ("all_reduce", torch.float32, dim * 4),  # backward: w2's bias gradient
     ]
     for rank, got in enumerate(run_ranks(world, _sp_block_dtypes)):
@@ -331,3 +335,47 @@ def test_sequence_parallel_collectives_carry_the_compute_dtype(world):
             assert sorted(calls, key=str) == sorted(want, key=str), (world, rank, mode, calls)
             if mode == "plain":  # the reference path: bit for bit what it computed before
                 assert same_y and same_grads, (world, rank, mode, same_y, same_grads)
+
+
+def _scatter_sums(rank: int, world: int) -> dict:
+    """reduce_scatter_sequence_blocks on gloo (an all-to-all and a sum), sync and async, against this
+    rank's block of every rank's tensor summed here in rank order (all-gathered by hand), and against
+    gloo's own reduce-scatter of the same values."""
+    from tp_ffn.comm import reduce_scatter_sequence_blocks
+
+    group = torch.distributed.group.WORLD
+    out = {}
+    for shape, dim in (((2, 3 * world, 8), 1), ((1, 3 * world, 8), 1), ((3 * world, 2, 8), 0)):
+        for wire, dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
+            torch.manual_seed(100 + rank)
+            x = torch.randn(*shape).to(wire)
+            every = [torch.empty_like(x) for _ in range(world)]
+            torch.distributed.all_gather(every, x)
+            want = every[0].to(dtype)
+            for t in every[1:]:
+                want = want + t.to(dtype)
+            want = want.narrow(dim, rank * 3, 3)
+            native = torch.empty_like(want).contiguous()
+            by_rank = x.to(dtype).reshape(*shape[:dim], world, 3, *shape[dim + 1 :]).movedim(dim, 0).contiguous()
+            torch.distributed.reduce_scatter_tensor(native, by_rank.view(-1, *native.shape[1:]))
+            native = native.view(*shape[:dim], 3, *shape[dim + 1 :])
+            got = reduce_scatter_sequence_blocks(x, group, dim, dtype=dtype)
+            pending_out, work = reduce_scatter_sequence_blocks(x, group, dim, dtype=dtype, async_op=True)
+            work.wait()
+            out[(shape, dim, wire, dtype)] = (got, pending_out, want, native, x)
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_reduce_scatter_by_all_to_all_sums_in_rank_order(world):
+    for rank, got in enumerate(run_ranks(world, _scatter_sums)):
+        for (shape, dim, wire, dtype), (y, y_async, want, native, x) in got.items():
+            where = f"W={world} rank {rank} {shape} dim {dim} {wire}->{dtype}"
+            assert y.dtype == dtype and y.is_contiguous() and y.shape == want.shape, where
+            assert torch.equal(y, want) and torch.equal(y_async, want), where
+            if world == 2:  # two addends: any order gives the same bits, gloo's included
+                assert torch.equal(y, native), where
+            else:
+                assert torch.allclose(y, native, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-2), where
+            assert not torch.equal(x.narrow(dim, 0, 3).to(dtype), y), where  # the input was not returned

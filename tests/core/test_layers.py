@@ -117,3 +117,55 @@ def test_invalid_combinations():
     row = RowParallelLinear(6, 4, input_is_parallel=True)
     with pytest.raises(ValueError, match=r"x: expected last dimension 6"):
         row(torch.randn(2, 5))
+
+
+def _column_sp_autocast(rank: int, world: int) -> dict:
+    """ColumnParallelLinear with sequence parallelism under bf16 autocast, against the composition it
+    ran before (all-gather the fp32 input, then F.linear casts it): output and gradients bit for bit,
+    and the bytes of each collective."""
+    from torch.nn import functional as F
+
+    from tp_ffn import gather_from_sequence
+    from tp_ffn.diagnostics import record_collectives
+
+    torch.manual_seed(8)
+    col = ColumnParallelLinear(IN, OUT, True, gather_output=False, sequence_parallel=True)
+    group = col.tp.group
+    x = split_sequence(torch.randn(2, 3 * world, IN), group)
+    gy = torch.randn(2, 3 * world, col.weight.shape[0]).bfloat16()
+    xl = x.clone().requires_grad_()
+    with record_collectives() as calls, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = col(xl)
+        y.backward(gy)
+    got = [y.detach(), xl.grad, col.weight.grad, col.bias.grad]
+    col.zero_grad()
+    x0 = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y0 = F.linear(gather_from_sequence(x0, group), col.weight, col.bias)
+        y0.backward(gy)
+    before = [y0.detach(), x0.grad, col.weight.grad, col.bias.grad]
+    x64 = x.double().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not autocast's: no cast, no bf16
+        y64 = col.double()(x64)
+    return {
+        "same": [torch.equal(a, b) for a, b in zip(got, before)],
+        "dtypes": (y.dtype, xl.grad.dtype),
+        "calls": [(c.kind, c.dtype, c.nbytes) for c in calls],
+        "float64 stays": y64.dtype,
+    }
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3])
+def test_column_parallel_sequence_gather_carries_the_compute_dtype(world):
+    full = 2 * 3 * world * IN
+    for rank, got in enumerate(run_ranks(world, _column_sp_autocast)):
+        assert all(got["same"]), (world, rank, got["same"])
+        assert got["dtypes"] == (torch.bfloat16, torch.float32), (world, rank)
+        # Forward: the input gathered in bf16; backward: the input gradient's reduce-scatter (an
+        # all-to-all of the other ranks' blocks on gloo) in bf16 too, summed in fp32.
+        assert got["calls"] == [
+            ("all_gather", torch.bfloat16, 2 * full),
+            ("all_to_all", torch.bfloat16, 2 * full * (world - 1) // world),
+        ], got["calls"]
+        assert got["float64 stays"] == torch.float64

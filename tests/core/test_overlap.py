@@ -48,6 +48,8 @@ class _OpLog(TorchDispatchMode):
             self.events.append("all_reduce")
         elif "reduce_scatter" in name:
             self.events.append("reduce_scatter")
+        elif "alltoall" in name:
+            self.events.append("all_to_all")
         return func(*args, **(kwargs or {}))
 
 
@@ -69,7 +71,8 @@ def _backward_schedule(rank: int, world: int, modes: dict) -> list[str]:
     [
         ({"overlap_comm": True}, "all_reduce"),
         ({"overlap_comm": True, "fuse_gate_up": True}, "all_reduce"),
-        ({"overlap_comm": True, "sequence_parallel": True}, "reduce_scatter"),
+        # SP's reduce-scatter of the input gradient: an all-to-all and a sum on gloo (tp_ffn.comm).
+        ({"overlap_comm": True, "sequence_parallel": True}, "all_to_all"),
         ({"overlap_comm": False, "fuse_gate_up": True}, "all_reduce"),
     ],
 )

@@ -192,8 +192,9 @@ def test_block_lora_exact_and_collectives(world, sp):
     backward one all-reduce carrying the input gradient and the whole factors' gradients together (SP: the
     block's reduce-scatter and all-gather, plus one all-reduce of the factors' gradients; the frozen bias of w2
     needs none). A block whose input needs no gradient reduces only the factors' gradients."""
-    want_fwd = {"all_gather": 1, "reduce_scatter": 1} if sp else {"all_reduce": 1}
-    want_bwd = {"reduce_scatter": 1, "all_gather": 1, "all_reduce": 1} if sp else {"all_reduce": 1}
+    # On gloo a reduce-scatter is an all-to-all and a sum (tp_ffn.comm._sums_by_all_to_all).
+    want_fwd = {"all_gather": 1, "all_to_all": 1} if sp else {"all_reduce": 1}
+    want_bwd = {"all_to_all": 1, "all_gather": 1, "all_reduce": 1} if sp else {"all_reduce": 1}
     want_frozen_input = {"all_gather": 1, "all_reduce": 1} if sp else {"all_reduce": 1}
     for rank, res in enumerate(run_ranks(world, _block, sp, timeout=180)):
         assert res.pop("dense counts") == ({}, {})
