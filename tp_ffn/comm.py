@@ -156,8 +156,8 @@ def _sums_by_all_to_all(x: Tensor, group: ProcessGroup, dtype: torch.dtype) -> b
     on arrival: where ``dtype`` is wider than ``x`` (bf16 partial gradients summed in fp32: the wire
     carries the narrow bytes, on any backend; with two ranks the bits are those of the fp32
     reduce-scatter), and on gloo, whose reduce-scatter costs about an all-reduce of the whole tensor
-    (two ranks, 4 MiB of bf16 on the 2-core CPU machine: 5.3 ms against 2.1 ms for all-to-all and
-    sum; ``benchmarks/bench_parts.py``).
+    (two ranks, 4 MiB of bf16 on the 2-core CPU machine: 5.2 ms against 2.7 ms for all-to-all and
+    sum; ``benchmarks/bench_parts.py``, docs/design.md).
     Not under ``torch.compile``, which traces the reduce-scatter as its functional op."""
     if torch.compiler.is_compiling():
         return False

@@ -129,6 +129,26 @@ def test_bench_parts_smoke(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)
+def test_bench_phases_smoke(tmp_path):
+    """Both modules time every part on every rank; ``alone`` never waits (it has no collectives), and
+    the default's waits are parts of its forward and backward."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["benchmarks/bench_phases.py", "--preset", "tiny", "--reps", "3", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = json.loads((tmp_path / "bench_phases.json").read_text())["ms_median_p10_p90_by_rank"]
+    assert len(ranks) == 2
+    for parts in ranks:
+        assert parts["alone"]["forward all-reduce wait"][0] == parts["alone"]["backward all-reduce wait"][0] == 0
+        d = parts["default"]
+        assert d["forward all-reduce wait"][0] > 0 and d["forward"][0] > d["forward all-reduce wait"][0]
+        assert d["backward"][0] >= d["backward all-reduce wait"][0] >= 0
+    assert "rank 1 backward all-reduce wait" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
 def test_bench_at_world_size_one_has_the_vs_dense_column(tmp_path):
     """At W = 1 the figure of interest is each mode against the dense block (docs/benchmarks.md: "within 1%")."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": "0"}
@@ -190,7 +210,12 @@ def _out_default(script: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "script, files", [("bench", ["bench.json", "bench.md", "bench.png"]), ("bench_parts", ["bench_parts.json"])]
+    "script, files",
+    [
+        ("bench", ["bench.json", "bench.md", "bench.png"]),
+        ("bench_parts", ["bench_parts.json"]),
+        ("bench_phases", ["bench_phases.json"]),
+    ],
 )
 def test_default_output_is_not_tracked_by_git(script, files):
     if not (ROOT / ".git").exists():
