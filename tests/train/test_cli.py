@@ -136,7 +136,9 @@ def test_one_argument_parser_class():
     assert found == [f"{own.relative_to(ROOT)}:ArgumentParser"], found
 
 
-MOVED = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+# Tools written in benchmarks/ after the move have no old path to keep.
+NEW_IN_BENCHMARKS = {"bench_phases.py"}
+MOVED = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name not in NEW_IN_BENCHMARKS)
 
 
 @pytest.mark.slow
