@@ -137,6 +137,8 @@ def reduce_scatter_sequence_blocks(
     """
     world, dim = group.size(), dim % x.dim()
     dtype = x.dtype if dtype is None else dtype
+    if dtype.itemsize <= x.dtype.itemsize:
+        x = x.to(dtype)  # not wider: cast first (no copy for the same dtype), so only a widening sum mixes dtypes
     n = x.shape[dim] // world
     by_rank = x.reshape(*x.shape[:dim], world, n, *x.shape[dim + 1 :]).movedim(dim, 0).contiguous()
     out = x.new_empty((*x.shape[:dim], n, *x.shape[dim + 1 :]), dtype=dtype)

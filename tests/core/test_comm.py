@@ -346,7 +346,9 @@ def _scatter_sums(rank: int, world: int) -> dict:
     group = torch.distributed.group.WORLD
     out = {}
     for shape, dim in (((2, 3 * world, 8), 1), ((1, 3 * world, 8), 1), ((3 * world, 2, 8), 0)):
-        for wire, dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
+        pairs = ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                 (torch.float32, torch.bfloat16))  # fmt: skip
+        for wire, dtype in pairs:
             torch.manual_seed(100 + rank)
             x = torch.randn(*shape).to(wire)
             every = [torch.empty_like(x) for _ in range(world)]
