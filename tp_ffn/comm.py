@@ -131,9 +131,10 @@ def reduce_scatter_sequence_blocks(
 
     The blocks are read rank after rank: ``x`` as it is where the dims before ``dim`` are all 1 (or
     ``dim=0``), else one copy that puts each rank's block in one piece. Two ways to sum them
-    (:func:`_sums_by_all_to_all` picks): a reduce-scatter of ``x`` cast to ``dtype``, or an
-    all-to-all of ``x`` as it is (each rank receives every rank's copy of its own block) and the sum
-    of those blocks in ``dtype``, rank 0 first (:class:`_SumOfBlocks`).
+    (:func:`_sums_by_all_to_all` picks): the backend's reduce-scatter of ``x`` cast to ``dtype``, or
+    (gloo) an all-to-all of ``x`` as it is (each rank receives every rank's copy of its own block)
+    and the sum of those blocks in ``dtype``, rank 0 first (:class:`_SumOfBlocks`). The work returned
+    with ``async_op`` supports ``wait()``.
     """
     world, dim = group.size(), dim % x.dim()
     dtype = x.dtype if dtype is None else dtype
@@ -155,17 +156,18 @@ def reduce_scatter_sequence_blocks(
 
 def _sums_by_all_to_all(x: Tensor, group: ProcessGroup, dtype: torch.dtype) -> bool:
     """Whether :func:`reduce_scatter_sequence_blocks` sends ``x``'s blocks by all-to-all and sums them
-    on arrival: where ``dtype`` is wider than ``x`` (bf16 partial gradients summed in fp32: the wire
-    carries the narrow bytes, on any backend; with two ranks the bits are those of the fp32
-    reduce-scatter), and on gloo, whose reduce-scatter costs about an all-reduce of the whole tensor
-    (two ranks, 4 MiB of bf16 on the 2-core CPU machine: 5.2 ms against 2.7 ms for all-to-all and
-    sum; ``benchmarks/bench_parts.py``, docs/design.md).
-    Not under ``torch.compile``, which traces the reduce-scatter as its functional op."""
-    if torch.compiler.is_compiling():
+    on arrival: for CPU tensors on gloo, whose reduce-scatter costs about an all-reduce of the whole
+    tensor (two ranks, 4 MiB of bf16 on the 2-core CPU machine: 5.2 ms against 2.7 ms for all-to-all
+    and sum; where ``dtype`` is wider than ``x``, bf16 partial gradients summed in fp32, the wire
+    carries the narrow bytes: 11.9 ms against 3.9; ``benchmarks/bench_parts.py``, docs/design.md).
+    Other backends (NCCL) keep their own reduce-scatter, of ``x`` cast to ``dtype``: not measured on a
+    GPU here. Not under ``torch.compile``, which traces the reduce-scatter as its functional op."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
         return False
-    if dtype.itemsize > x.dtype.itemsize:
-        return True
-    return x.device.type == "cpu" and "gloo" in str(dist.get_backend(group))
+    try:  # the backend that carries CPU tensors (a group made without naming one says "undefined")
+        return isinstance(group._get_backend(x.device), dist.ProcessGroupGloo)
+    except (AttributeError, RuntimeError):
+        return "gloo" in str(dist.get_backend(group))
 
 
 class _SumOfBlocks:

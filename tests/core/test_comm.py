@@ -340,7 +340,9 @@ def test_sequence_parallel_collectives_carry_the_compute_dtype(world):
 def _scatter_sums(rank: int, world: int) -> dict:
     """reduce_scatter_sequence_blocks on gloo (an all-to-all and a sum), sync and async, against this
     rank's block of every rank's tensor summed here in rank order (all-gathered by hand), and against
-    gloo's own reduce-scatter of the same values."""
+    gloo's own reduce-scatter of the same values; and its other branch (the backend's reduce-scatter,
+    what NCCL runs) on the same input."""
+    from tp_ffn import comm
     from tp_ffn.comm import reduce_scatter_sequence_blocks
 
     group = torch.distributed.group.WORLD
@@ -361,10 +363,16 @@ def _scatter_sums(rank: int, world: int) -> dict:
             by_rank = x.to(dtype).reshape(*shape[:dim], world, 3, *shape[dim + 1 :]).movedim(dim, 0).contiguous()
             torch.distributed.reduce_scatter_tensor(native, by_rank.view(-1, *native.shape[1:]))
             native = native.view(*shape[:dim], 3, *shape[dim + 1 :])
+            x0 = x.clone()
             got = reduce_scatter_sequence_blocks(x, group, dim, dtype=dtype)
             pending_out, work = reduce_scatter_sequence_blocks(x, group, dim, dtype=dtype, async_op=True)
             work.wait()
-            out[(shape, dim, wire, dtype)] = (got, pending_out, want, native, x)
+            picks, comm._sums_by_all_to_all = comm._sums_by_all_to_all, lambda *a: False
+            try:
+                backends = reduce_scatter_sequence_blocks(x, group, dim, dtype=dtype)
+            finally:
+                comm._sums_by_all_to_all = picks
+            out[(shape, dim, wire, dtype)] = (got, pending_out, want, native, backends, torch.equal(x, x0))
     return out
 
 
@@ -372,7 +380,7 @@ def _scatter_sums(rank: int, world: int) -> dict:
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_reduce_scatter_by_all_to_all_sums_in_rank_order(world):
     for rank, got in enumerate(run_ranks(world, _scatter_sums)):
-        for (shape, dim, wire, dtype), (y, y_async, want, native, x) in got.items():
+        for (shape, dim, wire, dtype), (y, y_async, want, native, backends, untouched) in got.items():
             where = f"W={world} rank {rank} {shape} dim {dim} {wire}->{dtype}"
             assert y.dtype == dtype and y.is_contiguous() and y.shape == want.shape, where
             assert torch.equal(y, want) and torch.equal(y_async, want), where
@@ -380,4 +388,6 @@ def test_reduce_scatter_by_all_to_all_sums_in_rank_order(world):
                 assert torch.equal(y, native), where
             else:
                 assert torch.allclose(y, native, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-2), where
-            assert not torch.equal(x.narrow(dim, 0, 3).to(dtype), y), where  # the input was not returned
+            assert untouched, where  # the input is not written
+            # The backend's reduce-scatter branch (NCCL's): gloo's values, laid out as the other branch's.
+            assert torch.equal(backends, native) and backends.is_contiguous(), where
