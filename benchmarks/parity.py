@@ -130,7 +130,9 @@ def resolve_device(cfg: ParityConfig) -> tuple[torch.device, str]:
     return device, backend
 
 
-def expected_collectives(world: int, sp: bool, bias: bool, backend: str = "nccl", device: str = "cuda") -> tuple[Counter, Counter]:
+def expected_collectives(
+    world: int, sp: bool, bias: bool, backend: str = "nccl", device: str = "cuda"
+) -> tuple[Counter, Counter]:
     if world == 1:
         return Counter(), Counter()
     if not sp:
